@@ -226,10 +226,13 @@ class Task:
                 or (version is not None and version != self.version)
                 or (offset is not None and self.output.length > offset))
 
-    def to_json(self, offset=0):
-        if offset > self.output.length:
+    def check_offset(self, offset):
+        if offset is not None and offset > self.output.length:
             raise HTTPError(400, "offset %d is past the end of the output (%d characters)"
                             % (offset, self.output.length))
+
+    def to_json(self, offset=0):
+        self.check_offset(offset)
         return {
             "id": self.id, "app": self.app, "env": self.env, "action": self.action,
             "status": self.status, "exitCode": self.exit_code, "pid": self.pid,
@@ -273,6 +276,7 @@ class TaskStore:
         """
         with self._changed:
             task = self._find(task_id)
+            task.check_offset(offset)
             if version is None:
                 version = task.version
             if not self._changed.wait_for(lambda: task.has_moved_past(version, offset), timeout):
@@ -465,9 +469,17 @@ class TaskRunner:
         self._command = command
         self._kill_grace = kill_grace
         self._env = dict(os.environ if env is None else env)
+        self._starting = threading.Lock()     # a task is created and attached, or stop_all waits
+        self._stopping = False
 
     def start(self, app, env, action, requested_by="-"):
         """Create the task and start pulsar for it; a pulsar that cannot start fails the task."""
+        with self._starting:
+            if self._stopping:
+                raise HTTPError(503, "the server is stopping; no new tasks")
+            return self._start(app, env, action, requested_by)
+
+    def _start(self, app, env, action, requested_by):
         task = self._store.create(app, env, action)
         argv = self._command.argv(app, env, action)
         process = TaskProcess(argv, self._env, self._kill_grace,
@@ -494,7 +506,9 @@ class TaskRunner:
         return self._store.wait_until_ended(task_id, self._kill_grace + OUTPUT_DRAIN + 2)
 
     def stop_all(self):
-        """Kill every running task and wait for their groups to end."""
+        """Refuse new tasks, kill every running one and wait for their groups to end."""
+        with self._starting:
+            self._stopping = True
         tasks = self._store.running()
         for task in tasks:
             process = task.process
@@ -619,11 +633,10 @@ def tls_context(cert_file, key_file=None, passphrase=None):
     try:
         context.load_cert_chain(cert_file, key_file, password=password)
     except ssl.SSLError as error:
-        raise StartupError("cannot load the TLS certificate %s and key %s: %s (wrong passphrase, or "
-                           "a key that does not match?)" % (cert_file, key_file or cert_file,
-                                                              error.reason or error))
-    except OSError as error:
-        raise StartupError("cannot read the TLS certificate or key: %s" % error)
+        raise StartupError("cannot use the TLS key %s with the certificate %s: wrong passphrase, "
+                           "not a PEM key, or not this certificate's key (%s)"
+                           % (key_file or cert_file, cert_file,
+                              re.sub(r"\s*\(_ssl\.c:\d+\)", "", str(error))))
     return context
 
 
@@ -711,11 +724,18 @@ class RequestHandler(BaseHTTPRequestHandler):
             logger.info("%s: connection dropped: %s", self.peer, describe_socket_error(error))
 
     def _handshake(self):
-        self.connection.settimeout(self.server.request_timeout)    # bounds the whole handshake
+        deadline = time.monotonic() + self.server.request_timeout
+        self.connection.settimeout(self.server.request_timeout)
         try:
-            if self._is_plain_http():
+            first = socket.socket.recv(self.connection, 1, socket.MSG_PEEK)
+            if not first:
+                logger.info("%s: closed before a TLS hello", self.peer)
                 return False
-            self.connection.do_handshake()
+            if first.isalpha():
+                self._answer_plain_http()
+                return False
+            self.connection.settimeout(max(0.001, deadline - time.monotonic()))
+            self.connection.do_handshake()      # the timeout bounds the whole handshake
             return True
         except socket.timeout:
             logger.info("%s: no TLS handshake within %g s; dropped", self.peer,
@@ -724,17 +744,13 @@ class RequestHandler(BaseHTTPRequestHandler):
             logger.info("%s: TLS handshake failed: %s", self.peer, describe_socket_error(error))
         return False
 
-    def _is_plain_http(self):
-        """Answer a plain-HTTP request on the TLS port with a hint, instead of a silent close."""
-        raw = socket.socket     # the socket beneath TLS: peek and send without TLS records
-        first = raw.recv(self.connection, 1, socket.MSG_PEEK)
-        if not first or first == b"\x16":      # closed, or a TLS handshake record
-            return False
+    def _answer_plain_http(self):
+        """A plain-HTTP request on the TLS port gets a hint instead of a silent close."""
         body = b"This server speaks HTTPS: use https:// (curl -k https://HOST:PORT/...).\n"
-        raw.sendall(self.connection, b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
-                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        socket.socket.sendall(     # beneath TLS, as plain bytes
+            self.connection, b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
         logger.info("%s: plain HTTP on the TLS port; answered 400", self.peer)
-        return True
 
     def handle_one_request(self):
         self._reader.deadline = time.monotonic() + IDLE_TIMEOUT
@@ -1136,6 +1152,8 @@ def parse_args(argv):
         raise StartupError("--no-ssl cannot be combined with --ssl-cert, --ssl-key or --ssl-pfx")
     if not options.ssl_pfx and bool(options.ssl_cert) != bool(options.ssl_key):
         raise StartupError("--ssl-cert and --ssl-key go together: give both, or --ssl-pfx")
+    for flag in ("ssl_cert", "ssl_key", "ssl_pfx"):
+        check_readable("--" + flag.replace("_", "-"), getattr(options, flag))
     passphrase = None
     if options.ssl_passphrase:
         passphrase = read_passphrase(options.ssl_passphrase)
@@ -1146,6 +1164,16 @@ def parse_args(argv):
         ssl_cert=options.ssl_cert, ssl_key=options.ssl_key, ssl_pfx=options.ssl_pfx,
         ssl_passphrase=passphrase, poll_timeout=options.poll_timeout,
         kill_grace=options.kill_grace, request_timeout=options.request_timeout)
+
+
+def check_readable(flag, path):
+    if path is None:
+        return
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise StartupError("%s: cannot read %s: %s" % (flag, path, error.strerror or error))
 
 
 def read_passphrase(path):
@@ -1226,8 +1254,8 @@ def announce(settings, server, fingerprint):
     if fingerprint:
         logger.info("TLS certificate SHA-256 fingerprint %s", fingerprint)
     else:
-        logger.warning("WARNING: TLS is off (--no-ssl): requests travel in clear text; use this "
-                       "only behind a TLS-terminating proxy")
+        logger.warning("TLS IS OFF (--no-ssl): requests and answers travel in clear text; use "
+                       "this only behind a TLS-terminating proxy")
     argv = settings.command.argv("APP", "ENV", "ACTION")
     logger.info("tasks run: %s", " ".join(argv))
     if shutil.which(settings.command.binary) is None:
