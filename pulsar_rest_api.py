@@ -526,7 +526,8 @@ class TaskRunner:
             status = FAILED
         exit_code = returncode if returncode >= 0 else None
         self._store.end(task, status, exit_code)
-        logger.info("task %d %s (exit code %s) after %.1f s", task.id, status, exit_code,
+        how = "signal %d" % -returncode if returncode < 0 else "exit code %d" % returncode
+        logger.info("task %d %s (%s) after %.1f s", task.id, status, how,
                     task.finished_at - task.created_at)
 
 
