@@ -76,6 +76,7 @@ KILL_GRACE = 5.0           # seconds between SIGTERM and SIGKILL for a task's pr
 REQUEST_TIMEOUT = 10.0     # seconds for a TLS handshake, and for a request from first byte to last
 IDLE_TIMEOUT = 60.0        # seconds a keep-alive connection may wait for its next request
 SEND_TIMEOUT = 30.0        # seconds to write one response to a client that has stopped reading
+SHUTDOWN_POLL = 0.05       # seconds; how soon the accept loop notices a stop
 OUTPUT_DRAIN = 1.0         # seconds to wait for output held open by a process that left the group
 MAX_BODY = 64 * 1024       # bytes; a task request is a few dozen
 MAX_FIELDS = 20            # query or form fields in one request
@@ -436,6 +437,8 @@ class TaskProcess:
         self._reader.join(self._kill_grace)
         with self._lock:
             self._signal_group(signal.SIGKILL)
+        wait_for_empty_group(self._popen.pid, OUTPUT_DRAIN)
+        with self._lock:
             returncode = self._popen.wait()
             self._reaped = True
             if self._kill_timer:
@@ -459,6 +462,36 @@ def wait_for_exit_keeping_pid(pid):
             except InterruptedError:
                 continue
     # Without waitid (macOS) the caller reaps at once; the group is signalled only before that.
+
+
+def wait_for_empty_group(pgid, timeout):
+    """Wait until no live process is left in a group (Linux /proc; elsewhere return at once).
+
+    A process that got SIGKILL closes its files a moment before it is gone; the task counts as
+    ended only once it is.  Nothing notifies us of another parent's child dying, so this re-checks.
+    """
+    deadline = time.monotonic() + timeout
+    while group_has_live_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def group_has_live_members(pgid):
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return False
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as source:
+                stat = source.read()
+        except OSError:
+            continue                    # gone while we looked
+        fields = stat[stat.rindex(b")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 class TaskRunner:
@@ -1232,7 +1265,8 @@ def serve(settings):
                                                            error.strerror or error))
     announce(settings, server, fingerprint)
     stop = stop_signal_pipe()
-    accepting = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
+    accepting = threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL,),
+                                 name="accept", daemon=True)
     accepting.start()
     signum = wait_for_stop(stop)
     logger.info("%s: stopping; killing %d running task(s)", signal.Signals(signum).name,

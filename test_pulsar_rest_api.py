@@ -1,0 +1,1482 @@
+"""Tests for pulsar_rest_api.py, run against the real server.
+
+Every test talks to the server the way a user does: the real command line in a subprocess, real TLS
+with the development certificate in ssl/, and http.client or raw sockets as the client.  pulsar is
+a fake written into tmp_path (FAKE_PULSAR below); the ACTION it is given chooses what it does, for
+example `out-3.err-2.exit-4`.  Timing is controlled with FIFO gates the fake blocks on and with the
+server's own long polls; nothing sleeps to synchronise.
+
+One shared server (module scope, --kill-grace 0.5) serves the plain API tests, each with its own
+app and env names; tests of a flag start a server of their own.  After each test no process may be
+left that mentions the test's directories, and every server must exit 0 on SIGTERM without a
+traceback in its log or on its console.
+
+Run: python3 -m pytest -q
+"""
+
+import datetime
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import time
+import urllib.parse
+import uuid
+import warnings
+from pathlib import Path
+
+import pytest
+
+
+# --- Constants --------------------------------------------------------------------------------
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "pulsar_rest_api.py"
+DEV_CERT = HERE / "ssl" / "cert.pem"
+DEV_KEY = HERE / "ssl" / "key.pem"
+LOG_NAME = "pulsar-rest-api.log"
+
+TIMEOUT = 10          # seconds; deadline for anything that should happen quickly
+RECHECK = 0.01        # seconds between two checks of a condition in wait_until
+SHARED_GRACE = 0.5    # --kill-grace of the shared server
+
+FORM = "application/x-www-form-urlencoded"
+JSON = "application/json"
+MAX_BODY = 65536
+
+LISTENING = re.compile(r"listening on (https?)://127\.0\.0\.1:(\d+)/")
+FINGERPRINT = re.compile(r"SHA-256 fingerprint ((?:[0-9A-F]{2}:){31}[0-9A-F]{2})")
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z")
+TASK_KEYS = {"id", "app", "env", "action", "status", "exitCode", "pid", "createdAt", "finishedAt",
+             "version", "outputOffset", "outputLength", "output"}
+CLI_ERROR_PREFIX = "pulsar_rest_api.py: error:"
+
+
+# --- Small helpers ----------------------------------------------------------------------------
+
+def wait_until(predicate, timeout=TIMEOUT, what="condition"):
+    """Re-check predicate until it returns something true; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %s s waiting for %s" % (timeout, what))
+        time.sleep(RECHECK)  # the re-check interval of this helper, not a synchronisation
+
+
+def unique(prefix="t"):
+    """A fresh name valid as app, env, gate or pids name."""
+    return prefix + uuid.uuid4().hex[:12]
+
+
+def fingerprint_of(der):
+    return ":".join("%02X" % byte for byte in hashlib.sha256(der).digest())
+
+
+def pem_fingerprint(path):
+    return fingerprint_of(ssl.PEM_cert_to_DER_cert(Path(path).read_text()))
+
+
+def logged_fingerprint(log_text):
+    match = FINGERPRINT.search(log_text)
+    assert match, "no SHA-256 fingerprint line in the log:\n" + log_text
+    return match.group(1)
+
+
+def parse_utc(text):
+    """Parse an ISO 8601 UTC time ending in Z (any number of fraction digits)."""
+    assert isinstance(text, str) and ISO_UTC.fullmatch(text), "not ISO 8601 UTC: %r" % (text,)
+    whole, _, fraction = text[:-1].partition(".")
+    moment = datetime.datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S")
+    moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment + datetime.timedelta(seconds=float("0." + fraction) if fraction else 0)
+
+
+def is_gone(pid):
+    """True when pid no longer runs: absent from /proc, or a zombie waiting to be reaped."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")
+
+
+def processes_mentioning(marks, spared):
+    """{pid: cmdline} of live processes whose command line or environment contains a mark."""
+    marks = [mark.encode() for mark in marks]
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in spared:
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                cmdline = f.read()
+            with open("/proc/%s/environ" % entry, "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        if any(mark in cmdline or mark in environ for mark in marks):
+            found[int(entry)] = cmdline.replace(b"\0", b" ").decode("utf-8", "replace")
+    return found
+
+
+def assert_no_process_left(marks, spared=()):
+    """Fail (after killing them) if processes mentioning marks outlive a short deadline."""
+    spared = set(spared) | {os.getpid()}
+    try:  # a task that has just ended may still be exiting
+        wait_until(lambda: not processes_mentioning(marks, spared), timeout=5,
+                   what="processes of this test to exit")
+    except AssertionError:
+        pass
+    left = processes_mentioning(marks, spared)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, "processes left behind: %r" % left
+
+
+# --- The fake pulsar --------------------------------------------------------------------------
+
+FAKE_PULSAR = r'''#!{python} -S
+"""Fake pulsar: runs the steps of its last argument, ACTION, e.g. out-3.err-2.exit-4.
+
+Steps are separated by '.', a step's argument follows '-':
+  out-N, err-N, mix-N   N numbered lines to stdout, to stderr, or alternately; flushed one by one
+  chatty-N              N numbered lines to stdout as fast as possible
+  gate-NAME             print "gate NAME", then block until a line arrives on FIFO $FAKE_DIR/NAME
+  child-NAME            start a sleeping grandchild in this process group, write both pids to
+                        $FAKE_DIR/NAME.pids, print "child NAME", wait for the grandchild
+  ignoreterm            ignore SIGTERM from now on (children started later inherit it)
+  hang                  sleep forever
+  utf8split             "a\u20acb\n" with the euro sign split across two writes 0.3 s apart
+  badbytes              b"ok \xff\xfe end\n"
+  exit-N                exit with status N
+  signal-N              send itself signal N
+  anything else         print argv as JSON
+Each run first appends {argv, pid, pgid, sid, cwd, fds} as one JSON line to
+$FAKE_DIR/invocations.jsonl.
+"""
+import json, os, signal, subprocess, sys, time
+
+FAKE_DIR = os.environ["FAKE_DIR"]
+OUT, ERR = sys.stdout.buffer, sys.stderr.buffer
+
+
+def emit(stream, data):
+    stream.write(data if isinstance(data, bytes) else data.encode())
+    stream.flush()
+
+
+def fd_target(fd):
+    try:
+        return os.readlink("/proc/self/fd/%d" % fd)
+    except OSError:
+        return None
+
+
+def record_invocation():
+    record = {"argv": sys.argv, "pid": os.getpid(), "pgid": os.getpgid(0), "sid": os.getsid(0),
+              "cwd": os.getcwd(), "fds": [fd_target(fd) for fd in (0, 1, 2)]}
+    path = os.path.join(FAKE_DIR, "invocations.jsonl")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def run(action):
+    for index, step in enumerate(action.split(".")):
+        name, _, arg = step.partition("-")
+        if name in ("out", "err", "mix"):
+            for i in range(1, int(arg) + 1):
+                to_err = name == "err" or (name == "mix" and i % 2 == 0)
+                emit(ERR if to_err else OUT, "%s %d\n" % ("err" if to_err else "out", i))
+        elif name == "chatty":
+            for i in range(1, int(arg) + 1):
+                emit(OUT, "step %d line %05d\n" % (index, i))
+        elif name == "gate":
+            emit(OUT, "gate %s\n" % arg)
+            with open(os.path.join(FAKE_DIR, arg), "rb") as gate:
+                gate.readline()
+        elif name == "child":
+            child = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(600)"])
+            path = os.path.join(FAKE_DIR, arg + ".pids")
+            with open(path + ".tmp", "w") as f:
+                json.dump({"fake": os.getpid(), "child": child.pid}, f)
+            os.rename(path + ".tmp", path)
+            emit(OUT, "child %s\n" % arg)
+            child.wait()
+        elif name == "ignoreterm":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        elif name == "hang":
+            while True:
+                time.sleep(3600)
+        elif name == "utf8split":
+            emit(OUT, b"a\xe2\x82")
+            time.sleep(0.3)
+            emit(OUT, b"\xacb\n")
+        elif name == "badbytes":
+            emit(OUT, b"ok \xff\xfe end\n")
+        elif name == "exit":
+            sys.exit(int(arg))
+        elif name == "signal":
+            os.kill(os.getpid(), int(arg))
+            while True:
+                time.sleep(3600)
+        else:
+            emit(OUT, json.dumps(sys.argv) + "\n")
+
+
+record_invocation()
+run(sys.argv[-1])
+'''
+
+
+class FakePulsar:
+    """The fake pulsar script in its own directory (its FAKE_DIR) and what it recorded there."""
+
+    def __init__(self, directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dir = directory
+        self.path = directory / "pulsar"
+        self.path.write_text(FAKE_PULSAR.replace("{python}", sys.executable))
+        self.path.chmod(0o755)
+        self.gates = []
+
+    def invocations(self):
+        """One dict per run of the fake, in start order."""
+        path = self.dir / "invocations.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def invocation_for(self, app):
+        runs = [run for run in self.invocations() if app in run["argv"]]
+        assert len(runs) == 1, "expected one run of pulsar for %s, got %r" % (app, runs)
+        return runs[0]
+
+    def pids(self, name):
+        """The {"fake": pid, "child": pid} written by the step child-NAME."""
+        return json.loads((self.dir / (name + ".pids")).read_text())
+
+    def gate(self):
+        """A new Gate in this directory; the action step is gate-<gate.name>."""
+        gate = Gate(self.dir)
+        self.gates.append(gate)
+        return gate
+
+    def close_gates(self):
+        while self.gates:
+            self.gates.pop().close()
+
+
+class Gate:
+    """A FIFO the fake pulsar blocks on (step gate-NAME) until release() is called.
+
+    The test holds the FIFO open read-write from the start, so the fake's open() never blocks and
+    the line written by release() waits in the FIFO until the fake reads it.  Closing the gate
+    (at teardown) gives the fake end-of-file, which lets it go on as well.
+    """
+
+    def __init__(self, directory):
+        self.name = unique("gate")
+        self.path = directory / self.name
+        os.mkfifo(str(self.path))
+        self._fd = os.open(str(self.path), os.O_RDWR)
+
+    def release(self):
+        os.write(self._fd, b"go\n")
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# --- The server and a client for it -----------------------------------------------------------
+
+class Server:
+    """One pulsar_rest_api.py process started with the real command line."""
+
+    def __init__(self, workdir, fake, args=(), env=None, script=SCRIPT, pulsar_bin=None):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.fake = fake
+        self.log_path = workdir / "log" / LOG_NAME
+        self.console_path = workdir / "console.txt"
+        command = [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
+                   "--pulsar-bin", str(pulsar_bin or fake.path),
+                   "--log-dir", str(workdir / "log")] + [str(arg) for arg in args]
+        full_env = dict(os.environ, FAKE_DIR=str(fake.dir))
+        full_env.update(env or {})
+        with open(str(self.console_path), "wb") as console:
+            self.proc = subprocess.Popen(command, cwd=str(workdir), env=full_env,
+                                         stdin=subprocess.DEVNULL, stdout=console,
+                                         stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: self.proc.poll() is not None or LISTENING.search(self.log()),
+                       what="the 'listening on' log line")
+            match = LISTENING.search(self.log())
+            assert match, "server exited with %s before listening:\n%s\n%s" % (
+                self.proc.returncode, self.console(), self.log())
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        self.scheme, self.port = match.group(1), int(match.group(2))
+        self.context = ssl.create_default_context(cafile=str(DEV_CERT))
+
+    def log(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def console(self):
+        return self.console_path.read_text(errors="replace")
+
+    def client(self, context=None):
+        return Client(self.scheme, self.port, context or self.context)
+
+    def stop(self, sig=signal.SIGTERM):
+        """Signal the server (unless it has exited) and return its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("server still running %s s after %s" % (TIMEOUT, sig))
+
+    def stop_cleanly(self):
+        """Stop with SIGTERM; it must exit 0 and no traceback may be in its log or console."""
+        status = self.stop()
+        assert status == 0, "server exited with %s:\n%s" % (status, self.console())
+        self.assert_no_traceback()
+
+    def assert_no_traceback(self):
+        assert "Traceback" not in self.log(), self.log()
+        assert "Traceback" not in self.console(), self.console()
+
+
+class Reply:
+    """A complete HTTP response: status, headers and body."""
+
+    def __init__(self, response, body):
+        self.status = response.status
+        self.headers = response.msg
+        self.body = body
+        self.will_close = response.will_close
+
+    @property
+    def json(self):
+        return json.loads(self.body.decode("utf-8"))
+
+    def __repr__(self):
+        return "<Reply %s %r>" % (self.status, self.body[:300])
+
+
+class Client:
+    """http.client requests to one server, one connection per request unless told otherwise."""
+
+    def __init__(self, scheme, port, context):
+        self.scheme, self.port, self.context = scheme, port, context
+
+    def connection(self, timeout=TIMEOUT):
+        if self.scheme == "https":
+            return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
+                                               context=self.context)
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method, path, body=None, content_type=None, headers=None, chunked=False,
+                declared_length=None, timeout=TIMEOUT):
+        """Send one request on a fresh connection and read the whole response.
+
+        chunked sends body with Transfer-Encoding: chunked; declared_length sends only the headers,
+        announcing a body of that many bytes.
+        """
+        headers = dict(headers or {})
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        if content_type:
+            headers["Content-Type"] = content_type
+        conn = self.connection(timeout)
+        try:
+            if declared_length is not None:
+                conn.putrequest(method, path)
+                for name, value in headers.items():
+                    conn.putheader(name, value)
+                conn.putheader("Content-Length", str(declared_length))
+                conn.endheaders()
+            elif chunked:
+                # Headers and the whole chunked body in one write, so that a server answering
+                # after the headers alone does not make this client fail while still sending.
+                conn.putrequest(method, path)
+                for name, value in headers.items():
+                    conn.putheader(name, value)
+                conn.putheader("Transfer-Encoding", "chunked")
+                conn.endheaders(b"%X\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+            else:
+                conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            return Reply(response, response.read())
+        finally:
+            conn.close()
+
+    def get(self, path, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def create(self, app, env, action):
+        """POST a form with the action and return the new task id."""
+        reply = self.request("POST", "/%s/%s" % (app, env),
+                             body=urllib.parse.urlencode({"action": action}), content_type=FORM)
+        assert reply.status == 200, reply
+        return reply.json["taskId"]
+
+    def task(self, task_id, offset=None):
+        path = "/task/%d" % task_id + ("" if offset is None else "?offset=%d" % offset)
+        reply = self.get(path)
+        assert reply.status == 200, reply
+        return reply.json
+
+    def kill(self, task_id, method="POST"):
+        return self.request(method, "/task/%d/kill" % task_id)
+
+    def wait_for(self, task_id, predicate, what, timeout=TIMEOUT):
+        """Long-poll the task until predicate(task) holds; return that task."""
+        deadline = time.monotonic() + timeout
+        version = 0
+        while True:
+            reply = self.get("/task/%d/state?version=%d" % (task_id, version))
+            assert reply.status == 200, reply
+            if reply.json["changed"]:
+                task = reply.json["task"]
+                version = task["version"]
+                if predicate(task):
+                    return task
+                assert task["status"] == "running", "task ended before %s: %r" % (what, task)
+            assert time.monotonic() < deadline, "timed out waiting for " + what
+
+    def wait_ended(self, task_id):
+        return self.wait_for(task_id, lambda task: task["status"] != "running", "its end")
+
+    def wait_output(self, task_id, text):
+        return self.wait_for(task_id, lambda task: text in task["output"], "output %r" % text)
+
+
+def raw_exchange(server, data):
+    """Send raw bytes over TLS and parse the one response that comes back."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as raw:
+        with server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(data)
+            response = http.client.HTTPResponse(tls)
+            response.begin()
+            return Reply(response, response.read())
+
+
+def served_certificate(port, context):
+    """(DER certificate, TLS version) the server presents to a client with this context."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return tls.getpeercert(binary_form=True), tls.version()
+
+
+def unverified_context():
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def assert_json_error(reply, status):
+    assert reply.status == status, reply
+    body = reply.json
+    assert list(body) == ["error"], body
+    assert isinstance(body["error"], str) and body["error"], body
+    assert "Traceback" not in body["error"], body
+
+
+def closed_by_peer(sock, timeout):
+    """Wait up to timeout for the peer to close sock (or send anything); True if it did."""
+    sock.settimeout(timeout)
+    try:
+        sock.recv(1024)
+    except socket.timeout:
+        return False
+    except (ConnectionError, ssl.SSLError):
+        pass
+    return True
+
+
+# --- Fixtures ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """The module's server for plain API tests: default flags but --kill-grace 0.5."""
+    workdir = tmp_path_factory.mktemp("shared")
+    fake = FakePulsar(workdir / "fake")
+    server = Server(workdir, fake, ["--kill-grace", SHARED_GRACE])
+    try:
+        yield server
+    finally:
+        fake.close_gates()
+        server.stop_cleanly()
+        assert_no_process_left([str(workdir) + os.sep])
+
+
+@pytest.fixture
+def api(shared_server):
+    return shared_server.client()
+
+
+@pytest.fixture
+def shared_fake(shared_server):
+    yield shared_server.fake
+    shared_server.fake.close_gates()
+
+
+@pytest.fixture(scope="module")
+def ended_task(shared_server):
+    """Id of a task on the shared server that printed out 1..3 and finished."""
+    client = shared_server.client()
+    task_id = client.create(unique("app"), unique("env"), "out-3")
+    client.wait_ended(task_id)
+    return task_id
+
+
+@pytest.fixture
+def fake(tmp_path):
+    fake = FakePulsar(tmp_path / "fake")
+    yield fake
+    fake.close_gates()
+
+
+@pytest.fixture
+def start_server(tmp_path, fake):
+    """start_server(*flags, env=, script=, pulsar_bin=) starts a dedicated server for one test."""
+    servers = []
+
+    def start(*args, **kwargs):
+        server = Server(tmp_path / ("server%d" % len(servers)), fake, args, **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    fake.close_gates()
+    problems = []
+    for server in servers:
+        try:
+            server.stop_cleanly()
+        except AssertionError as error:
+            problems.append(str(error))
+    assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind(request, tmp_path):
+    """After each test, nothing it started may still run (servers, pulsar, grandchildren)."""
+    marks = [str(tmp_path) + os.sep]
+    spared = set()
+    if "shared_server" in request.fixturenames:
+        shared = request.getfixturevalue("shared_server")
+        marks.append(str(shared.workdir) + os.sep)
+        spared.add(shared.proc.pid)
+    yield
+    assert_no_process_left(marks, spared)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """A certificate for 127.0.0.1 with an encrypted key, the same as PKCS#12, passphrase files."""
+    directory = tmp_path_factory.mktemp("tls")
+    files = {name: directory / name for name in (
+        "cert.pem", "key.pem", "bundle.p12", "key-pass.txt", "pfx-pass.txt", "wrong-pass.txt",
+        "garbage.pem")}
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-keyout", str(files["key.pem"]), "-out", str(files["cert.pem"]), "-days", "2",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-passout", "pass:key-secret"],
+        check=True, capture_output=True, timeout=TIMEOUT)
+    subprocess.run(
+        ["openssl", "pkcs12", "-export", "-in", str(files["cert.pem"]),
+         "-inkey", str(files["key.pem"]), "-passin", "pass:key-secret",
+         "-out", str(files["bundle.p12"]), "-passout", "pass:pfx-secret"],
+        check=True, capture_output=True, timeout=TIMEOUT)
+    files["key-pass.txt"].write_text("key-secret")
+    files["pfx-pass.txt"].write_text("pfx-secret")
+    files["wrong-pass.txt"].write_text("not-the-secret")
+    files["garbage.pem"].write_text("this is not a certificate\n")
+    return files
+
+
+def run_cli(tmp_path, fake, args, env=None, script=SCRIPT):
+    """Run the server's command line expected to end by itself; return the CompletedProcess."""
+    command = [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
+               "--pulsar-bin", str(fake.path), "--log-dir", str(tmp_path / "cli-log")]
+    full_env = dict(os.environ, FAKE_DIR=str(fake.dir))
+    full_env.update(env or {})
+    try:
+        return subprocess.run(command + [str(arg) for arg in args], cwd=str(tmp_path),
+                              env=full_env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=5)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("%s did not exit within 5 s (did it start serving?)" % (args,))
+
+
+# --- Creating tasks ---------------------------------------------------------------------------
+
+def test_create_returns_increasing_ids_and_url_built_from_host_header(api, shared_server):
+    app, env = unique("app"), unique("env")
+    first = api.request("POST", "/%s/%s" % (app, env), body="action=deploy", content_type=FORM)
+    second = api.request("POST", "/%s/%s" % (app, env), body="action=deploy", content_type=FORM,
+                         headers={"Host": "localhost:%d" % shared_server.port})
+
+    assert first.status == 200 and second.status == 200, (first, second)
+    assert set(first.json) == {"taskId", "url"}
+    first_id, second_id = first.json["taskId"], second.json["taskId"]
+    assert isinstance(first_id, int) and first_id >= 1
+    assert second_id == first_id + 1
+    assert first.json["url"] == "https://127.0.0.1:%d/task/%d" % (shared_server.port, first_id)
+    assert second.json["url"] == "https://localhost:%d/task/%d" % (shared_server.port, second_id)
+    for task_id in (first_id, second_id):
+        assert api.wait_ended(task_id)["status"] == "finished"
+
+
+@pytest.mark.parametrize("how", ["form", "json", "query"])
+@pytest.mark.parametrize("field", ["action", "task"])
+def test_action_is_accepted_as_form_json_or_query_under_either_name(api, shared_fake, how, field):
+    app, env = unique("app"), unique("env")
+    path, body, content_type = "/%s/%s" % (app, env), None, None
+    if how == "form":
+        body, content_type = urllib.parse.urlencode({field: "deploy:now"}), FORM
+    elif how == "json":
+        body, content_type = json.dumps({field: "deploy:now"}), JSON
+    else:
+        path += "?%s=deploy:now" % field
+
+    reply = api.request("POST", path, body=body, content_type=content_type)
+
+    assert reply.status == 200, reply
+    task = api.wait_ended(reply.json["taskId"])
+    assert (task["app"], task["env"], task["action"]) == (app, env, "deploy:now")
+    assert shared_fake.invocation_for(app)["argv"][1:] == [app, env, "deploy:now"]
+
+
+def test_names_and_body_at_their_size_limits_are_accepted(api):
+    app, env, action = "a" * 64, unique("e") + "e" * 51, "x" * 128
+    padded = json.dumps({"action": "deploy"}).encode()
+    padded += b" " * (MAX_BODY - len(padded))
+
+    longest = api.request("POST", "/%s/%s?action=%s" % (app, env, action))
+    largest = api.request("POST", "/%s/%s" % (unique("app"), unique("env")), body=padded,
+                          content_type=JSON)
+
+    assert longest.status == 200, longest
+    assert largest.status == 200, largest
+    task = api.wait_ended(longest.json["taskId"])
+    assert (task["app"], task["env"], task["action"]) == (app, env, action)
+    api.wait_ended(largest.json["taskId"])
+
+
+# Requests POST /APP/ENV refuses: (id, status, path, content type, body, extra request options).
+# APP and ENV in the path are replaced by fresh valid names.
+REFUSED = [
+    ("missing-action", 400, "/APP/ENV", None, None, {}),
+    ("empty-json-object", 400, "/APP/ENV", JSON, '{}', {}),
+    ("empty-action", 400, "/APP/ENV?action=", None, None, {}),
+    ("shell", 400, "/APP/ENV?action=shell", None, None, {}),
+    ("invoke", 400, "/APP/ENV", FORM, "action=invoke", {}),
+    ("Shell-in-json", 400, "/APP/ENV", JSON, '{"action": "Shell"}', {}),
+    ("INVOKE-as-task", 400, "/APP/ENV?task=INVOKE", None, None, {}),
+    ("star", 400, "/APP/ENV?action=%2A", None, None, {}),
+    ("comma", 400, "/APP/ENV", FORM, "action=a%2Cb", {}),
+    ("trailing-newline", 400, "/APP/ENV", FORM, "action=deploy%0A", {}),
+    ("trailing-newline-in-query", 400, "/APP/ENV?action=deploy%0A", None, None, {}),
+    ("leading-dash-action", 400, "/APP/ENV?action=-x", None, None, {}),
+    ("action-129-chars", 400, "/APP/ENV?action=" + "a" * 129, None, None, {}),
+    ("app-dot-dot-slash", 400, "/..%2Fx/ENV?action=deploy", None, None, {}),
+    ("app-dot-dot", 400, "/../ENV?action=deploy", None, None, {}),
+    ("app-65-chars", 400, "/" + "a" * 65 + "/ENV?action=deploy", None, None, {}),
+    ("env-65-chars", 400, "/APP/" + "e" * 65 + "?action=deploy", None, None, {}),
+    ("app-leading-dash", 400, "/-x/ENV?action=deploy", None, None, {}),
+    ("app-encoded-slash", 400, "/my%2Fapp/ENV?action=deploy", None, None, {}),
+    ("env-encoded-newline", 400, "/APP/prod%0A?action=deploy", None, None, {}),
+    ("app-invalid-utf8", 400, "/app%FF/ENV?action=deploy", None, None, {}),
+    ("query-invalid-utf8", 400, "/APP/ENV?action=%FF", None, None, {}),
+    ("form-invalid-utf8", 400, "/APP/ENV", FORM, "action=%FF", {}),
+    ("json-invalid-utf8", 400, "/APP/ENV", JSON, b'{"action": "\xff"}', {}),
+    ("bad-json", 400, "/APP/ENV", JSON, '{"action": ', {}),
+    ("json-array", 400, "/APP/ENV", JSON, '["deploy"]', {}),
+    ("json-number-action", 400, "/APP/ENV", JSON, '{"action": 1}', {}),
+    ("json-null-action", 400, "/APP/ENV", JSON, '{"action": null}', {}),
+    ("json-list-action", 400, "/APP/ENV", JSON, '{"action": ["deploy"]}', {}),
+    ("action-twice-in-form", 400, "/APP/ENV", FORM, "action=deploy&action=deploy", {}),
+    ("action-twice-in-query", 400, "/APP/ENV?action=deploy&action=deploy", None, None, {}),
+    ("action-twice-in-json", 400, "/APP/ENV", JSON, '{"action": "deploy", "action": "x"}', {}),
+    ("action-in-query-and-form", 400, "/APP/ENV?action=deploy", FORM, "action=deploy", {}),
+    ("action-in-query-and-json", 400, "/APP/ENV?action=deploy", JSON, '{"action": "deploy"}', {}),
+    ("action-and-task", 400, "/APP/ENV?action=deploy&task=deploy", None, None, {}),
+    ("action-and-task-in-json", 400, "/APP/ENV", JSON, '{"action": "deploy", "task": "x"}', {}),
+    ("unknown-form-field", 400, "/APP/ENV", FORM, "action=deploy&force=1", {}),
+    ("unknown-json-field", 400, "/APP/ENV", JSON, '{"action": "deploy", "force": true}', {}),
+    ("unknown-query-field", 400, "/APP/ENV?action=deploy&force=1", None, None, {}),
+    ("chunked-body", 411, "/APP/ENV", FORM, "action=deploy", {"chunked": True}),
+    ("body-over-64-KiB", 413, "/APP/ENV", FORM, None, {"declared_length": MAX_BODY + 1}),
+    ("multipart", 415, "/APP/ENV", "multipart/form-data; boundary=xyz",
+     '--xyz\r\nContent-Disposition: form-data; name="action"\r\n\r\ndeploy\r\n--xyz--\r\n', {}),
+    ("text-plain", 415, "/APP/ENV", "text/plain", "action=deploy", {}),
+]
+
+
+def send_refused(client, case, app, env):
+    _, _, path, content_type, body, options = case
+    path = path.replace("APP", app).replace("ENV", env)
+    return client.request("POST", path, body=body, content_type=content_type, **options)
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=[case[0] for case in REFUSED])
+def test_refused_create_answers_json_error_and_starts_nothing(api, shared_fake, case):
+    env = unique("env")
+
+    reply = send_refused(api, case, unique("app"), env)
+
+    assert_json_error(reply, case[1])
+    assert [run for run in shared_fake.invocations() if env in run["argv"]] == []
+
+
+def test_ids_start_at_one_and_refused_requests_neither_use_an_id_nor_start_pulsar(
+        start_server, fake):
+    client = start_server().client()
+    app, env = unique("app"), unique("env")
+
+    first = client.create(app, env, "deploy")
+    statuses = [send_refused(client, case, app, env).status for case in REFUSED]
+    second = client.create(app, env, "deploy")
+
+    assert statuses == [case[1] for case in REFUSED]
+    assert (first, second) == (1, 2)
+    client.wait_ended(first)
+    client.wait_ended(second)
+    assert [run["argv"][1:] for run in fake.invocations()] == [[app, env, "deploy"]] * 2
+
+
+def test_task_paths_are_never_a_create(api, shared_fake, ended_task):
+    app, env = unique("app"), unique("env")
+    before = api.create(app, env, "deploy")
+
+    posted = api.request("POST", "/task/%d" % ended_task, body="action=deploy", content_type=FORM)
+    after = api.create(app, env, "deploy")
+
+    assert_json_error(posted, 405)
+    assert posted.headers["Allow"] == "GET"
+    assert after == before + 1
+    api.wait_ended(after)
+    assert len([run for run in shared_fake.invocations() if env in run["argv"]]) == 2
+
+
+# --- Routing and the shape of every response --------------------------------------------------
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/"),
+    ("GET", "/nope"),
+    ("POST", "/a/b/c"),
+    ("GET", "/task"),
+    ("GET", "/task/abc"),
+    ("GET", "/task/0"),
+    ("GET", "/task/-1"),
+    ("GET", "/task/99999"),
+    ("GET", "/task/abc/state"),
+    ("GET", "/task/99999/state"),
+    ("GET", "/task/99999/kill"),
+    ("POST", "/task/99999/kill"),
+    ("GET", "/task/99999/nope"),
+])
+def test_unknown_route_or_task_answers_404(api, method, path):
+    assert_json_error(api.request(method, path), 404)
+
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("DELETE", "/task/ID", {"GET"}),
+    ("PUT", "/task/ID", {"GET"}),
+    ("POST", "/task/ID/state", {"GET"}),
+    ("DELETE", "/task/ID/kill", {"GET", "POST"}),
+    ("PUT", "/APP/ENV", {"POST"}),
+    ("GET", "/APP/ENV", {"POST"}),
+    ("DELETE", "/APP/ENV", {"POST"}),
+])
+def test_known_path_with_wrong_method_answers_405_with_allow(api, ended_task, method, path,
+                                                             allowed):
+    path = path.replace("ID", str(ended_task)).replace("APP", unique("app"))
+    reply = api.request(method, path.replace("ENV", unique("env")))
+
+    assert_json_error(reply, 405)
+    assert {m.strip() for m in reply.headers["Allow"].split(",")} == allowed
+
+
+def test_head_is_answered_405_without_a_body(shared_server, ended_task):
+    request = ("HEAD /task/{0} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+               "GET /task/{0} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    received = b""
+    with socket.create_connection(("127.0.0.1", shared_server.port), timeout=TIMEOUT) as raw:
+        with shared_server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(request.format(ended_task).encode())
+            while True:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405 "), head
+    # Whatever follows the HEAD answer's headers is the next response, not a body.
+    assert rest == b"" or rest.startswith(b"HTTP/1.1 200 "), rest[:200]
+
+
+def test_every_response_is_json_with_content_length_and_no_store(api, ended_task):
+    hanging = api.create(unique("app"), unique("env"), "hang")
+    replies = [
+        api.request("POST", "/%s/%s?action=deploy" % (unique("app"), unique("env"))),
+        api.get("/task/%d" % ended_task),
+        api.get("/task/%d/state" % ended_task),
+        api.kill(hanging),
+        api.kill(hanging),
+        api.request("POST", "/%s/%s?action=shell" % (unique("app"), unique("env"))),
+        api.get("/nope"),
+        api.request("DELETE", "/task/%d" % ended_task),
+        api.request("POST", "/a/b", body="action=x", content_type=FORM, chunked=True),
+        api.request("POST", "/a/b", content_type=FORM, declared_length=MAX_BODY + 1),
+        api.request("POST", "/a/b", body="action=x", content_type="text/plain"),
+    ]
+    api.wait_ended(replies[0].json["taskId"])
+
+    assert [reply.status for reply in replies] == [
+        200, 200, 200, 200, 409, 400, 404, 405, 411, 413, 415]
+    for reply in replies:
+        assert reply.headers["Content-Type"].startswith("application/json"), reply
+        assert reply.headers["Content-Length"] == str(len(reply.body)), reply
+        assert reply.headers["Cache-Control"] == "no-store", reply
+        assert isinstance(reply.json, dict), reply
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GARBAGE\r\n\r\n",
+    b"POST /a/b HTTP/1.1\r\nHost: x\r\nContent-Type: " + FORM.encode()
+    + b"\r\nContent-Length: abc\r\nConnection: close\r\n\r\naction=deploy",
+    b"POST /a/b HTTP/1.1\r\nHost: x\r\nContent-Type: " + FORM.encode()
+    + b"\r\nContent-Length: -5\r\nConnection: close\r\n\r\naction=deploy",
+    b"GET /task/1?offset=1&offset=2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+], ids=["garbage-request-line", "non-numeric-length", "negative-length", "offset-twice"])
+def test_malformed_request_gets_a_json_4xx_not_a_500(shared_server, ended_task, request_bytes):
+    reply = raw_exchange(shared_server, request_bytes)
+
+    assert 400 <= reply.status < 500, reply
+    assert_json_error(reply, reply.status)
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(api, ended_task):
+    conn = api.connection()
+    try:
+        conn.request("GET", "/task/%d" % ended_task)
+        first = conn.getresponse()
+        first.read()
+        sock = conn.sock
+        local_address = sock.getsockname()
+        conn.request("POST", "/%s/%s?action=deploy" % (unique("app"), unique("env")))
+        second = conn.getresponse()
+        created = json.loads(second.read().decode())
+        conn.request("GET", "/task/%d" % ended_task)
+        third = conn.getresponse()
+        third.read()
+
+        assert (first.status, second.status, third.status) == (200, 200, 200)
+        assert not first.will_close and not second.will_close
+        assert conn.sock is sock and sock.getsockname() == local_address
+    finally:
+        conn.close()
+    api.wait_ended(created["taskId"])
+
+
+# --- Task status and output -------------------------------------------------------------------
+
+def test_finished_task_reports_exit_code_zero_pid_and_utc_times(api, shared_fake):
+    app, env = unique("app"), unique("env")
+    before = datetime.datetime.now(datetime.timezone.utc)
+    task_id = api.create(app, env, "out-2")
+
+    api.wait_ended(task_id)
+    task = api.task(task_id)
+
+    assert TASK_KEYS <= set(task)
+    assert (task["id"], task["app"], task["env"], task["action"]) == (task_id, app, env, "out-2")
+    assert (task["status"], task["exitCode"]) == ("finished", 0)
+    assert task["output"] == "out 1\nout 2\n"
+    assert (task["outputOffset"], task["outputLength"]) == (0, 12)
+    assert task["pid"] == shared_fake.invocation_for(app)["pid"]
+    created, finished = parse_utc(task["createdAt"]), parse_utc(task["finishedAt"])
+    slack = datetime.timedelta(seconds=2)
+    assert before - slack <= created <= finished
+    assert finished <= datetime.datetime.now(datetime.timezone.utc) + slack
+
+
+def test_nonzero_exit_makes_task_failed_with_that_exit_code(api):
+    task_id = api.create(unique("app"), unique("env"), "out-1.exit-3")
+
+    task = api.wait_ended(task_id)
+
+    assert (task["status"], task["exitCode"], task["output"]) == ("failed", 3, "out 1\n")
+    parse_utc(task["finishedAt"])
+
+
+def test_task_ended_by_a_foreign_signal_is_failed_with_null_exit_code(api):
+    task_id = api.create(unique("app"), unique("env"), "out-1.signal-9")
+
+    task = api.wait_ended(task_id)
+
+    assert (task["status"], task["exitCode"], task["output"]) == ("failed", None, "out 1\n")
+
+
+def test_pulsar_that_cannot_start_gives_a_failed_task_saying_so(start_server, tmp_path):
+    client = start_server(pulsar_bin=tmp_path / "no-such-dir" / "pulsar").client()
+
+    reply = client.request("POST", "/myapp/prod?action=deploy")
+
+    assert reply.status == 200, reply
+    task = client.wait_ended(reply.json["taskId"])
+    assert (task["status"], task["exitCode"], task["pid"]) == ("failed", None, None)
+    assert "could not start" in task["output"]
+    parse_utc(task["finishedAt"])
+
+
+def test_running_task_shows_its_output_so_far(api, shared_fake):
+    gate = shared_fake.gate()
+    app = unique("app")
+    task_id = api.create(app, unique("env"), "out-2.gate-%s.out-1" % gate.name)
+
+    api.wait_output(task_id, "gate %s\n" % gate.name)
+    running = api.task(task_id)
+    gate.release()
+    ended = api.wait_ended(task_id)
+
+    assert running["status"] == "running"
+    assert (running["exitCode"], running["finishedAt"]) == (None, None)
+    assert running["output"] == "out 1\nout 2\ngate %s\n" % gate.name
+    assert running["pid"] == shared_fake.invocation_for(app)["pid"]
+    assert ended["status"] == "finished"
+    assert ended["output"] == running["output"] + "out 1\n"
+    assert ended["version"] > running["version"] >= 1
+
+
+def test_pulsar_runs_in_its_own_session_with_null_stdin_and_one_output_pipe(
+        api, shared_server, shared_fake):
+    app, env = unique("app"), unique("env")
+    task_id = api.create(app, env, "deploy")
+
+    task = api.wait_ended(task_id)
+    run = shared_fake.invocation_for(app)
+
+    assert run["argv"] == [str(shared_fake.path), app, env, "deploy"]
+    assert task["output"] == json.dumps(run["argv"]) + "\n"
+    assert run["pid"] == run["pgid"] == run["sid"] == task["pid"]
+    assert run["fds"][0] == "/dev/null"
+    assert run["fds"][1] == run["fds"][2] and run["fds"][1].startswith("pipe:")
+    assert os.path.realpath(run["cwd"]) == os.path.realpath(str(shared_server.workdir))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--config-repo", "git@example.com:conf.git"],
+     ["--conf-repo", "git@example.com:conf.git", "--conf-branch", "master"]),
+    (["--config-repo", "git@example.com:conf.git", "--config-branch", "staging"],
+     ["--conf-repo", "git@example.com:conf.git", "--conf-branch", "staging"]),
+    (["--pulsar-cli", "v1"], ["task"]),
+    (["--pulsar-cli", "v1", "--config-repo", "/srv/conf"], ["task", "--conf-repo", "/srv/conf"]),
+], ids=["classic-repo", "classic-repo-branch", "v1", "v1-repo"])
+def test_pulsar_command_line_follows_cli_flavour_and_config_flags(start_server, fake, flags,
+                                                                  expected):
+    client = start_server(*flags).client()
+    app, env = unique("app"), unique("env")
+
+    client.wait_ended(client.create(app, env, "deploy"))
+
+    assert fake.invocation_for(app)["argv"] == [str(fake.path)] + expected + [app, env, "deploy"]
+
+
+def test_stdout_and_stderr_are_merged_in_order(api):
+    task_id = api.create(unique("app"), unique("env"), "mix-6.err-1.out-1")
+
+    task = api.wait_ended(task_id)
+
+    assert task["output"] == "out 1\nerr 2\nout 3\nerr 4\nout 5\nerr 6\nerr 1\nout 1\n"
+
+
+def test_offset_returns_output_from_that_character_on(api):
+    task_id = api.create(unique("app"), unique("env"), "out-3")
+    api.wait_ended(task_id)
+
+    tail = api.task(task_id, offset=6)
+    end = api.task(task_id, offset=18)
+    beyond = api.get("/task/%d?offset=19" % task_id)
+
+    assert (tail["outputOffset"], tail["outputLength"], tail["output"]) == (6, 18, "out 2\nout 3\n")
+    assert (end["outputOffset"], end["output"]) == (18, "")
+    assert_json_error(beyond, 400)
+
+
+def test_character_split_across_two_writes_arrives_intact(api):
+    task_id = api.create(unique("app"), unique("env"), "utf8split")
+
+    task = api.wait_ended(task_id)
+    tail = api.task(task_id, offset=1)
+
+    assert (task["output"], task["outputLength"]) == ("a\u20acb\n", 4)
+    assert tail["output"] == "\u20acb\n"
+
+
+def test_invalid_utf8_bytes_become_replacement_characters(api):
+    task = api.wait_ended(api.create(unique("app"), unique("env"), "badbytes"))
+
+    assert task["output"] == "ok \ufffd\ufffd end\n"
+    assert task["status"] == "finished"
+
+
+# --- Killing ----------------------------------------------------------------------------------
+
+def test_kill_ends_the_whole_process_tree_and_a_second_kill_is_409(api, shared_fake):
+    name = unique("tree")
+    task_id = api.create(unique("app"), unique("env"), "child-" + name)
+    api.wait_output(task_id, "child %s\n" % name)
+    pids = shared_fake.pids(name)
+
+    started = time.monotonic()
+    killed = api.kill(task_id, method="POST")
+    took = time.monotonic() - started
+    gone = {role: is_gone(pid) for role, pid in pids.items()}
+    again = api.kill(task_id, method="GET")
+
+    assert killed.status == 200, killed
+    assert killed.json["id"] == task_id
+    assert (killed.json["status"], killed.json["exitCode"]) == ("killed", None)
+    parse_utc(killed.json["finishedAt"])
+    assert gone == {"fake": True, "child": True}
+    assert took < SHARED_GRACE + 2
+    assert_json_error(again, 409)
+    assert api.task(task_id)["status"] == "killed"
+
+
+def test_kill_escalates_to_sigkill_when_sigterm_is_ignored(api, shared_fake):
+    name = unique("stubborn")
+    task_id = api.create(unique("app"), unique("env"), "ignoreterm.child-" + name)
+    api.wait_output(task_id, "child %s\n" % name)
+    pids = shared_fake.pids(name)
+
+    started = time.monotonic()
+    killed = api.kill(task_id, method="GET")
+    took = time.monotonic() - started
+
+    assert killed.status == 200, killed
+    assert (killed.json["status"], killed.json["exitCode"]) == ("killed", None)
+    assert {role: is_gone(pid) for role, pid in pids.items()} == {"fake": True, "child": True}
+    assert SHARED_GRACE * 0.8 <= took < SHARED_GRACE + 2
+
+
+def test_kill_of_an_ended_task_is_409_and_changes_nothing(api, ended_task):
+    before = api.task(ended_task)
+
+    reply = api.kill(ended_task)
+
+    assert_json_error(reply, 409)
+    assert api.task(ended_task) == before
+
+
+# --- Long poll --------------------------------------------------------------------------------
+
+def test_poll_returns_new_output_when_the_task_changes(api, shared_fake):
+    gate = shared_fake.gate()
+    task_id = api.create(unique("app"), unique("env"), "out-1.gate-%s.out-2" % gate.name)
+    before = api.wait_output(task_id, "gate %s\n" % gate.name)
+
+    conn = api.connection()
+    try:
+        conn.request("GET", "/task/%d/state?version=%d" % (task_id, before["version"]))
+        gate.release()
+        response = conn.getresponse()
+        body = json.loads(response.read().decode())
+    finally:
+        conn.close()
+
+    assert response.status == 200
+    assert body["changed"] is True
+    task = body["task"]
+    assert task["version"] > before["version"]
+    assert task["outputLength"] > before["outputLength"]
+    assert task["output"].startswith(before["output"])
+    assert task["output"][len(before["output"]):] in ("out 1\n", "out 1\nout 2\n")
+    api.wait_ended(task_id)
+
+
+def test_poll_returns_at_once_when_the_task_has_ended(api, ended_task):
+    final = api.task(ended_task)
+
+    started = time.monotonic()
+    replies = [api.get("/task/%d/state?version=%d" % (ended_task, final["version"])),
+               api.get("/task/%d/state?version=%d&offset=%d"
+                       % (ended_task, final["version"], final["outputLength"])),
+               api.get("/task/%d/state" % ended_task)]
+    took = time.monotonic() - started
+
+    assert [reply.status for reply in replies] == [200, 200, 200]
+    assert [reply.json["changed"] for reply in replies] == [True, True, True]
+    assert replies[0].json["task"] == final
+    assert replies[1].json["task"]["output"] == ""
+    assert took < 3  # the shared server's poll timeout is 30 s
+
+
+def test_poll_returns_at_once_when_version_or_offset_is_behind(api, shared_fake):
+    gate = shared_fake.gate()
+    task_id = api.create(unique("app"), unique("env"), "out-2.gate-" + gate.name)
+    now = api.wait_output(task_id, "gate %s\n" % gate.name)
+    version, length = now["version"], now["outputLength"]
+
+    started = time.monotonic()
+    old_version = api.get("/task/%d/state?version=%d" % (task_id, version - 1))
+    old_offset = api.get("/task/%d/state?offset=%d" % (task_id, length - 2))
+    took = time.monotonic() - started
+    gate.release()
+    api.wait_ended(task_id)
+
+    assert old_version.json["changed"] is True
+    assert old_version.json["task"]["output"] == now["output"]
+    assert old_offset.json["changed"] is True
+    assert old_offset.json["task"]["outputOffset"] == length - 2
+    assert old_offset.json["task"]["output"] == now["output"][-2:]
+    assert took < 3  # the shared server's poll timeout is 30 s
+
+
+def test_poll_answers_unchanged_after_the_poll_timeout(start_server, fake):
+    client = start_server("--poll-timeout", "1").client()
+    gate = fake.gate()
+    task_id = client.create(unique("app"), unique("env"), "gate-" + gate.name)
+    now = client.wait_output(task_id, "gate %s\n" % gate.name)
+
+    started = time.monotonic()
+    reply = client.get("/task/%d/state?version=%d&offset=%d"
+                       % (task_id, now["version"], now["outputLength"]))
+    took = time.monotonic() - started
+    gate.release()
+    client.wait_ended(task_id)
+
+    assert reply.status == 200
+    assert reply.json == {"changed": False}
+    assert 0.9 <= took < 3
+
+
+def test_follow_loop_misses_nothing_and_receives_only_new_output(api, shared_fake):
+    gate = shared_fake.gate()
+    task_id = api.create(unique("app"), unique("env"),
+                         "chatty-1000.gate-%s.chatty-1000" % gate.name)
+    expected = ("".join("step 0 line %05d\n" % i for i in range(1, 1001))
+                + "gate %s\n" % gate.name
+                + "".join("step 2 line %05d\n" % i for i in range(1, 1001)))
+
+    version, offset, pieces, released = 0, 0, [], False
+    deadline = time.monotonic() + 20
+    while True:
+        assert time.monotonic() < deadline, "follow loop did not see the end"
+        reply = api.get("/task/%d/state?version=%d&offset=%d" % (task_id, version, offset))
+        assert reply.status == 200, reply
+        if not reply.json["changed"]:
+            continue
+        task = reply.json["task"]
+        assert task["outputOffset"] == offset
+        assert len(task["output"]) == task["outputLength"] - offset
+        assert task["version"] > version
+        pieces.append(task["output"])
+        version, offset = task["version"], task["outputLength"]
+        if not released and "gate %s\n" % gate.name in "".join(pieces):
+            gate.release()
+            released = True
+        if task["status"] != "running":
+            break
+
+    assert "".join(pieces) == expected
+    assert len([piece for piece in pieces if piece]) >= 2
+    assert api.task(task_id)["output"] == expected
+
+
+@pytest.mark.parametrize("query", [
+    "version=abc", "version=-1", "version=1.5", "offset=x", "offset=-1", "since=3",
+    "version=1&verbose=1"])
+def test_state_rejects_bad_version_offset_or_unknown_parameter(api, ended_task, query):
+    assert_json_error(api.get("/task/%d/state?%s" % (ended_task, query)), 400)
+
+
+# --- Connections, slow clients and TLS --------------------------------------------------------
+
+def test_silent_client_does_not_delay_others_and_is_dropped_after_request_timeout(start_server):
+    server = start_server("--request-timeout", "1")
+    client = server.client()
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as silent:
+        connected = time.monotonic()
+        reply = client.get("/task/1")
+        other_took = time.monotonic() - connected
+        closed = closed_by_peer(silent, timeout=5)
+        dropped_after = time.monotonic() - connected
+
+    assert_json_error(reply, 404)
+    assert other_took < 0.5
+    assert closed, "the server never dropped a client that sent nothing"
+    assert 0.8 <= dropped_after < 3
+
+
+def test_trickled_request_does_not_delay_others_and_is_dropped_in_bounded_time(start_server):
+    server = start_server("--request-timeout", "1")
+    client = server.client()
+    request = (b"GET /task/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"p" * 150
+               + b"\r\n\r\n")
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as raw:
+        with server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            first_byte = time.monotonic()
+            sent, closed, other, other_took = 0, False, None, None
+            for byte in request:
+                try:
+                    tls.sendall(bytes([byte]))
+                except (ConnectionError, ssl.SSLError):
+                    closed = True
+                    break
+                sent += 1
+                if sent == 5:
+                    started = time.monotonic()
+                    other = client.get("/task/1")
+                    other_took = time.monotonic() - started
+                if closed_by_peer(tls, timeout=0.05):  # paces the trickle, 1 byte per 50 ms
+                    closed = True
+                    break
+            dropped_after = time.monotonic() - first_byte
+
+    assert closed and sent < len(request), "the server waited for the whole trickled request"
+    assert 0.8 <= dropped_after < 3
+    assert_json_error(other, 404)
+    assert other_took < 0.5
+
+
+def test_tls_is_version_1_2_or_newer_and_older_clients_are_refused(api, shared_server):
+    _, version = served_certificate(shared_server.port, shared_server.context)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old = ssl.create_default_context(cafile=str(DEV_CERT))
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+        old.set_ciphers("DEFAULT:@SECLEVEL=0")  # so the client really offers TLS 1.1
+
+    with pytest.raises(ssl.SSLError) as refused:
+        served_certificate(shared_server.port, old)
+
+    assert version in ("TLSv1.2", "TLSv1.3")
+    assert refused.value.reason not in ("NO_PROTOCOLS_AVAILABLE", "NO_CIPHERS_AVAILABLE")
+    assert_json_error(api.get("/task/99999"), 404)  # still serving
+
+
+def test_logged_fingerprint_is_that_of_the_served_certificate(shared_server):
+    der, _ = served_certificate(shared_server.port, shared_server.context)
+
+    assert logged_fingerprint(shared_server.log()) == fingerprint_of(der)
+    assert fingerprint_of(der) == pem_fingerprint(DEV_CERT)
+
+
+def test_port_probe_is_logged_as_one_line_without_traceback(start_server):
+    server = start_server()
+    lines_before = len(server.log().splitlines())
+
+    socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT).close()
+    wait_until(lambda: len(server.log().splitlines()) > lines_before, what="a log line")
+    new_lines = server.log().splitlines()[lines_before:]
+    still_serving = server.client().get("/task/1")
+
+    assert len(new_lines) == 1, new_lines
+    assert "Traceback" not in server.log()
+    assert_json_error(still_serving, 404)
+
+
+# --- Stopping the server ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig, action", [
+    (signal.SIGTERM, "child-"), (signal.SIGINT, "ignoreterm.child-")],
+    ids=["SIGTERM", "SIGINT-with-a-task-ignoring-SIGTERM"])
+def test_signal_stops_the_server_and_every_task_process(start_server, fake, sig, action):
+    server = start_server("--kill-grace", "0.5")
+    client = server.client()
+    name = unique("tree")
+    task_id = client.create(unique("app"), unique("env"), action + name)
+    client.wait_output(task_id, "child %s\n" % name)
+    pids = fake.pids(name)
+
+    status = server.stop(sig)
+
+    assert status == 0, server.console()
+    assert {role: is_gone(pid) for role, pid in pids.items()} == {"fake": True, "child": True}
+    server.assert_no_traceback()
+
+
+# --- Command line -----------------------------------------------------------------------------
+
+CLI_ERRORS = [
+    ("key-without-cert", lambda f: ["--ssl-key", DEV_KEY]),
+    ("cert-without-key", lambda f: ["--ssl-cert", DEV_CERT]),
+    ("missing-cert", lambda f: ["--ssl-cert", f["missing"], "--ssl-key", DEV_KEY]),
+    ("missing-key", lambda f: ["--ssl-cert", DEV_CERT, "--ssl-key", f["missing"]]),
+    ("cert-not-a-certificate", lambda f: ["--ssl-cert", f["garbage.pem"], "--ssl-key", DEV_KEY]),
+    ("missing-pfx", lambda f: ["--ssl-pfx", f["missing"], "--ssl-passphrase", f["pfx-pass.txt"]]),
+    ("missing-pfx-passphrase-file",
+     lambda f: ["--ssl-pfx", f["bundle.p12"], "--ssl-passphrase", f["missing"]]),
+    ("missing-key-passphrase-file",
+     lambda f: ["--ssl-cert", f["cert.pem"], "--ssl-key", f["key.pem"],
+                "--ssl-passphrase", f["missing"]]),
+    ("wrong-key-passphrase",
+     lambda f: ["--ssl-cert", f["cert.pem"], "--ssl-key", f["key.pem"],
+                "--ssl-passphrase", f["wrong-pass.txt"]]),
+    ("wrong-pfx-passphrase",
+     lambda f: ["--ssl-pfx", f["bundle.p12"], "--ssl-passphrase", f["wrong-pass.txt"]]),
+    ("branch-with-v1",
+     lambda f: ["--config-repo", "R", "--config-branch", "X", "--pulsar-cli", "v1"]),
+    ("branch-without-repo", lambda f: ["--config-branch", "X"]),
+    ("port-70000", lambda f: ["--port", "70000"]),
+    ("port-abc", lambda f: ["--port", "abc"]),
+    ("poll-timeout-negative", lambda f: ["--poll-timeout", "-1"]),
+    ("poll-timeout-zero", lambda f: ["--poll-timeout", "0"]),
+    ("kill-grace-negative", lambda f: ["--kill-grace", "-1"]),
+    ("port-in-use", lambda f: ["--port", f["busy-port"]]),
+    ("unknown-flag", lambda f: ["--frobnicate"]),
+]
+
+
+@pytest.mark.parametrize("make_args", [case[1] for case in CLI_ERRORS],
+                         ids=[case[0] for case in CLI_ERRORS])
+def test_command_line_error_is_one_line_and_a_nonzero_exit(tmp_path, fake, tls_files, make_args):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    with busy:
+        files = dict(tls_files, missing=tmp_path / "missing.pem")
+        files["busy-port"] = busy.getsockname()[1]
+        result = run_cli(tmp_path, fake, make_args(files))
+
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode > 0
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(CLI_ERROR_PREFIX), lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_help_exits_0_and_mentions_every_flag(tmp_path, fake):
+    result = run_cli(tmp_path, fake, ["--help"])
+
+    assert result.returncode == 0, result.stderr
+    for flag in ("--host", "--port", "--pulsar-bin", "--pulsar-cli", "--config-repo",
+                 "--config-branch", "--log-dir", "--ssl-cert", "--ssl-key", "--ssl-pfx",
+                 "--ssl-passphrase", "--no-ssl", "--poll-timeout", "--kill-grace",
+                 "--request-timeout", "--help"):
+        assert flag in result.stdout, flag
+
+
+# --- TLS material -----------------------------------------------------------------------------
+
+def copy_script_alone(tmp_path):
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(str(SCRIPT), str(alone / SCRIPT.name))
+    return alone / SCRIPT.name
+
+
+def test_script_alone_makes_a_self_signed_certificate_once_and_reuses_it(start_server, tmp_path):
+    script = copy_script_alone(tmp_path)
+    state = tmp_path / "state"
+    cert, key = state / "pulsar-rest-api" / "cert.pem", state / "pulsar-rest-api" / "key.pem"
+
+    first = start_server(script=script, env={"XDG_STATE_HOME": str(state)})
+    first_logged = logged_fingerprint(first.log())
+    first_served, _ = served_certificate(first.port, unverified_context())
+    cert_text = cert.read_text()
+    first.stop_cleanly()
+    second = start_server(script=script, env={"XDG_STATE_HOME": str(state)})
+    second_served, _ = served_certificate(second.port, unverified_context())
+
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert first_logged == fingerprint_of(first_served) == pem_fingerprint(cert)
+    assert logged_fingerprint(second.log()) == first_logged
+    assert fingerprint_of(second_served) == first_logged
+    assert cert.read_text() == cert_text
+
+
+def test_script_alone_without_openssl_exits_with_a_hint(tmp_path, fake):
+    script = copy_script_alone(tmp_path)
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+
+    result = run_cli(tmp_path, fake, [], script=script,
+                     env={"XDG_STATE_HOME": str(tmp_path / "state"), "PATH": str(empty_bin)})
+
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode > 0
+    assert len(lines) == 1, result.stderr
+    assert "--ssl-cert" in lines[0] and "--no-ssl" in lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_pfx_is_served_and_leaves_no_temporary_pem_behind(start_server, tmp_path, tls_files):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+
+    server = start_server("--ssl-pfx", tls_files["bundle.p12"],
+                          "--ssl-passphrase", tls_files["pfx-pass.txt"], env={"TMPDIR": str(temp)})
+    context = ssl.create_default_context(cafile=str(tls_files["cert.pem"]))
+    served, _ = served_certificate(server.port, context)
+    left_while_running = sorted(str(p) for p in temp.rglob("*"))
+    reply = server.client(context).get("/task/1")
+    server.stop_cleanly()
+
+    assert fingerprint_of(served) == pem_fingerprint(tls_files["cert.pem"])
+    assert logged_fingerprint(server.log()) == fingerprint_of(served)
+    assert left_while_running == []
+    assert sorted(str(p) for p in temp.rglob("*")) == []
+    assert_json_error(reply, 404)
+
+
+def test_encrypted_key_is_read_with_its_passphrase_file(start_server, tls_files):
+    server = start_server("--ssl-cert", tls_files["cert.pem"], "--ssl-key", tls_files["key.pem"],
+                          "--ssl-passphrase", tls_files["key-pass.txt"])
+    context = ssl.create_default_context(cafile=str(tls_files["cert.pem"]))
+
+    served, _ = served_certificate(server.port, context)
+
+    assert fingerprint_of(served) == pem_fingerprint(tls_files["cert.pem"])
+    assert logged_fingerprint(server.log()) == fingerprint_of(served)
+
+
+def test_no_ssl_serves_plain_http_and_warns_in_the_log(start_server):
+    server = start_server("--no-ssl")
+    client = server.client()
+
+    reply = client.request("POST", "/myapp/prod?action=deploy")
+
+    assert server.scheme == "http"
+    assert any("WARNING" in line and "--no-ssl" in line for line in server.log().splitlines())
+    assert reply.status == 200, reply
+    assert reply.json["url"].endswith("//127.0.0.1:%d/task/1" % server.port)
+    assert client.wait_ended(reply.json["taskId"])["status"] == "finished"
