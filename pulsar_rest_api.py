@@ -42,6 +42,7 @@ Slow or silent clients are dropped after --request-timeout and never hold up any
 
 import argparse
 import codecs
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -55,6 +56,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -82,6 +84,11 @@ MAX_BODY = 64 * 1024       # bytes; a task request is a few dozen
 MAX_FIELDS = 20            # query or form fields in one request
 READ_SIZE = 64 * 1024      # bytes per read from a task's output pipe
 OUTPUT_CHUNK = 16 * 1024   # characters; small reads are merged up to this size
+MAX_OUTPUT = 32 * 1024 * 1024   # bytes of output kept per task; the rest is dropped
+OUTPUT_DROPPED = "[pulsar-rest-api: the output passed %d bytes; the rest is dropped]\n"
+PERSIST_EVERY = 1.0        # seconds between writes of running tasks' output to the history
+SHUTDOWN_TIMEOUT = 600.0   # seconds a stop waits for running tasks before killing them
+LIST_LIMIT, LIST_MAX = 50, 500  # tasks per page of GET /tasks
 LOG_NAME = "pulsar-rest-api.log"
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -91,8 +98,9 @@ REFUSED_ACTIONS = frozenset({"shell", "invoke"})   # Capistrano tasks that run a
 COUNT_PATTERN = re.compile(r"[0-9]{1,15}")
 HOST_PATTERN = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
-RUNNING, FINISHED, FAILED, KILLED = "running", "finished", "failed", "killed"
-ENDED = frozenset({FINISHED, FAILED, KILLED})
+RUNNING, FINISHED, FAILED, KILLED, LOST = "running", "finished", "failed", "killed", "lost"
+ENDED = frozenset({FINISHED, FAILED, KILLED, LOST})
+ALL_STATUSES = ENDED | {RUNNING}
 
 logger = logging.getLogger("pulsar-rest-api")
 
@@ -163,22 +171,45 @@ def utc_iso(timestamp):
 
 class Output:
     """A task's output: text that only grows, kept in chunks so that reading from an offset costs
-    only what is read, and appending costs only what is appended."""
+    only what is read, and appending costs only what is appended.  Past `limit` UTF-8 bytes the
+    rest is dropped, after one line that says so."""
 
-    def __init__(self):
+    def __init__(self, limit=None):
         self._chunks = []
         self._starts = []       # character offset of each chunk
-        self.length = 0
+        self.length = 0         # characters
+        self.size = 0           # UTF-8 bytes
+        self.limit = limit
+        self.full = False
+
+    @classmethod
+    def from_chunks(cls, chunks, length):
+        """Output read back from storage: (start, text) pairs, possibly only the last ones."""
+        output = cls()
+        for start, text in chunks:
+            output._starts.append(start)
+            output._chunks.append(text)
+        output.length = length
+        return output
 
     def append(self, text):
-        if not text:
-            return
+        """Add text; False when it was dropped because the output is full."""
+        if self.full or not text:
+            return False
+        size = len(text.encode("utf-8"))
+        if self.limit is not None and self.size + size > self.limit:
+            kept = text.encode("utf-8")[:self.limit - self.size].decode("utf-8", "ignore")
+            text = kept + ("" if kept.endswith("\n") or not kept else "\n") + (
+                OUTPUT_DROPPED % self.limit)
+            self.full = True
         if self._chunks and len(self._chunks[-1]) + len(text) <= OUTPUT_CHUNK:
             self._chunks[-1] += text
         else:
             self._starts.append(self.length)
             self._chunks.append(text)
         self.length += len(text)
+        self.size += size
+        return True
 
     def since(self, offset):
         """The text from character `offset` to the end."""
@@ -201,21 +232,25 @@ class Output:
 class Task:
     """One run of pulsar: what was asked, what it printed, how it ended.
 
-    Fields change only through TaskStore, under its lock.  `version` counts changes so that a
-    client can say which state it has seen; `process` is the running TaskProcess, if any.
+    Fields of a live task change only through TaskStore, under its lock.  `version` counts changes
+    so that a client can say which state it has seen; `process` is the running TaskProcess, if any;
+    `persisted` is how much of the output is already in the history.
     """
 
-    def __init__(self, task_id, app, env, action, created_at):
+    def __init__(self, task_id, app, env, action, created_at, started_by="-", output=None):
         self.id = task_id
         self.app, self.env, self.action = app, env, action
         self.status = RUNNING
         self.exit_code = None
         self.pid = None
+        self.process_start = None   # identifies pulsar's process across a server restart
         self.created_at = created_at
         self.finished_at = None
-        self.output = Output()
+        self.started_by = started_by
+        self.output = output if output is not None else Output()
         self.version = 1
         self.process = None
+        self.persisted = 0
 
     @property
     def ended(self):
@@ -232,82 +267,128 @@ class Task:
             raise HTTPError(400, "offset %d is past the end of the output (%d characters)"
                             % (offset, self.output.length))
 
-    def to_json(self, offset=0):
-        self.check_offset(offset)
+    def record(self):
+        """The fields that change, as TaskHistory stores them."""
+        return (self.status, self.exit_code, self.pid, self.process_start, self.finished_at,
+                self.version, self.output.length, self.id)
+
+    def summary(self):
+        """The task's fields without its output, as GET /tasks lists them."""
         return {
             "id": self.id, "app": self.app, "env": self.env, "action": self.action,
             "status": self.status, "exitCode": self.exit_code, "pid": self.pid,
             "createdAt": utc_iso(self.created_at), "finishedAt": utc_iso(self.finished_at),
-            "version": self.version, "outputOffset": offset, "outputLength": self.output.length,
-            "output": self.output.since(offset),
+            "version": self.version, "outputLength": self.output.length,
         }
+
+    def to_json(self, offset=0):
+        self.check_offset(offset)
+        view = self.summary()
+        view["outputOffset"] = offset
+        view["outputLength"] = self.output.length
+        view["output"] = self.output.since(offset)
+        return view
 
 
 class TaskStore:
-    """Every task, by id, and the Condition that guards them.
+    """Running tasks by id, the Condition that guards them, and the history behind them.
 
-    The Condition's lock guards the dict, the id counter and every field of every Task.  Every
-    change calls notify_all; waiters use wait_for(predicate, timeout), so no change is missed
-    between two waits.  Nothing else touches the dict.
+    The Condition's lock guards the dict and every field of every live Task.  Every change calls
+    notify_all; waiters use wait_for(predicate, timeout), so no change is missed between two
+    waits.  Nothing else touches the dict.  A task leaves the dict once it has ended and its last
+    state is in the history; from then on it is read from there, so memory does not grow with
+    history.  Lock order: _persisting, then the Condition; the history locks itself.
     """
 
-    def __init__(self, clock=time.time):
+    def __init__(self, history, max_output=MAX_OUTPUT, clock=time.time):
         self._changed = threading.Condition()
+        self._persisting = threading.Lock()     # one writer at a time, so writes land in order
         self._tasks = {}
-        self._last_id = 0
+        self._history = history
+        self._max_output = max_output
         self._clock = clock
+        self.waiters = 0                        # long polls waiting now, for /metrics
 
-    def create(self, app, env, action):
+    def create(self, app, env, action, started_by="-"):
+        created_at = self._clock()
+        try:
+            task_id = self._history.insert(app, env, action, created_at, started_by)
+        except sqlite3.Error as error:
+            logger.error("cannot record a new task in the history: %s", error)
+            raise HTTPError(503, "the task history cannot be written, so no task was started")
+        task = Task(task_id, app, env, action, created_at, started_by, Output(self._max_output))
         with self._changed:
-            self._last_id += 1
-            task = Task(self._last_id, app, env, action, self._clock())
             self._tasks[task.id] = task
             self._changed.notify_all()
-            return task
+        return task
 
     def view(self, task_id, offset=0):
         """The task as JSON, taken under the lock so that its fields agree with each other."""
         with self._changed:
-            return self._find(task_id).to_json(offset)
+            task = self._tasks.get(task_id)
+            if task is not None:
+                return task.to_json(offset)
+        return self._stored(task_id, offset).to_json(offset)
 
     def wait_for_change(self, task_id, version, offset, timeout):
         """The task as JSON once it has moved past (version, offset), or None after `timeout`.
 
         Without a version the client has seen the task as it is now: wait for its next change.
+        A task that is no longer live has ended, and answers at once.
         """
         with self._changed:
-            task = self._find(task_id)
-            task.check_offset(offset)
-            if version is None:
-                version = task.version
-            if not self._changed.wait_for(lambda: task.has_moved_past(version, offset), timeout):
-                return None
-            return task.to_json(offset or 0)
+            task = self._tasks.get(task_id)
+            if task is not None:
+                task.check_offset(offset)
+                if version is None:
+                    version = task.version
+                self.waiters += 1
+                try:
+                    moved = self._changed.wait_for(
+                        lambda: task.has_moved_past(version, offset), timeout)
+                finally:
+                    self.waiters -= 1
+                return task.to_json(offset or 0) if moved else None
+        return self._stored(task_id, offset).to_json(offset or 0)
 
     def wait_until_ended(self, task_id, timeout):
         """The task as JSON once it has ended, or as it is after `timeout`."""
         with self._changed:
-            task = self._find(task_id)
-            self._changed.wait_for(lambda: task.ended, timeout)
-            return task.to_json()
+            task = self._tasks.get(task_id)
+            if task is not None:
+                self._changed.wait_for(lambda: task.ended, timeout)
+                return task.to_json()
+        return self.view(task_id)
+
+    def wait_until_idle(self, timeout):
+        """True once no task is running, False if some still are after `timeout`."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._tasks, timeout)
 
     def process_to_kill(self, task_id):
         """The running process of a task, or HTTPError 409 if the task has ended."""
         with self._changed:
-            task = self._find(task_id)
-            if task.ended or task.process is None:
-                raise HTTPError(409, "task %d has already ended (%s); there is nothing to kill"
-                                % (task.id, task.status))
-            return task.process
+            task = self._tasks.get(task_id)
+            if task is not None and not task.ended and task.process is not None:
+                return task.process
+        ended = self.view(task_id)
+        raise HTTPError(409, "task %d has already ended (%s); there is nothing to kill"
+                        % (task_id, ended["status"]))
 
     def running(self):
         with self._changed:
             return [task for task in self._tasks.values() if not task.ended]
 
+    def listing(self, app=None, env=None, status=None, before=None, limit=50):
+        """Task summaries, newest first; live tasks as they are now, the rest from the history."""
+        rows = self._history.summaries(app, env, status, before, limit)
+        with self._changed:
+            return [self._tasks[row.id].summary() if row.id in self._tasks else row.summary()
+                    for row in rows]
+
     def add_output(self, task, text):
         with self._changed:
-            if text and not task.ended:
-                task.output.append(text)
+            if not task.ended and task.output.append(text):
                 task.version += 1
                 self._changed.notify_all()
 
@@ -315,8 +396,11 @@ class TaskStore:
         with self._changed:
             task.process = process
             task.pid = process.pid
+            task.process_start = process_start_token(process.pid)
+        self.persist(task)
 
     def end(self, task, status, exit_code):
+        """Record how a task ended, write it to the history, and let it leave the dict."""
         with self._changed:
             task.status = status
             task.exit_code = exit_code
@@ -324,11 +408,154 @@ class TaskStore:
             task.process = None
             task.version += 1
             self._changed.notify_all()
+        self.persist(task)
+        with self._changed:
+            self._tasks.pop(task.id, None)
+            self._changed.notify_all()
 
-    def _find(self, task_id):
-        task = self._tasks.get(task_id)
+    def persist(self, task=None):
+        """Write what changed since the last write, of one task or of every live one: the new
+        output only, so a write costs what was printed since."""
+        with self._persisting:
+            with self._changed:
+                tasks = [task] if task is not None else list(self._tasks.values())
+                changes = [(task.record(), task.persisted, task.output.since(task.persisted))
+                           for task in tasks]
+                for task in tasks:
+                    task.persisted = task.output.length
+            self._history.save(changes)
+
+    def _stored(self, task_id, offset):
+        task = self._history.load(task_id, offset or 0)
         if task is None:
             raise HTTPError(404, "no task %d" % task_id)
+        return task
+
+
+class TaskHistory:
+    """Task records and their output in SQLite (the standard library's sqlite3).
+
+    One connection, used under one lock from any thread.  Output is stored as chunks keyed by
+    the character offset where each starts, so a write adds only what is new and a read from an
+    offset fetches only the chunks it needs.  AUTOINCREMENT keeps ids rising across restarts.
+    """
+
+    SCHEMA_VERSION = 1
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS tasks (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            app TEXT NOT NULL, env TEXT NOT NULL, action TEXT NOT NULL,
+            status TEXT NOT NULL, exit_code INTEGER, pid INTEGER, process_start TEXT,
+            created_at REAL NOT NULL, finished_at REAL, started_by TEXT,
+            version INTEGER NOT NULL, output_length INTEGER NOT NULL);
+        CREATE INDEX IF NOT EXISTS tasks_by_app ON tasks (app, env, id);
+        CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id);
+        CREATE TABLE IF NOT EXISTS output (
+            task_id INTEGER NOT NULL, start INTEGER NOT NULL, text TEXT NOT NULL,
+            PRIMARY KEY (task_id, start)) WITHOUT ROWID;
+    """
+    COLUMNS = ("id, app, env, action, status, exit_code, pid, process_start, created_at, "
+               "finished_at, started_by, version, output_length")
+
+    def __init__(self, path):
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            if path != ":memory:" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+                raise StartupError("--db: the folder of %s does not exist" % path)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, self.SCHEMA_VERSION):
+                raise StartupError("--db: %s holds schema version %d; this server knows %d"
+                                   % (path, version, self.SCHEMA_VERSION))
+            self._db.executescript(self.SCHEMA)
+            self._db.execute("PRAGMA user_version = %d" % self.SCHEMA_VERSION)
+            self._db.execute("SELECT count(*) FROM tasks").fetchone()
+            self._db.execute("BEGIN IMMEDIATE")     # fails now, not at the first task, if read-only
+            self._db.execute("COMMIT")
+        except sqlite3.Error as error:
+            raise StartupError("--db: cannot use %s as the task history: %s" % (path, error))
+
+    def insert(self, app, env, action, created_at, started_by):
+        with self._transaction():
+            cursor = self._db.execute(
+                "INSERT INTO tasks (app, env, action, status, created_at, started_by, version, "
+                "output_length) VALUES (?, ?, ?, ?, ?, ?, 1, 0)",
+                (app, env, action, RUNNING, created_at, started_by))
+            return cursor.lastrowid
+
+    def save(self, changes):
+        """Write (Task.record(), start, new text) for each changed task, in one transaction."""
+        with self._transaction():
+            for record, start, text in changes:
+                if text:
+                    self._db.execute("INSERT INTO output (task_id, start, text) VALUES (?, ?, ?)",
+                                     (record[-1], start, text))
+                self._db.execute(
+                    "UPDATE tasks SET status = ?, exit_code = ?, pid = ?, process_start = ?, "
+                    "finished_at = ?, version = ?, output_length = ? WHERE id = ?", record)
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def load(self, task_id, offset=0):
+        """The stored task with the output from `offset` on, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT %s FROM tasks WHERE id = ?" % self.COLUMNS,
+                                   (task_id,)).fetchone()
+            if row is None:
+                return None
+            chunks = self._db.execute(
+                "SELECT start, text FROM output WHERE task_id = ? AND start + length(text) > ? "
+                "ORDER BY start", (task_id, offset)).fetchall()
+        return self._task(row, Output.from_chunks(chunks, row[-1]))
+
+    def summaries(self, app, env, status, before, limit):
+        """Stored tasks (without output), newest first, filtered."""
+        clauses, values = [], []
+        for column, value in (("app", app), ("env", env), ("status", status)):
+            if value is not None:
+                clauses.append("%s = ?" % column)
+                values.append(value)
+        if before is not None:
+            clauses.append("id < ?")
+            values.append(before)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        with self._lock:
+            rows = self._db.execute("SELECT %s FROM tasks %s ORDER BY id DESC LIMIT ?"
+                                    % (self.COLUMNS, where), values + [limit]).fetchall()
+        return [self._task(row, Output.from_chunks([], row[-1])) for row in rows]
+
+    def unfinished(self):
+        """Tasks recorded as not ended: the server stopped while they ran or waited."""
+        with self._lock:
+            rows = self._db.execute("SELECT %s FROM tasks WHERE status NOT IN (%s) ORDER BY id"
+                                    % (self.COLUMNS, ", ".join("?" * len(ENDED))),
+                                    sorted(ENDED)).fetchall()
+        return [self._task(row, Output.from_chunks([], row[-1])) for row in rows]
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+    @staticmethod
+    def _task(row, output):
+        (task_id, app, env, action, status, exit_code, pid, process_start, created_at,
+         finished_at, started_by, version, _) = row
+        task = Task(task_id, app, env, action, created_at, started_by, output)
+        task.status, task.exit_code, task.pid = status, exit_code, pid
+        task.process_start, task.finished_at, task.version = process_start, finished_at, version
+        task.persisted = output.length
         return task
 
 
@@ -494,13 +721,65 @@ def group_has_live_members(pgid):
     return False
 
 
+def process_start_token(pid):
+    """Boot id and start time of a process: the same pid names the same process only if these
+    match too (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as source:
+            boot = source.read().strip()
+        with open("/proc/%d/stat" % pid, "rb") as source:
+            stat = source.read()
+    except OSError:
+        return None
+    return "%s:%s" % (boot, stat[stat.rindex(b")") + 2:].split()[19].decode())
+
+
+def recover_lost_tasks(history, kill_grace):
+    """Mark the tasks the server was running when it died as lost, ending what is left of them.
+
+    A task runs in its own session, so it outlives a server that is killed with SIGKILL; its
+    output pipe is gone, so it cannot be followed again: its process group is killed instead of
+    being left running untracked.
+    """
+    for task in history.unfinished():
+        note = "the server stopped while this task ran; its end is unknown"
+        if task.pid and still_running(task):
+            end_orphan_group(task.pid, kill_grace)
+            note += "; its processes (group %d) were still running and have been killed" % task.pid
+        task.output.append("\n[pulsar-rest-api: %s]\n" % note)
+        task.status, task.finished_at = LOST, time.time()
+        task.version += 1
+        history.save([(task.record(), task.persisted, task.output.since(task.persisted))])
+        logger.warning("task %d (%s %s %s) is lost: %s", task.id, task.app, task.env, task.action,
+                       note)
+
+
+def still_running(task):
+    """True when the task's pulsar, or what it left in its group, still runs."""
+    token = process_start_token(task.pid)
+    if token is not None:
+        return token == task.process_start     # else the pid now names another process
+    return group_has_live_members(task.pid)     # a live group keeps its id from being reused
+
+
+def end_orphan_group(pgid, kill_grace):
+    """SIGTERM, then SIGKILL after the grace period, to a group that is not our child."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        wait_for_empty_group(pgid, kill_grace)
+
+
 class TaskRunner:
     """Starts pulsar for each new task, and ends task process groups when asked."""
 
-    def __init__(self, store, command, kill_grace=KILL_GRACE, env=None):
+    def __init__(self, store, command, kill_grace=KILL_GRACE, env=None, metrics=None):
         self._store = store
         self._command = command
         self._kill_grace = kill_grace
+        self._metrics = metrics or Metrics()
         self._env = dict(os.environ if env is None else env)
         self._starting = threading.Lock()     # a task is created and attached, or stop_all waits
         self._stopping = False
@@ -513,7 +792,7 @@ class TaskRunner:
             return self._start(app, env, action, requested_by)
 
     def _start(self, app, env, action, requested_by):
-        task = self._store.create(app, env, action)
+        task = self._store.create(app, env, action, requested_by)
         argv = self._command.argv(app, env, action)
         process = TaskProcess(argv, self._env, self._kill_grace,
                               on_output=lambda text: self._store.add_output(task, text),
@@ -524,8 +803,11 @@ class TaskRunner:
             logger.error("task %d: could not start %s: %s", task.id, argv[0], error)
             self._store.add_output(task, "could not start pulsar (%s): %s\n" % (argv[0], error))
             self._store.end(task, FAILED, None)
+            self._metrics.task_started()
+            self._metrics.task_finished(FAILED, 0.0)
             return task
         self._store.attach(task, process)
+        self._metrics.task_started()
         process.follow()
         logger.info("task %d started by %s: %s %s %s (pid %d)",
                     task.id, requested_by, app, env, action, process.pid)
@@ -538,10 +820,18 @@ class TaskRunner:
         process.terminate()
         return self._store.wait_until_ended(task_id, self._kill_grace + OUTPUT_DRAIN + 2)
 
-    def stop_all(self):
-        """Refuse new tasks, kill every running one and wait for their groups to end."""
+    def refuse_new(self):
+        """From now on a new task is answered 503: the server is stopping."""
         with self._starting:
             self._stopping = True
+
+    @property
+    def stopping(self):
+        return self._stopping
+
+    def stop_all(self):
+        """Refuse new tasks, kill every running one and wait for their groups to end."""
+        self.refuse_new()
         tasks = self._store.running()
         for task in tasks:
             process = task.process
@@ -559,9 +849,83 @@ class TaskRunner:
             status = FAILED
         exit_code = returncode if returncode >= 0 else None
         self._store.end(task, status, exit_code)
+        duration = task.finished_at - task.created_at
+        self._metrics.task_finished(status, duration)
         how = "signal %d" % -returncode if returncode < 0 else "exit code %d" % returncode
-        logger.info("task %d %s (%s) after %.1f s", task.id, status, how,
-                    task.finished_at - task.created_at)
+        logger.info("task %d %s (%s) after %.1f s", task.id, status, how, duration)
+
+
+# ---------------------------------------------------------------- operations: metrics
+
+class Metrics:
+    """Counters for GET /metrics, in the Prometheus text format; gauges are read when scraped."""
+
+    DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)   # seconds
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._started = 0
+        self._finished = {}             # status -> count
+        self._buckets = [0] * len(self.DURATION_BUCKETS)
+        self._duration_sum = 0.0
+        self._requests = {}             # HTTP status -> count
+        self.connections = 0
+
+    def task_started(self):
+        with self._lock:
+            self._started += 1
+
+    def task_finished(self, status, seconds):
+        with self._lock:
+            self._finished[status] = self._finished.get(status, 0) + 1
+            self._duration_sum += seconds
+            for index, bound in enumerate(self.DURATION_BUCKETS):
+                if seconds <= bound:
+                    self._buckets[index] += 1
+
+    def request_answered(self, status):
+        with self._lock:
+            self._requests[status] = self._requests.get(status, 0) + 1
+
+    def connection_opened(self, change=1):
+        with self._lock:
+            self.connections += change
+
+    def render(self, running, waiters):
+        with self._lock:
+            finished = sum(self._finished.values())
+            lines = [
+                "# HELP pulsar_rest_api_tasks_started_total Tasks started since the server started.",
+                "# TYPE pulsar_rest_api_tasks_started_total counter",
+                "pulsar_rest_api_tasks_started_total %d" % self._started,
+                "# HELP pulsar_rest_api_tasks_finished_total Tasks ended, by status.",
+                "# TYPE pulsar_rest_api_tasks_finished_total counter"]
+            lines += ['pulsar_rest_api_tasks_finished_total{status="%s"} %d' % (status, count)
+                      for status, count in sorted(self._finished.items())]
+            lines += [
+                "# HELP pulsar_rest_api_tasks_running Tasks running now.",
+                "# TYPE pulsar_rest_api_tasks_running gauge",
+                "pulsar_rest_api_tasks_running %d" % running,
+                "# HELP pulsar_rest_api_task_duration_seconds How long tasks ran.",
+                "# TYPE pulsar_rest_api_task_duration_seconds histogram"]
+            lines += ['pulsar_rest_api_task_duration_seconds_bucket{le="%s"} %d' % (bound, count)
+                      for bound, count in zip(self.DURATION_BUCKETS, self._buckets)]
+            lines += [
+                'pulsar_rest_api_task_duration_seconds_bucket{le="+Inf"} %d' % finished,
+                "pulsar_rest_api_task_duration_seconds_sum %.3f" % self._duration_sum,
+                "pulsar_rest_api_task_duration_seconds_count %d" % finished,
+                "# HELP pulsar_rest_api_http_requests_total HTTP requests answered, by status.",
+                "# TYPE pulsar_rest_api_http_requests_total counter"]
+            lines += ['pulsar_rest_api_http_requests_total{code="%d"} %d' % (code, count)
+                      for code, count in sorted(self._requests.items())]
+            lines += [
+                "# HELP pulsar_rest_api_long_poll_waiters Long polls waiting for a change now.",
+                "# TYPE pulsar_rest_api_long_poll_waiters gauge",
+                "pulsar_rest_api_long_poll_waiters %d" % waiters,
+                "# HELP pulsar_rest_api_open_connections Client connections open now.",
+                "# TYPE pulsar_rest_api_open_connections gauge",
+                "pulsar_rest_api_open_connections %d" % self.connections]
+        return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- transport: TLS helpers
@@ -742,10 +1106,15 @@ class RequestHandler(BaseHTTPRequestHandler):
     # -- connection
 
     def setup(self):
+        self.server.metrics.connection_opened()
         super().setup()
         self.rfile.close()              # replaced by a reader that enforces a whole-request deadline
         self._reader = DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self._reader, READ_SIZE)
+
+    def finish(self):
+        self.server.metrics.connection_opened(-1)
+        super().finish()
 
     def handle(self):
         try:
@@ -883,6 +1252,39 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._allow_fields()
         self.send_json(200, self.server.runner.kill(task_id, requested_by=self.peer))
 
+    def list_tasks(self):
+        self._allow_fields("app", "env", "status", "limit", "before")
+        app, env, status = (self._single_field(name) for name in ("app", "env", "status"))
+        if status is not None and status not in ALL_STATUSES:
+            raise HTTPError(400, "status must be one of %s" % ", ".join(sorted(ALL_STATUSES)))
+        limit = self._count_field("limit")
+        limit = LIST_LIMIT if limit is None else limit
+        if not 1 <= limit <= LIST_MAX:
+            raise HTTPError(400, "limit must be from 1 to %d" % LIST_MAX)
+        tasks = self.server.store.listing(
+            app and check_name("app", app), env and check_name("env", env), status,
+            self._count_field("before"), limit)
+        following = None
+        if len(tasks) == limit:
+            query = {name: value for name, value in (("app", app), ("env", env),
+                                                      ("status", status)) if value}
+            query.update(limit=limit, before=tasks[-1]["id"])
+            following = "/tasks?" + urllib.parse.urlencode(query)
+        self.send_json(200, {"tasks": tasks, "next": following})
+
+    def health(self):
+        self._allow_fields()
+        stopping = self.server.runner.stopping
+        self.send_json(503 if stopping else 200, {
+            "status": "stopping" if stopping else "ok",
+            "running": len(self.server.store.running()), "version": __version__})
+
+    def metrics(self):
+        self._allow_fields()
+        text = self.server.metrics.render(len(self.server.store.running()),
+                                          self.server.store.waiters)
+        self.send_bytes(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
+
     # -- request fields: from the query string and a form or JSON body, each name once
 
     def _allow_fields(self, *allowed):
@@ -901,11 +1303,17 @@ class RequestHandler(BaseHTTPRequestHandler):
                             % (name, " or ".join((name,) + aliases)))
         return values[0]
 
-    def _count_field(self, name):
+    def _single_field(self, name):
         values = self.fields.get(name, [])
         if len(values) > 1:
             raise HTTPError(400, "give %s once" % name)
-        return parse_count(name, values[0]) if values else None
+        if values and not isinstance(values[0], str):
+            raise HTTPError(400, "%s must be a string" % name)
+        return values[0] if values else None
+
+    def _count_field(self, name):
+        value = self._single_field(name)
+        return None if value is None else parse_count(name, value)
 
     def _absolute_url(self, path):
         scheme = "https" if self.server.tls else "http"
@@ -936,6 +1344,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._reader.deadline = None
         self.connection.settimeout(SEND_TIMEOUT)
         self.wfile.write(head if self.command == "HEAD" else head + body)
+        self.server.metrics.request_answered(status)
         self._log_request(status, len(body))
 
     def send_error(self, code, message=None, explain=None):
@@ -960,6 +1369,9 @@ class RequestHandler(BaseHTTPRequestHandler):
 # The route table: (path pattern, {method: handler}).  The first pattern that matches the path
 # decides; a method it does not list gets 405 with Allow.  /task/... is never an app name.
 ROUTES = (
+    (re.compile(r"/tasks"), {"GET": RequestHandler.list_tasks}),
+    (re.compile(r"/health"), {"GET": RequestHandler.health}),
+    (re.compile(r"/metrics"), {"GET": RequestHandler.metrics}),
     (re.compile(r"/task/(?P<task_id>[^/]*)"), {"GET": RequestHandler.read_task}),
     (re.compile(r"/task/(?P<task_id>[^/]*)/state"), {"GET": RequestHandler.poll_task}),
     (re.compile(r"/task/(?P<task_id>[^/]*)/kill"), {"GET": RequestHandler.kill_task,
@@ -1061,11 +1473,12 @@ class PulsarServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address, store, runner, tls=None, poll_timeout=POLL_TIMEOUT,
-                 request_timeout=REQUEST_TIMEOUT):
+                 request_timeout=REQUEST_TIMEOUT, metrics=None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.store = store
         self.runner = runner
+        self.metrics = metrics or Metrics()
         self.tls = tls
         self.poll_timeout = poll_timeout
         self.request_timeout = request_timeout
@@ -1105,6 +1518,9 @@ class Settings:
     poll_timeout: float = POLL_TIMEOUT
     kill_grace: float = KILL_GRACE
     request_timeout: float = REQUEST_TIMEOUT
+    db: str = ":memory:"
+    max_output: int = MAX_OUTPUT
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1122,6 +1538,13 @@ def positive_seconds(text):
     if not 0 < value < 1e6:
         raise argparse.ArgumentTypeError("must be more than 0 seconds, got %s" % text)
     return value
+
+
+def byte_count(text):
+    match = re.fullmatch(r"([0-9]{1,12})([KMG]?)(i?B)?", text.strip(), re.IGNORECASE)
+    if not match or int(match.group(1)) == 0:
+        raise argparse.ArgumentTypeError("%r is not a size in bytes (e.g. 32M)" % text)
+    return int(match.group(1)) * 1024 ** " KMG".index(match.group(2).upper() or " ")
 
 
 def port_number(text):
@@ -1170,6 +1593,15 @@ def build_parser():
     add("--request-timeout", type=positive_seconds, default=REQUEST_TIMEOUT, metavar="SECONDS",
         help="time allowed for a TLS handshake, and for a request from its first byte to its last; "
              "slower clients are dropped (default: %(default)g)")
+    add("--db", metavar="PATH",
+        help="SQLite file holding the task history (default: tasks.sqlite3 in the state folder "
+             "above); ':memory:' keeps nothing after a stop")
+    add("--max-output", type=byte_count, default=MAX_OUTPUT, metavar="BYTES",
+        help="output kept per task; beyond it the rest is dropped after a marker line "
+             "(default: %(default)d, 32 MiB; suffixes K, M, G)")
+    add("--shutdown-timeout", type=positive_seconds, default=SHUTDOWN_TIMEOUT, metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long to wait for running tasks before killing them "
+             "(default: %(default)g); a second signal stops at once")
     add("--version", action="version", version="%(prog)s " + __version__)
     return parser
 
@@ -1197,7 +1629,19 @@ def parse_args(argv):
                               options.config_branch),
         ssl_cert=options.ssl_cert, ssl_key=options.ssl_key, ssl_pfx=options.ssl_pfx,
         ssl_passphrase=passphrase, poll_timeout=options.poll_timeout,
-        kill_grace=options.kill_grace, request_timeout=options.request_timeout)
+        kill_grace=options.kill_grace, request_timeout=options.request_timeout,
+        db=options.db or default_db(), max_output=options.max_output,
+        shutdown_timeout=options.shutdown_timeout)
+
+
+def default_db():
+    folder = state_dir()
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError as error:
+        raise StartupError("cannot create %s for the task history (or give --db): %s"
+                           % (folder, error.strerror or error))
+    return os.path.join(folder, "tasks.sqlite3")
 
 
 def check_readable(flag, path):
@@ -1255,30 +1699,68 @@ def configure_logging(log_dir):
 def serve(settings):
     """Run the server until SIGTERM or SIGINT; the exit code."""
     tls, fingerprint = load_tls(settings) if settings.tls else (None, None)
-    store = TaskStore()
-    runner = TaskRunner(store, settings.command, settings.kill_grace)
+    history = TaskHistory(settings.db)
+    recover_lost_tasks(history, settings.kill_grace)
+    metrics = Metrics()
+    store = TaskStore(history, settings.max_output)
+    runner = TaskRunner(store, settings.command, settings.kill_grace, metrics=metrics)
     try:
         server = PulsarServer((settings.host, settings.port), store, runner, tls,
-                              settings.poll_timeout, settings.request_timeout)
+                              settings.poll_timeout, settings.request_timeout, metrics)
     except OSError as error:
         raise StartupError("cannot listen on %s:%d: %s" % (settings.host, settings.port,
                                                            error.strerror or error))
-    announce(settings, server, fingerprint)
-    stop = stop_signal_pipe()
-    accepting = threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL,),
-                                 name="accept", daemon=True)
-    accepting.start()
-    signum = wait_for_stop(stop)
-    logger.info("%s: stopping; killing %d running task(s)", signal.Signals(signum).name,
-                len(store.running()))
+    announce(settings, server, fingerprint, history)
+    signals = StopSignals()
+    threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL,), name="accept",
+                     daemon=True).start()
+    stopped = threading.Event()
+    threading.Thread(target=persist_periodically, args=(store, stopped), name="persist",
+                     daemon=True).start()
+    stop_gracefully(signals.wait(), signals, store, runner, settings.shutdown_timeout)
     server.shutdown()
-    runner.stop_all()
+    stopped.set()
+    store.persist()
+    history.close()
     server.server_close()
     logger.info("stopped")
     return 0
 
 
-def announce(settings, server, fingerprint):
+def stop_gracefully(signum, signals, store, runner, timeout):
+    """Refuse new tasks, let running ones finish (reads and polls still answered), then kill
+    what is left; a second signal skips the wait."""
+    runner.refuse_new()
+    running = len(store.running())
+    logger.info("%s: stopping: new tasks are refused; waiting up to %g s for %d running task(s) "
+                "(a second signal stops at once)", signal.Signals(signum).name, timeout, running)
+    if running:
+        def note_when_idle():
+            store.wait_until_idle(timeout)
+            signals.note_drained()
+
+        threading.Thread(target=note_when_idle, name="drain", daemon=True).start()
+        again = signals.wait()
+        if again != StopSignals.DRAINED:
+            logger.info("%s again: stopping at once", signal.Signals(again).name)
+    left = store.running()
+    if left:
+        logger.info("killing %d task(s) still running: %s", len(left),
+                    ", ".join(str(task.id) for task in left))
+    runner.stop_all()
+
+
+def persist_periodically(store, stopped):
+    """Write running tasks' new output to the history every PERSIST_EVERY seconds, so that a
+    server that dies loses at most that much."""
+    while not stopped.wait(PERSIST_EVERY):
+        try:
+            store.persist()
+        except sqlite3.Error as error:
+            logger.error("cannot write the task history: %s", error)
+
+
+def announce(settings, server, fingerprint, history):
     host, port = server.server_address[:2]
     scheme = "https" if settings.tls else "http"
     shown = "[%s]" % host if ":" in host else host
@@ -1291,6 +1773,8 @@ def announce(settings, server, fingerprint):
     else:
         logger.warning("TLS IS OFF (--no-ssl): requests and answers travel in clear text; use "
                        "this only behind a TLS-terminating proxy")
+    logger.info("task history: %s", history.path if history.path != ":memory:" else
+                "in memory only (--db :memory:): nothing is kept after a stop")
     argv = settings.command.argv("APP", "ENV", "ACTION")
     logger.info("tasks run: %s", " ".join(argv))
     if shutil.which(settings.command.binary) is None:
@@ -1298,21 +1782,28 @@ def announce(settings, server, fingerprint):
                        "(try --pulsar-bin echo)", settings.command.binary)
 
 
-def stop_signal_pipe():
-    """A pipe that SIGTERM and SIGINT write to; the main thread blocks reading it."""
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-    signal.set_wakeup_fd(write_end)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: None)      # the wakeup fd does the work
-    return read_end
+class StopSignals:
+    """SIGTERM and SIGINT as bytes in a pipe that the main thread reads, so that no Python code
+    runs inside a signal handler; other threads may write DRAINED to it too."""
 
+    DRAINED = 0
 
-def wait_for_stop(read_end):
-    while True:
-        data = os.read(read_end, 1)
-        if data and data[0] in (signal.SIGTERM, signal.SIGINT):
-            return data[0]
+    def __init__(self):
+        self._read_end, self._write_end = os.pipe()
+        os.set_blocking(self._write_end, False)
+        signal.set_wakeup_fd(self._write_end)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: None)      # the wakeup fd does the work
+
+    def wait(self):
+        """The next signal number, or DRAINED."""
+        while True:
+            data = os.read(self._read_end, 1)
+            if data and data[0] in (signal.SIGTERM, signal.SIGINT, self.DRAINED):
+                return data[0]
+
+    def note_drained(self):
+        os.write(self._write_end, bytes([self.DRAINED]))
 
 
 def main(argv=None):

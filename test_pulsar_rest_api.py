@@ -320,7 +320,8 @@ class Server:
         self.console_path = workdir / "console.txt"
         command = [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
                    "--pulsar-bin", str(pulsar_bin or fake.path),
-                   "--log-dir", str(workdir / "log")] + [str(arg) for arg in args]
+                   "--log-dir", str(workdir / "log"), "--db", str(workdir / "tasks.sqlite3"),
+                   "--shutdown-timeout", "1"] + [str(arg) for arg in args]
         full_env = dict(os.environ, FAKE_DIR=str(fake.dir))
         full_env.update(env or {})
         with open(str(self.console_path), "wb") as console:
@@ -628,7 +629,8 @@ def tls_files(tmp_path_factory):
 def run_cli(tmp_path, fake, args, env=None, script=SCRIPT):
     """Run the server's command line expected to end by itself; return the CompletedProcess."""
     command = [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
-               "--pulsar-bin", str(fake.path), "--log-dir", str(tmp_path / "cli-log")]
+               "--pulsar-bin", str(fake.path), "--log-dir", str(tmp_path / "cli-log"),
+               "--db", str(tmp_path / "cli.sqlite3")]
     full_env = dict(os.environ, FAKE_DIR=str(fake.dir))
     full_env.update(env or {})
     try:
