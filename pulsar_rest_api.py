@@ -17,12 +17,17 @@ Endpoints (JSON everywhere; every error is {"error": "..."}):
   GET  /task/:id/state      long poll -> 200 {"changed": true, "task": {...}} or {"changed": false}
                             after the poll timeout.  ?version=V and ?offset=N: see "Following" below.
   GET|POST /task/:id/kill   -> 200 the task once its process group is gone; 409 if it already ended
+  GET  /tasks               -> 200 {"tasks": [...], "next": path or null}: newest first, without
+                            output; ?app= &env= &status= &limit= (50, max 500) &before=ID
+  GET  /health              -> 200 {"status": "ok", "running": N, "version": "..."}; 503 "stopping"
+  GET  /metrics             -> 200 Prometheus text: tasks, durations, requests, waiters, connections
   anything else             404 unknown path, 405 (with Allow) wrong method, 404 unknown task
 
   A task: {"id", "app", "env", "action", "status", "exitCode", "pid", "createdAt", "finishedAt",
            "version", "outputOffset", "outputLength", "output"}
   status: running | finished (exit 0) | failed (non-zero exit, a signal, or pulsar could not start:
-  the output says why) | killed.  exitCode is null while running and when a signal ended pulsar.
+  the output says why) | killed | lost (the server stopped while it ran: its end is unknown).
+  exitCode is null while running and when a signal ended pulsar.
   Times are ISO 8601 UTC.  version goes up by one on every change (new output, new status).
 
 Following a task without missing anything: keep the last `version` and `outputLength` you saw and
@@ -31,8 +36,13 @@ them (or has ended), otherwise when it next changes; its `output` then holds onl
 from N on.  Start with version=0&offset=0, stop when status is no longer `running`.
 
 Threading: ThreadingHTTPServer gives each connection a thread, which does its own TLS handshake.
-TaskStore's Condition guards every task; changes notify_all, long polls wait_for a predicate.
-Each task has two threads: one reads its output pipe, one waits for pulsar and ends its group.
+TaskStore's Condition guards every running task; changes notify_all, long polls wait_for a
+predicate.  Each task has two threads: one reads its output pipe, one waits for pulsar and ends
+its group.  A persist thread writes new output to SQLite every second; ended tasks live only there.
+
+History: tasks and their output are kept in SQLite (--db).  A task found running when the server
+starts (the server died during it) is marked lost, and its process group is killed if it still
+runs, since nobody can follow it any more.  Tasks are never re-queued after a restart.
 
 Security: every name is checked against a strict pattern before anything runs (pulsar 1.x passes
 the action through a shell; pulsar 0.3 expands globs in app names); the Capistrano tasks `shell`
