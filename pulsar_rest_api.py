@@ -209,8 +209,8 @@ class Output:
         size = len(text.encode("utf-8"))
         if self.limit is not None and self.size + size > self.limit:
             kept = text.encode("utf-8")[:self.limit - self.size].decode("utf-8", "ignore")
-            text = kept + ("" if kept.endswith("\n") or not kept else "\n") + (
-                OUTPUT_DROPPED % self.limit)
+            last = kept[-1:] or (self._chunks[-1][-1:] if self._chunks else "\n")
+            text = kept + ("" if last == "\n" else "\n") + OUTPUT_DROPPED % self.limit
             self.full = True
         if self._chunks and len(self._chunks[-1]) + len(text) <= OUTPUT_CHUNK:
             self._chunks[-1] += text
@@ -223,10 +223,17 @@ class Output:
 
     def since(self, offset):
         """The text from character `offset` to the end."""
+        return "".join(text for _, text in self.pieces_since(offset))
+
+    def pieces_since(self, offset):
+        """(start, text) pieces from character `offset` to the end, without joining them."""
         if offset >= self.length:
-            return ""
+            return []
         first = self._chunk_index(offset)
-        return "".join(self._chunks[first:])[offset - self._starts[first]:]
+        pieces = list(zip(self._starts[first:], self._chunks[first:]))
+        start, text = pieces[0]
+        pieces[0] = (offset, text[offset - start:])
+        return pieces
 
     def _chunk_index(self, offset):
         low, high = 0, len(self._starts) - 1
@@ -429,7 +436,7 @@ class TaskStore:
         with self._persisting:
             with self._changed:
                 tasks = [task] if task is not None else list(self._tasks.values())
-                changes = [(task.record(), task.persisted, task.output.since(task.persisted))
+                changes = [(task.record(), task.output.pieces_since(task.persisted))
                            for task in tasks]
                 for task in tasks:
                     task.persisted = task.output.length
@@ -497,12 +504,11 @@ class TaskHistory:
             return cursor.lastrowid
 
     def save(self, changes):
-        """Write (Task.record(), start, new text) for each changed task, in one transaction."""
+        """Write (Task.record(), new output pieces) for each changed task, in one transaction."""
         with self._transaction():
-            for record, start, text in changes:
-                if text:
-                    self._db.execute("INSERT INTO output (task_id, start, text) VALUES (?, ?, ?)",
-                                     (record[-1], start, text))
+            for record, pieces in changes:
+                self._db.executemany("INSERT INTO output (task_id, start, text) VALUES (?, ?, ?)",
+                                     [(record[-1], start, text) for start, text in pieces])
                 self._db.execute(
                     "UPDATE tasks SET status = ?, exit_code = ?, pid = ?, process_start = ?, "
                     "finished_at = ?, version = ?, output_length = ? WHERE id = ?", record)
@@ -759,7 +765,7 @@ def recover_lost_tasks(history, kill_grace):
         task.output.append("\n[pulsar-rest-api: %s]\n" % note)
         task.status, task.finished_at = LOST, time.time()
         task.version += 1
-        history.save([(task.record(), task.persisted, task.output.since(task.persisted))])
+        history.save([(task.record(), task.output.pieces_since(task.persisted))])
         logger.warning("task %d (%s %s %s) is lost: %s", task.id, task.app, task.env, task.action,
                        note)
 
@@ -1353,7 +1359,13 @@ class RequestHandler(BaseHTTPRequestHandler):
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self._reader.deadline = None
         self.connection.settimeout(SEND_TIMEOUT)
-        self.wfile.write(head if self.command == "HEAD" else head + body)
+        if self.command == "HEAD":
+            self.wfile.write(head)
+        elif len(body) > READ_SIZE:     # a long output: no extra copy just to join the two
+            self.wfile.write(head)
+            self.wfile.write(body)
+        else:
+            self.wfile.write(head + body)
         self.server.metrics.request_answered(status)
         self._log_request(status, len(body))
 
