@@ -400,8 +400,9 @@ class TaskStore:
         """Task summaries, newest first; live tasks as they are now, the rest from the history."""
         rows = self._history.summaries(app, env, status, before, limit)
         with self._changed:
-            return [self._tasks[row.id].summary() if row.id in self._tasks else row.summary()
-                    for row in rows]
+            tasks = [self._tasks.get(row.id, row).summary() for row in rows]
+        # A task that has just ended may still be running on disk: filter its live state.
+        return [task for task in tasks if status is None or task["status"] == status]
 
     def add_output(self, task, text):
         with self._changed:
@@ -481,12 +482,12 @@ class TaskHistory:
             if path != ":memory:" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
                 raise StartupError("--db: the folder of %s does not exist" % path)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, self.SCHEMA_VERSION):
                 raise StartupError("--db: %s holds schema version %d; this server knows %d"
                                    % (path, version, self.SCHEMA_VERSION))
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(self.SCHEMA)
             self._db.execute("PRAGMA user_version = %d" % self.SCHEMA_VERSION)
             self._db.execute("SELECT count(*) FROM tasks").fetchone()
@@ -1277,9 +1278,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         limit = LIST_LIMIT if limit is None else limit
         if not 1 <= limit <= LIST_MAX:
             raise HTTPError(400, "limit must be from 1 to %d" % LIST_MAX)
-        tasks = self.server.store.listing(
-            app and check_name("app", app), env and check_name("env", env), status,
-            self._count_field("before"), limit)
+        for kind, name in (("app", app), ("env", env)):
+            if name is not None:
+                check_name(kind, name)
+        tasks = self.server.store.listing(app, env, status, self._count_field("before"), limit)
         following = None
         if len(tasks) == limit:
             query = {name: value for name, value in (("app", app), ("env", env),

@@ -9,11 +9,15 @@ server's own long polls; nothing sleeps to synchronise.
 One shared server (module scope, --kill-grace 0.5) serves the plain API tests, each with its own
 app and env names; tests of a flag start a server of their own.  After each test no process may be
 left that mentions the test's directories, and every server must exit 0 on SIGTERM without a
-traceback in its log or on its console.
+traceback in its log or on its console (unless the test crashed it on purpose with SIGKILL).
+
+Tests of the task history start a second server on the first one's --db; the SQLite file is read
+directly (read-only) only to learn when output has reached the disk.
 
 Run: python3 -m pytest -q
 """
 
+import contextlib
 import datetime
 import hashlib
 import http.client
@@ -23,6 +27,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import stat
 import subprocess
@@ -58,6 +63,14 @@ ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z")
 TASK_KEYS = {"id", "app", "env", "action", "status", "exitCode", "pid", "createdAt", "finishedAt",
              "version", "outputOffset", "outputLength", "output"}
 CLI_ERROR_PREFIX = "pulsar_rest_api.py: error:"
+SUMMARY_KEYS = TASK_KEYS - {"output", "outputOffset"}    # an item of GET /tasks
+LOST_NOTE = "the server stopped while this task ran"
+DROPPED = "[pulsar-rest-api: the output passed %d bytes; the rest is dropped]\n"
+VERSION_LINE = re.compile(r"pulsar-rest-api (\S+) listening on ")
+# What the fake prints for its steps `unicode` and `flood-N` (see FAKE_PULSAR).
+UNICODE_LINE = "z\u00fcrich \u20ac \U0001f600 \u65e5\u672c\n"   # 2-, 3- and 4-byte characters
+FLOOD_LINE = "%06d " + "\u00fc" * 500 + "\n"                    # 1008 UTF-8 bytes
+FLOOD_LINES = 1040                                             # lines per block, about 1 MiB
 
 
 # --- Small helpers ----------------------------------------------------------------------------
@@ -163,6 +176,9 @@ Steps are separated by '.', a step's argument follows '-':
   hang                  sleep forever
   utf8split             "a\u20acb\n" with the euro sign split across two writes 0.3 s apart
   badbytes              b"ok \xff\xfe end\n"
+  unicode               "z\u00fcrich \u20ac \U0001f600 \u65e5\u672c\n"
+  flood-N               N blocks of 1040 lines "%06d " + 500 x "\u00fc" (1008 bytes a line, about
+                        1 MiB a block), one write per block
   exit-N                exit with status N
   signal-N              send itself signal N
   anything else         print argv as JSON
@@ -231,6 +247,13 @@ def run(action):
             emit(OUT, b"\xacb\n")
         elif name == "badbytes":
             emit(OUT, b"ok \xff\xfe end\n")
+        elif name == "unicode":
+            emit(OUT, "z\u00fcrich \u20ac \U0001f600 \u65e5\u672c\n")
+        elif name == "flood":
+            block = "".join("%06d " % i + "\u00fc" * 500 + "\n" for i in range(1040)).encode()
+            for _ in range(int(arg)):
+                OUT.write(block)
+            OUT.flush()
         elif name == "exit":
             sys.exit(int(arg))
         elif name == "signal":
@@ -340,6 +363,7 @@ class Server:
             raise
         self.scheme, self.port = match.group(1), int(match.group(2))
         self.context = ssl.create_default_context(cafile=str(DEV_CERT))
+        self.crashed = False
 
     def log(self):
         try:
@@ -364,6 +388,29 @@ class Server:
             self.proc.wait()
             raise AssertionError("server still running %s s after %s" % (TIMEOUT, sig))
 
+    def wait_exit(self, timeout=TIMEOUT):
+        """The exit status once the server ends by itself; fail (killing it) after timeout."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("server still running after %s s" % timeout)
+
+    def crash(self):
+        """SIGKILL the server, as a crash or the OOM killer would; its tasks keep running."""
+        self.proc.kill()
+        self.proc.wait(timeout=TIMEOUT)
+        self.crashed = True
+
+    def peak_rss_mib(self):
+        """The server's peak resident memory so far (VmHWM), in MiB."""
+        with open("/proc/%d/status" % self.proc.pid) as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        raise AssertionError("no VmHWM in /proc/%d/status" % self.proc.pid)
+
     def stop_cleanly(self):
         """Stop with SIGTERM; it must exit 0 and no traceback may be in its log or console."""
         status = self.stop()
@@ -378,7 +425,8 @@ class Server:
 class Reply:
     """A complete HTTP response: status, headers and body."""
 
-    def __init__(self, response, body):
+    def __init__(self, response, body, local_port=None):
+        self.local_port = local_port    # the client's port, as the server logs it
         self.status = response.status
         self.headers = response.msg
         self.body = body
@@ -434,8 +482,9 @@ class Client:
                 conn.endheaders(b"%X\r\n%s\r\n0\r\n\r\n" % (len(body), body))
             else:
                 conn.request(method, path, body=body, headers=headers)
+            local_port = conn.sock.getsockname()[1]
             response = conn.getresponse()
-            return Reply(response, response.read())
+            return Reply(response, response.read(), local_port)
         finally:
             conn.close()
 
@@ -475,6 +524,43 @@ class Client:
 
     def wait_ended(self, task_id):
         return self.wait_for(task_id, lambda task: task["status"] != "running", "its end")
+
+    def follow(self, task_id, timeout=TIMEOUT):
+        """Follow the task to its end as a client should, receiving only new output each time;
+        (its last state, the whole output)."""
+        deadline = time.monotonic() + timeout
+        version, offset, pieces = 0, 0, []
+        while True:
+            reply = self.get("/task/%d/state?version=%d&offset=%d" % (task_id, version, offset))
+            assert reply.status == 200, reply
+            if reply.json["changed"]:
+                task = reply.json["task"]
+                pieces.append(task["output"])
+                version, offset = task["version"], task["outputLength"]
+                if task["status"] != "running":
+                    return task, "".join(pieces)
+            assert time.monotonic() < deadline, "timed out following task %d" % task_id
+
+    def listing(self, query=""):
+        """GET /tasks?query, which must answer 200; its JSON."""
+        reply = self.get("/tasks" + ("?" + query if query else ""))
+        assert reply.status == 200, reply
+        return reply.json
+
+    def listed_ids(self, query=""):
+        return [task["id"] for task in self.listing(query)["tasks"]]
+
+    def metrics(self):
+        """GET /metrics parsed: {"name{labels}": value}."""
+        reply = self.get("/metrics")
+        assert reply.status == 200, reply
+        assert reply.headers["Content-Type"].startswith("text/plain"), reply.headers
+        values = {}
+        for line in reply.body.decode("utf-8").splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
 
     def wait_output(self, task_id, text):
         return self.wait_for(task_id, lambda task: text in task["output"], "output %r" % text)
@@ -581,6 +667,8 @@ def start_server(tmp_path, fake):
     fake.close_gates()
     problems = []
     for server in servers:
+        if server.crashed:
+            continue
         try:
             server.stop_cleanly()
         except AssertionError as error:
@@ -639,6 +727,31 @@ def run_cli(tmp_path, fake, args, env=None, script=SCRIPT):
                               text=True, timeout=5)
     except subprocess.TimeoutExpired:
         raise AssertionError("%s did not exit within 5 s (did it start serving?)" % (args,))
+
+
+def stored_output_length(db, task_id):
+    """The output_length the server has written to its SQLite file for a task (read-only)."""
+    uri = "file:%s?mode=ro" % urllib.parse.quote(str(db))
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+        row = conn.execute("SELECT output_length FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    return None if row is None else row[0]
+
+
+def health_once_stopping(client):
+    """The /health reply if it answers 503, else None: a predicate for wait_until."""
+    reply = client.get("/health")
+    return reply if reply.status == 503 else None
+
+
+def log_lines(server, pattern):
+    """Lines of the server's log in which the regular expression pattern is found."""
+    return [line for line in server.log().splitlines() if re.search(pattern, line)]
+
+
+def logged_version(server):
+    match = VERSION_LINE.search(server.log())
+    assert match, server.log()
+    return match.group(1)
 
 
 # --- Creating tasks ---------------------------------------------------------------------------
@@ -1316,23 +1429,455 @@ def test_port_probe_is_logged_as_one_line_without_traceback(start_server):
     assert_json_error(still_serving, 404)
 
 
+# --- Task history across restarts -------------------------------------------------------------
+
+def test_history_survives_a_restart_character_for_character_and_ids_go_on(start_server,
+                                                                           tmp_path):
+    db = tmp_path / "history.sqlite3"
+    first = start_server("--db", db)
+    client = first.client()
+    app = unique("app")
+    finished = client.create(app, "prod", "unicode.badbytes.chatty-1200")
+    failed = client.create(app, "prod", "out-2.exit-3")
+    killed = client.create(app, "prod", "out-1.hang")
+    client.wait_output(killed, "out 1\n")
+    kill = client.kill(killed)
+    client.wait_ended(finished)
+    client.wait_ended(failed)
+    before = {task_id: client.task(task_id) for task_id in (finished, failed, killed)}
+    first.stop_cleanly()
+
+    second = start_server("--db", db)
+    client = second.client()
+    after = {task_id: client.task(task_id) for task_id in (finished, failed, killed)}
+    full = after[finished]["output"]
+    offsets = [0, 1, 2, 7, 8, 9, 10, 11, 13, 14, 17, 21, len(full) - 1, len(full)]
+    tails = {offset: client.task(finished, offset) for offset in offsets}
+    beyond = client.get("/task/%d?offset=%d" % (finished, len(full) + 1))
+    listed = client.listing("app=" + app)["tasks"]
+    next_id = client.create(app, "prod", "out-1")
+    client.wait_ended(next_id)
+
+    assert kill.status == 200, kill
+    assert after == before
+    assert [after[task_id]["status"] for task_id in (finished, failed, killed)] == [
+        "finished", "failed", "killed"]
+    assert [after[task_id]["exitCode"] for task_id in (finished, failed, killed)] == [0, 3, None]
+    assert full == (UNICODE_LINE + "ok \ufffd\ufffd end\n"
+                    + "".join("step 2 line %05d\n" % i for i in range(1, 1201)))
+    assert after[failed]["output"] == "out 1\nout 2\n"
+    assert after[killed]["output"] == "out 1\n"
+    for offset, tail in tails.items():
+        assert (tail["outputOffset"], tail["outputLength"]) == (offset, len(full)), offset
+        assert tail["output"] == full[offset:], offset
+    assert_json_error(beyond, 400)
+    assert [task["id"] for task in listed] == [killed, failed, finished]
+    for task in listed:
+        expected = dict(after[task["id"]])
+        del expected["output"], expected["outputOffset"]
+        assert task == expected
+    assert next_id == killed + 1
+
+
+def test_task_running_when_the_server_is_killed_is_lost_and_its_processes_ended_at_restart(
+        start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    first = start_server("--db", db)
+    client = first.client()
+    name = unique("tree")
+    task_id = client.create(unique("app"), "prod", "unicode.out-1.child-" + name)
+    printed = UNICODE_LINE + "out 1\nchild %s\n" % name
+    client.wait_output(task_id, "child %s\n" % name)
+    pids = fake.pids(name)
+    wait_until(lambda: stored_output_length(db, task_id) == len(printed),
+               what="the output printed so far to reach the history file")
+
+    first.crash()
+    running_after_crash = {role: not is_gone(pid) for role, pid in pids.items()}
+    second = start_server("--db", db)
+    gone_after_restart = {role: is_gone(pid) for role, pid in pids.items()}
+    client = second.client()
+    task = client.task(task_id)
+    output = task["output"]
+    tails = {offset: client.task(task_id, offset)["output"]
+             for offset in [0, 5] + list(range(len(printed) - 2, len(printed) + 3))}
+    warnings = log_lines(second, r"WARNING .*task %d\b" % task_id)
+
+    assert running_after_crash == {"fake": True, "child": True}
+    assert gone_after_restart == {"fake": True, "child": True}
+    assert (task["status"], task["exitCode"]) == ("lost", None)
+    parse_utc(task["finishedAt"])
+    assert output.startswith(printed)
+    assert output.endswith("\n")
+    assert LOST_NOTE in output.splitlines()[-1]
+    assert LOST_NOTE not in output[:len(printed)]
+    for offset, tail in tails.items():
+        assert tail == output[offset:], offset
+    assert len(warnings) == 1 and "lost" in warnings[0], second.log()
+    second.assert_no_traceback()
+
+
+def test_task_found_queued_at_start_is_marked_lost_and_never_run(start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    start_server("--db", db).stop_cleanly()
+    app = unique("app")
+    with contextlib.closing(sqlite3.connect(str(db))) as conn:
+        with conn:
+            queued = conn.execute(
+                "INSERT INTO tasks (app, env, action, status, exit_code, pid, process_start, "
+                "created_at, finished_at, started_by, version, output_length) "
+                "VALUES (?, 'prod', 'deploy', 'queued', NULL, NULL, NULL, ?, NULL, "
+                "'127.0.0.1:40000', 1, 0)", (app, time.time())).lastrowid
+
+    server = start_server("--db", db)
+    client = server.client()
+    task = client.task(queued)
+    listed = client.listed_ids("status=lost")
+    running = client.listed_ids("status=running")
+    next_id = client.create(unique("app"), "prod", "out-1")
+    client.wait_ended(next_id)
+
+    assert (task["status"], task["exitCode"], task["pid"]) == ("lost", None, None)
+    parse_utc(task["finishedAt"])
+    assert task["version"] > 1
+    assert (listed, running) == ([queued], [])
+    assert [run for run in fake.invocations() if app in run["argv"]] == []
+    assert next_id == queued + 1
+    assert len(log_lines(server, r"WARNING .*task %d\b" % queued)) == 1, server.log()
+
+
+def test_memory_db_serves_tasks_and_the_log_says_nothing_is_kept(start_server):
+    server = start_server("--db", ":memory:")
+    client = server.client()
+
+    task = client.wait_ended(client.create(unique("app"), "prod", "out-1"))
+    read_again = client.task(task["id"])
+    listed = client.listed_ids()
+
+    assert (task["status"], task["output"]) == ("finished", "out 1\n")
+    assert read_again == task
+    assert listed == [task["id"]]
+    notes = log_lines(server, r"nothing is kept")
+    assert len(notes) == 1 and ":memory:" in notes[0], server.log()
+    assert sorted(path.name for path in server.workdir.iterdir()) == ["console.txt", "log"]
+
+
+# --- Output limit and memory ------------------------------------------------------------------
+
+def test_output_past_max_output_is_dropped_after_a_marker_and_the_task_runs_to_its_end(
+        start_server):
+    client = start_server("--max-output", "64K").client()
+    task_id = client.create(unique("app"), "prod", "flood-4.out-1")
+
+    last, followed = client.follow(task_id)
+    task = client.task(task_id)
+    output = task["output"]
+    marker = DROPPED % 65536
+    kept = output[:-len(marker)]
+    flood = "".join(FLOOD_LINE % i for i in range(FLOOD_LINES))
+
+    assert (task["status"], task["exitCode"]) == ("finished", 0)
+    assert followed == output
+    assert output.endswith("\n" + marker)
+    assert 65536 - 4 <= len(kept.encode("utf-8")) <= 65536
+    assert flood.startswith(kept[:-1])     # kept[-1] is the newline that ends it before the marker
+    assert "\ufffd" not in output
+    assert task["outputLength"] == len(output)
+
+
+def test_server_memory_stays_bounded_while_a_task_prints_512_mib(start_server, record_property):
+    limit_mib, slack_mib = 32, 100    # the default --max-output, and what the server may add
+    server = start_server()
+    client = server.client()
+    idle = server.peak_rss_mib()
+    task_id = client.create(unique("app"), "prod", "flood-512")
+
+    last, followed = client.follow(task_id, timeout=60)
+    peak = server.peak_rss_mib()      # printed, kept, written to the history, followed
+    marker = DROPPED % (limit_mib * 1024 * 1024)
+    tail = client.task(task_id, offset=last["outputLength"] - len(marker))
+    client.task(task_id)              # the whole kept output in one answer: reported, not bounded
+    peak_after_full_read = server.peak_rss_mib()
+    record_property("server_peak_rss_mib", round(peak, 1))
+    record_property("server_peak_rss_mib_after_full_read", round(peak_after_full_read, 1))
+    print("\nserver peak RSS (VmHWM), default --max-output %d MiB, a task printing 512 MiB: "
+          "%.1f MiB idle, %.1f MiB once it ended, %.1f MiB after one GET of the whole task"
+          % (limit_mib, idle, peak, peak_after_full_read))
+
+    assert (last["status"], last["exitCode"]) == ("finished", 0)
+    assert tail["output"] == marker
+    assert len(followed.encode("utf-8")) - len(marker) <= limit_mib * 1024 * 1024
+    assert peak < limit_mib + slack_mib, "peak RSS %.1f MiB" % peak
+
+
+# --- Listing tasks ----------------------------------------------------------------------------
+
+def test_task_list_is_newest_first_without_output_and_filters_by_app_env_and_status(api,
+                                                                                  shared_fake):
+    app, env_x, env_y = unique("app"), unique("env"), unique("env")
+    first = api.create(app, env_x, "out-1")
+    failed = api.create(app, env_x, "out-1.exit-3")
+    other_env = api.create(app, env_y, "out-1")
+    for task_id in (first, failed, other_env):
+        api.wait_ended(task_id)
+    gate = shared_fake.gate()
+    running = api.create(app, env_x, "gate-" + gate.name)
+    api.wait_output(running, "gate %s\n" % gate.name)
+
+    everything = api.listing("app=" + app)
+    by_env = api.listed_ids("env=" + env_x)
+    by_app_and_env = api.listed_ids("app=%s&env=%s" % (app, env_y))
+    by_status = {status: api.listed_ids("app=%s&status=%s" % (app, status))
+                 for status in ("running", "finished", "failed", "killed", "lost")}
+    finished_in_x = api.listed_ids("app=%s&env=%s&status=finished" % (app, env_x))
+    other_app = api.listing("app=" + unique("app"))
+    gate.release()
+    api.wait_ended(running)
+    ended = api.task(failed)
+
+    assert [task["id"] for task in everything["tasks"]] == [running, other_env, failed, first]
+    assert everything["next"] is None
+    for task in everything["tasks"]:
+        assert set(task) == SUMMARY_KEYS, task
+    live = everything["tasks"][0]
+    assert (live["status"], live["exitCode"], live["finishedAt"]) == ("running", None, None)
+    assert live["outputLength"] == len("gate %s\n" % gate.name)
+    del ended["output"], ended["outputOffset"]
+    assert everything["tasks"][2] == ended
+    assert by_env == [running, failed, first]
+    assert by_app_and_env == [other_env]
+    assert by_status == {"running": [running], "finished": [other_env, first], "failed": [failed],
+                         "killed": [], "lost": []}
+    assert finished_in_x == [first]
+    assert other_app == {"tasks": [], "next": None}
+
+
+def test_task_list_pages_follow_the_next_link_until_it_is_null(api):
+    app, env = unique("app"), unique("env")
+    ids = [api.create(app, env, "out-1") for _ in range(5)]
+    for task_id in ids:
+        api.wait_ended(task_id)
+
+    pages, query = [], "app=%s&limit=2" % app
+    while query is not None and len(pages) < 10:
+        page = api.listing(query)
+        pages.append(page)
+        query = page["next"] and urllib.parse.urlsplit(page["next"]).query
+    before = api.listed_ids("app=%s&before=%d" % (app, ids[2]))
+
+    newest_first = ids[::-1]
+    assert [[task["id"] for task in page["tasks"]] for page in pages] == [
+        newest_first[0:2], newest_first[2:4], newest_first[4:]]
+    for page, last in zip(pages[:2], (ids[3], ids[1])):
+        assert page["next"].startswith("/tasks?"), page["next"]
+        assert urllib.parse.parse_qs(urllib.parse.urlsplit(page["next"]).query) == {
+            "app": [app], "limit": ["2"], "before": [str(last)]}
+    assert pages[-1]["next"] is None
+    assert before == [ids[1], ids[0]]
+
+
+def test_task_list_holds_50_by_default_and_up_to_500_when_asked(start_server, tmp_path):
+    client = start_server(pulsar_bin=tmp_path / "no-such-dir" / "pulsar").client()
+    ids = []
+    conn = client.connection()      # tasks that fail at once: 51 of them cost no process
+    try:
+        for _ in range(51):
+            conn.request("POST", "/app/prod?action=deploy")
+            response = conn.getresponse()
+            assert response.status == 200
+            ids.append(json.loads(response.read().decode())["taskId"])
+    finally:
+        conn.close()
+
+    default = client.listing()
+    most = client.listing("limit=500")
+    one = client.listing("limit=1")
+
+    newest_first = ids[::-1]
+    assert [task["id"] for task in default["tasks"]] == newest_first[:50]
+    assert urllib.parse.parse_qs(urllib.parse.urlsplit(default["next"]).query) == {
+        "limit": ["50"], "before": [str(newest_first[49])]}
+    assert [task["id"] for task in most["tasks"]] == newest_first
+    assert most["next"] is None
+    assert [task["id"] for task in one["tasks"]] == newest_first[:1]
+    assert {task["status"] for task in most["tasks"]} == {"failed"}
+
+
+@pytest.mark.parametrize("query", [
+    "limit=501", "limit=0", "limit=-1", "limit=x", "limit=1.5", "status=done", "status=Running",
+    "before=x", "before=-3", "app=..", "app=", "env=a%2Fb", "sort=id", "limit=5&limit=6", "output=1"])
+def test_task_list_rejects_bad_limit_status_or_unknown_parameter(api, query):
+    assert_json_error(api.get("/tasks?" + query), 400)
+
+
+# --- Health and metrics -----------------------------------------------------------------------
+
+def test_health_says_ok_with_the_running_count_and_version(start_server, fake):
+    server = start_server()
+    client = server.client()
+    gate = fake.gate()
+
+    idle = client.get("/health")
+    task_id = client.create(unique("app"), "prod", "gate-" + gate.name)
+    client.wait_output(task_id, "gate %s\n" % gate.name)
+    busy = client.get("/health")
+    gate.release()
+    client.wait_ended(task_id)
+    done = client.get("/health")
+    with_parameter = client.get("/health?verbose=1")
+    posted = client.request("POST", "/health")
+
+    version = logged_version(server)
+    assert (idle.status, busy.status, done.status) == (200, 200, 200)
+    assert idle.headers["Content-Type"].startswith("application/json")
+    assert idle.json == {"status": "ok", "running": 0, "version": version}
+    assert busy.json == {"status": "ok", "running": 1, "version": version}
+    assert done.json == idle.json
+    assert_json_error(with_parameter, 400)
+    assert_json_error(posted, 405)
+
+
+TASKS_STARTED = "pulsar_rest_api_tasks_started_total"
+TASKS_FINISHED = 'pulsar_rest_api_tasks_finished_total{status="finished"}'
+TASKS_FAILED = 'pulsar_rest_api_tasks_finished_total{status="failed"}'
+TASKS_RUNNING = "pulsar_rest_api_tasks_running"
+DURATION_ALL = 'pulsar_rest_api_task_duration_seconds_bucket{le="+Inf"}'
+DURATION_COUNT = "pulsar_rest_api_task_duration_seconds_count"
+REQUESTS_200 = 'pulsar_rest_api_http_requests_total{code="200"}'
+REQUESTS_404 = 'pulsar_rest_api_http_requests_total{code="404"}'
+WAITERS = "pulsar_rest_api_long_poll_waiters"
+CONNECTIONS = "pulsar_rest_api_open_connections"
+
+
+def metrics_when(client, condition):
+    """The metrics if condition(metrics) holds, else None: a predicate for wait_until."""
+    values = client.metrics()
+    return values if condition(values) else None
+
+
+def test_metrics_follow_tasks_requests_long_polls_and_connections(start_server, fake):
+    client = start_server().client()
+    # Only the scrape's own connection is open once earlier ones have been closed.
+    idle = wait_until(lambda: metrics_when(client, lambda m: m[CONNECTIONS] == 1),
+                      what="one open connection")
+    gate = fake.gate()
+    task_id = client.create(unique("app"), "prod", "gate-%s.out-1" % gate.name)
+    now = client.wait_output(task_id, "gate %s\n" % gate.name)
+
+    poll = client.connection()
+    try:
+        poll.request("GET", "/task/%d/state?version=%d" % (task_id, now["version"]))
+        polling = wait_until(
+            lambda: metrics_when(client, lambda m: m[WAITERS] == 1 and m[CONNECTIONS] == 2),
+            what="the long poll to be counted")
+        gate.release()
+        answered = json.loads(poll.getresponse().read().decode())
+    finally:
+        poll.close()
+    client.wait_ended(task_id)
+    failed = client.wait_ended(client.create(unique("app"), "prod", "exit-3"))
+    missing = client.get("/task/99999")
+    # A task's end is counted just after it is announced to its watchers: wait for both counts.
+    done = wait_until(lambda: metrics_when(client, lambda m: (
+        m[WAITERS] == 0 and m[CONNECTIONS] == 1 and m.get(REQUESTS_404) == 1
+        and m[DURATION_COUNT] == 2)),
+        what="the poll and its connection to end, and both tasks to be counted")
+
+    assert (idle[TASKS_STARTED], idle[TASKS_RUNNING], idle[WAITERS]) == (0, 0, 0)
+    assert DURATION_COUNT in idle and TASKS_FINISHED not in idle
+    assert (polling[TASKS_STARTED], polling[TASKS_RUNNING]) == (1, 1)
+    assert answered["changed"] is True
+    assert failed["status"] == "failed"
+    assert_json_error(missing, 404)
+    assert (done[TASKS_STARTED], done[TASKS_RUNNING]) == (2, 0)
+    assert (done[TASKS_FINISHED], done[TASKS_FAILED]) == (1, 1)
+    assert (done[DURATION_ALL], done[DURATION_COUNT]) == (2, 2)
+    assert done[REQUESTS_200] > polling[REQUESTS_200] > idle.get(REQUESTS_200, 0)
+
+
 # --- Stopping the server ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("sig, action", [
-    (signal.SIGTERM, "child-"), (signal.SIGINT, "ignoreterm.child-")],
-    ids=["SIGTERM", "SIGINT-with-a-task-ignoring-SIGTERM"])
-def test_signal_stops_the_server_and_every_task_process(start_server, fake, sig, action):
-    server = start_server("--kill-grace", "0.5")
+def test_sigterm_lets_a_running_task_finish_while_reads_are_still_answered(start_server, fake,
+                                                                           tmp_path):
+    db = tmp_path / "history.sqlite3"
+    server = start_server("--db", db, "--shutdown-timeout", "30")
+    client = server.client()
+    gate = fake.gate()
+    app = unique("app")
+    task_id = client.create(app, "prod", "out-1.gate-%s.out-2" % gate.name)
+    before = client.wait_output(task_id, "gate %s\n" % gate.name)
+
+    server.proc.send_signal(signal.SIGTERM)
+    health = wait_until(lambda: health_once_stopping(client), what="/health to say stopping")
+    read = client.get("/task/%d" % task_id)
+    polled = client.get("/task/%d/state?version=0&offset=0" % task_id)
+    refused = client.request("POST", "/%s/prod?action=deploy" % app)
+    waited_for_the_task = server.proc.poll() is None
+    gate.release()
+    status = server.wait_exit()
+    after = start_server("--db", db).client().task(task_id)
+
+    assert health.json == {"status": "stopping", "running": 1, "version": logged_version(server)}
+    assert read.status == 200, read
+    assert (read.json["status"], read.json["output"]) == ("running", before["output"])
+    assert polled.status == 200, polled
+    assert polled.json["changed"] is True and polled.json["task"]["status"] == "running"
+    assert_json_error(refused, 503)
+    assert waited_for_the_task
+    assert status == 0, server.console()
+    assert (after["status"], after["exitCode"]) == ("finished", 0)
+    assert after["output"] == "out 1\ngate %s\nout 1\nout 2\n" % gate.name
+    assert len([run for run in fake.invocations() if app in run["argv"]]) == 1
+    server.assert_no_traceback()
+
+
+def test_sigterm_kills_a_task_still_running_after_the_shutdown_timeout(start_server, fake,
+                                                                      tmp_path):
+    db = tmp_path / "history.sqlite3"
+    server = start_server("--db", db, "--shutdown-timeout", "0.5")
     client = server.client()
     name = unique("tree")
-    task_id = client.create(unique("app"), unique("env"), action + name)
+    task_id = client.create(unique("app"), unique("env"), "child-" + name)
     client.wait_output(task_id, "child %s\n" % name)
     pids = fake.pids(name)
 
-    status = server.stop(sig)
+    started = time.monotonic()
+    status = server.stop(signal.SIGTERM)
+    took = time.monotonic() - started
+    gone = {role: is_gone(pid) for role, pid in pids.items()}
+    after = start_server("--db", db).client().task(task_id)
 
     assert status == 0, server.console()
-    assert {role: is_gone(pid) for role, pid in pids.items()} == {"fake": True, "child": True}
+    assert 0.45 <= took < 3
+    assert gone == {"fake": True, "child": True}
+    assert (after["status"], after["exitCode"]) == ("killed", None)
+    assert after["output"] == "child %s\n" % name
+    server.assert_no_traceback()
+
+
+def test_second_sigint_stops_at_once_even_a_task_that_ignores_sigterm(start_server, fake,
+                                                                      tmp_path):
+    db = tmp_path / "history.sqlite3"
+    server = start_server("--db", db, "--shutdown-timeout", "60", "--kill-grace", "0.5")
+    client = server.client()
+    name = unique("stubborn")
+    task_id = client.create(unique("app"), unique("env"), "ignoreterm.child-" + name)
+    client.wait_output(task_id, "child %s\n" % name)
+    pids = fake.pids(name)
+
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGINT)
+    wait_until(lambda: health_once_stopping(client), what="/health to say stopping")
+    server.proc.send_signal(signal.SIGINT)
+    status = server.wait_exit()
+    took = time.monotonic() - started
+    gone = {role: is_gone(pid) for role, pid in pids.items()}
+    after = start_server("--db", db).client().task(task_id)
+
+    assert status == 0, server.console()
+    assert took < 5         # --shutdown-timeout is 60 s
+    assert gone == {"fake": True, "child": True}
+    assert (after["status"], after["exitCode"]) == ("killed", None)
     server.assert_no_traceback()
 
 
@@ -1384,6 +1929,44 @@ def test_command_line_error_is_one_line_and_a_nonzero_exit(tmp_path, fake, tls_f
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(CLI_ERROR_PREFIX), lines[0]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def make_bad_db(tmp_path, kind):
+    """A --db path the server cannot use, of the given kind."""
+    if kind == "missing-folder":
+        return tmp_path / "no-such-folder" / "tasks.sqlite3"
+    if kind == "directory":
+        path = tmp_path / "a-directory"
+        path.mkdir()
+        return path
+    path = tmp_path / "tasks.sqlite3"
+    if kind == "garbage-file":
+        path.write_bytes(b"this is not an SQLite database \xff\xfe\x00\n" * 100)
+    elif kind == "newer-schema":       # as a later version of the server would leave it
+        with contextlib.closing(sqlite3.connect(str(path))) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA user_version = 99")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing-folder", "garbage-file", "directory", "newer-schema"])
+def test_unusable_db_is_a_one_line_error_naming_db_and_leaves_the_file_alone(tmp_path, fake,
+                                                                            kind):
+    path = make_bad_db(tmp_path, kind)
+    before = path.read_bytes() if path.is_file() else None
+
+    result = run_cli(tmp_path, fake, ["--db", path])
+
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode > 0
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(CLI_ERROR_PREFIX), lines[0]
+    assert "--db" in lines[0], lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    if before is not None:
+        assert path.read_bytes() == before
+    if kind == "missing-folder":
+        assert not path.parent.exists()
 
 
 def test_help_exits_0_and_mentions_every_flag(tmp_path, fake):
@@ -1482,3 +2065,64 @@ def test_no_ssl_serves_plain_http_and_warns_in_the_log(start_server):
     assert reply.status == 200, reply
     assert reply.json["url"].endswith("//127.0.0.1:%d/task/1" % server.port)
     assert client.wait_ended(reply.json["taskId"])["status"] == "finished"
+
+
+# --- Logs -------------------------------------------------------------------------------------
+
+def test_log_has_one_line_per_request_with_address_method_path_status_bytes_and_time(
+        api, shared_server):
+    app, env = unique("app"), unique("env")
+
+    reply = api.request("POST", "/%s/%s?action=out-1" % (app, env))
+    pattern = r"INFO 127\.0\.0\.1:%d POST '/%s/%s\?action=out-1' 200 %d \d+ms$" % (
+        reply.local_port, app, env, len(reply.body))
+    wait_until(lambda: log_lines(shared_server, pattern), what="the request's log line")
+    api.wait_ended(reply.json["taskId"])
+
+    assert reply.status == 200, reply
+    assert len(log_lines(shared_server, "'/%s/%s" % (app, env))) == 1
+
+
+def test_log_says_who_started_and_killed_each_task_and_how_it_ended(api, shared_server):
+    app = unique("app")
+    started = api.request("POST", "/%s/prod?action=out-1" % app)
+    failing = api.request("POST", "/%s/prod?action=exit-3" % app)
+    hanging = api.request("POST", "/%s/prod?action=hang" % app)
+    ids = [reply.json["taskId"] for reply in (started, failing, hanging)]
+    api.wait_ended(ids[0])
+    api.wait_ended(ids[1])
+    killed = api.kill(ids[2])
+    pid = api.task(ids[0])["pid"]
+
+    expected = [
+        r"INFO task %d started by 127\.0\.0\.1:%d: %s prod out-1 \(pid %d\)$"
+        % (ids[0], started.local_port, app, pid),
+        r"INFO task %d finished \(exit code 0\) after \d+\.\d s$" % ids[0],
+        r"INFO task %d started by 127\.0\.0\.1:%d: %s prod exit-3 \(pid \d+\)$"
+        % (ids[1], failing.local_port, app),
+        r"INFO task %d failed \(exit code 3\) after \d+\.\d s$" % ids[1],
+        r"INFO task %d: kill requested by 127\.0\.0\.1:%d$" % (ids[2], killed.local_port),
+        r"INFO task %d killed \((signal|exit code) \d+\) after \d+\.\d s$" % ids[2],
+    ]
+    wait_until(lambda: all(log_lines(shared_server, pattern) for pattern in expected),
+               what="every task event in the log")
+
+    assert killed.status == 200, killed
+    for pattern in expected:
+        assert len(log_lines(shared_server, pattern)) == 1, pattern
+
+
+def test_log_file_moved_away_by_logrotate_is_created_again_by_the_next_request(start_server):
+    server = start_server()
+    client = server.client()
+    rotated = server.log_path.with_name(LOG_NAME + ".1")
+    server.log_path.rename(rotated)
+
+    reply = client.get("/task/4242")
+    pattern = r"INFO 127\.0\.0\.1:%d GET '/task/4242' 404 \d+ \d+ms$" % reply.local_port
+    wait_until(lambda: log_lines(server, pattern), what="the request's line in a new log file")
+
+    assert_json_error(reply, 404)
+    assert "/task/4242" not in rotated.read_text()
+    assert LISTENING.search(rotated.read_text())
+    assert not LISTENING.search(server.log())
