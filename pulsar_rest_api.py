@@ -51,11 +51,15 @@ Slow or silent clients are dropped after --request-timeout and never hold up any
 """
 
 import argparse
+import base64
+import binascii
 import codecs
 import contextlib
 import dataclasses
 import datetime
+import fnmatch
 import hashlib
+import hmac
 import io
 import json
 import logging
@@ -73,7 +77,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -99,6 +105,22 @@ OUTPUT_DROPPED = "[pulsar-rest-api: the output passed %d bytes; the rest is drop
 PERSIST_EVERY = 1.0        # seconds between writes of running tasks' output to the history
 SHUTDOWN_TIMEOUT = 600.0   # seconds a stop waits for running tasks before killing them
 LIST_LIMIT, LIST_MAX = 50, 500  # tasks per page of GET /tasks
+MAX_TASKS = 16             # tasks running at once; more are refused (429) or wait in line
+MAX_CONNECTIONS = 256      # client connections at once; more get 503 and are closed
+MAX_HEADERS = 64           # header lines in one request; more get 431
+MAX_HEADER_LINE = 8192     # bytes in one header line; longer gets 431
+REFUSERS = 8               # threads that may answer 503 to connections over the limit at once
+REFUSE_TIMEOUT = 2.0       # seconds such a 503 may take, handshake included
+AUTH_FAILURES = 10         # failed logins from one address within AUTH_WINDOW ...
+AUTH_WINDOW = 60           # ... seconds, before it is refused (429) for AUTH_WINDOW seconds
+AUTH_TRACKED = 10000       # addresses or tokens remembered at most, to bound memory
+GITHUB_API = "https://api.github.com"
+GITHUB_TIMEOUT = 10        # seconds for one GitHub API call
+GITHUB_CACHE_YES = 300     # seconds an allowed token is trusted without asking GitHub again
+GITHUB_CACHE_NO = 30       # seconds a refused token is refused without asking again
+GITHUB_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,255}")
+PASSWORD_VARIABLE = "PULSAR_REST_API_PASSWORD"
+SERVER_SECRETS = frozenset({PASSWORD_VARIABLE})     # never passed on to pulsar
 LOG_NAME = "pulsar-rest-api.log"
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -108,9 +130,10 @@ REFUSED_ACTIONS = frozenset({"shell", "invoke"})   # Capistrano tasks that run a
 COUNT_PATTERN = re.compile(r"[0-9]{1,15}")
 HOST_PATTERN = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
-RUNNING, FINISHED, FAILED, KILLED, LOST = "running", "finished", "failed", "killed", "lost"
+QUEUED, RUNNING = "queued", "running"
+FINISHED, FAILED, KILLED, LOST = "finished", "failed", "killed", "lost"
 ENDED = frozenset({FINISHED, FAILED, KILLED, LOST})
-ALL_STATUSES = ENDED | {RUNNING}
+ALL_STATUSES = ENDED | {QUEUED, RUNNING}
 
 logger = logging.getLogger("pulsar-rest-api")
 
@@ -120,12 +143,16 @@ logger = logging.getLogger("pulsar-rest-api")
 class HTTPError(Exception):
     """An error answered to the client as {"error": message}; any layer may raise it."""
 
-    def __init__(self, status, message, headers=(), close=False):
+    def __init__(self, status, message, headers=(), close=False, details=None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = tuple(headers)
         self.close = close          # the connection cannot be reused (e.g. an unread body)
+        self.details = details or {}    # more fields for the JSON reply
+
+    def to_json(self):
+        return dict({"error": self.message}, **self.details)
 
 
 class StartupError(Exception):
@@ -326,14 +353,15 @@ class TaskStore:
         self._clock = clock
         self.waiters = 0                        # long polls waiting now, for /metrics
 
-    def create(self, app, env, action, started_by="-"):
+    def create(self, app, env, action, started_by="-", status=RUNNING):
         created_at = self._clock()
         try:
-            task_id = self._history.insert(app, env, action, created_at, started_by)
+            task_id = self._history.insert(app, env, action, created_at, started_by, status)
         except sqlite3.Error as error:
             logger.error("cannot record a new task in the history: %s", error)
             raise HTTPError(503, "the task history cannot be written, so no task was started")
         task = Task(task_id, app, env, action, created_at, started_by, Output(self._max_output))
+        task.status = status
         with self._changed:
             self._tasks[task.id] = task
             self._changed.notify_all()
@@ -393,8 +421,29 @@ class TaskStore:
                         % (task_id, ended["status"]))
 
     def running(self):
+        """Tasks whose pulsar runs (or is being started)."""
+        with self._changed:
+            return [task for task in self._tasks.values() if task.status == RUNNING]
+
+    def live(self):
+        """Tasks that have not ended: running or waiting in line."""
         with self._changed:
             return [task for task in self._tasks.values() if not task.ended]
+
+    def task_of_pair(self, app, env, besides=None):
+        """The oldest live task for an app and environment, as JSON without output, or None."""
+        with self._changed:
+            for task in self._tasks.values():
+                if (task.app, task.env) == (app, env) and not task.ended and task.id != besides:
+                    return dict(task.summary(), startedBy=task.started_by)
+        return None
+
+    def mark_running(self, task):
+        """A queued task leaves the line."""
+        with self._changed:
+            task.status = RUNNING
+            task.version += 1
+            self._changed.notify_all()
 
     def listing(self, app=None, env=None, status=None, before=None, limit=50):
         """Task summaries, newest first; live tasks as they are now, the rest from the history."""
@@ -496,12 +545,12 @@ class TaskHistory:
         except sqlite3.Error as error:
             raise StartupError("--db: cannot use %s as the task history: %s" % (path, error))
 
-    def insert(self, app, env, action, created_at, started_by):
+    def insert(self, app, env, action, created_at, started_by, status=RUNNING):
         with self._transaction():
             cursor = self._db.execute(
                 "INSERT INTO tasks (app, env, action, status, created_at, started_by, version, "
                 "output_length) VALUES (?, ?, ?, ?, ?, ?, 1, 0)",
-                (app, env, action, RUNNING, created_at, started_by))
+                (app, env, action, status, created_at, started_by))
             return cursor.lastrowid
 
     def save(self, changes):
@@ -790,57 +839,67 @@ def end_orphan_group(pgid, kill_grace):
 
 
 class TaskRunner:
-    """Starts pulsar for each new task, and ends task process groups when asked."""
+    """Starts pulsar for each new task, keeps the line of tasks waiting for their app and
+    environment, and ends task process groups when asked.
 
-    def __init__(self, store, command, kill_grace=KILL_GRACE, env=None, metrics=None):
+    Two deploys of one app and environment at once corrupt its releases, so a pair runs one task
+    at a time (unless one_per_pair is off); a request for a busy pair is refused, or with
+    queue=true waits in line and starts, in order, when the pair is free.  At most max_tasks run.
+    """
+
+    def __init__(self, store, command, kill_grace=KILL_GRACE, env=None, metrics=None,
+                 max_tasks=MAX_TASKS, one_per_pair=True, allowed_actions=()):
         self._store = store
         self._command = command
         self._kill_grace = kill_grace
         self._metrics = metrics or Metrics()
-        self._env = dict(os.environ if env is None else env)
-        self._starting = threading.Lock()     # a task is created and attached, or stop_all waits
+        self._env = child_environment(os.environ if env is None else env)
+        self._max_tasks = max_tasks
+        self._one_per_pair = one_per_pair
+        self._allowed_actions = tuple(allowed_actions)
+        self._lock = threading.Lock()     # guards the line and starts: check, create and attach
+        self._line = []                   # queued tasks, oldest first
         self._stopping = False
 
-    def start(self, app, env, action, requested_by="-"):
-        """Create the task and start pulsar for it; a pulsar that cannot start fails the task."""
-        with self._starting:
+    def start(self, app, env, action, started_by="-", queue=False):
+        """Start a task, or queue it; HTTPError 403/409/429/503 when it may not run now."""
+        self._check_allowed(action)
+        with self._lock:
             if self._stopping:
                 raise HTTPError(503, "the server is stopping; no new tasks")
-            return self._start(app, env, action, requested_by)
-
-    def _start(self, app, env, action, requested_by):
-        task = self._store.create(app, env, action, requested_by)
-        argv = self._command.argv(app, env, action)
-        process = TaskProcess(argv, self._env, self._kill_grace,
-                              on_output=lambda text: self._store.add_output(task, text),
-                              on_end=lambda code: self._ended(task, process, code))
-        try:
-            process.spawn()
-        except OSError as error:
-            logger.error("task %d: could not start %s: %s", task.id, argv[0], error)
-            self._store.add_output(task, "could not start pulsar (%s): %s\n" % (argv[0], error))
-            self._store.end(task, FAILED, None)
-            self._metrics.task_started()
-            self._metrics.task_finished(FAILED, 0.0)
-            return task
-        self._store.attach(task, process)
-        self._metrics.task_started()
-        process.follow()
-        logger.info("task %d started by %s: %s %s %s (pid %d)",
-                    task.id, requested_by, app, env, action, process.pid)
+            blocker = self._blocker(app, env)
+            if blocker is None:
+                task = self._store.create(app, env, action, started_by)
+                self._launch(task)
+                return task
+            if not queue:
+                raise blocker
+            task = self._store.create(app, env, action, started_by, status=QUEUED)
+            self._line.append(task)
+        logger.info("task %d queued by %s: %s %s %s (%s)", task.id, started_by, app, env, action,
+                    blocker.message)
         return task
 
     def kill(self, task_id, requested_by="-"):
-        """End a running task's process group; the task as JSON once it has ended."""
-        process = self._store.process_to_kill(task_id)
+        """End a task: take it out of the line, or end its process group; the task as JSON once
+        it has ended."""
         logger.info("task %d: kill requested by %s", task_id, requested_by)
+        with self._lock:
+            queued = self._take_from_line(task_id)
+        if queued is not None:
+            self._drop(queued, "removed from the line by %s" % requested_by)
+            return self._store.view(task_id)
+        process = self._store.process_to_kill(task_id)
         process.terminate()
         return self._store.wait_until_ended(task_id, self._kill_grace + OUTPUT_DRAIN + 2)
 
     def refuse_new(self):
-        """From now on a new task is answered 503: the server is stopping."""
-        with self._starting:
+        """From now on a new task is answered 503; tasks waiting in line are dropped."""
+        with self._lock:
             self._stopping = True
+            line, self._line = self._line, []
+        for task in line:
+            self._drop(task, "the server stopped before this task's turn")
 
     @property
     def stopping(self):
@@ -857,6 +916,72 @@ class TaskRunner:
         for task in tasks:
             self._store.wait_until_ended(task.id, self._kill_grace + OUTPUT_DRAIN + 2)
 
+    def _check_allowed(self, action):
+        if self._allowed_actions and not any(fnmatch.fnmatchcase(action, pattern)
+                                             for pattern in self._allowed_actions):
+            raise HTTPError(403, "action %s is not allowed on this server; allowed: %s"
+                            % (quoted(action), ", ".join(self._allowed_actions)))
+
+    def _blocker(self, app, env, itself=None):
+        """Why a task for this pair cannot start now (an HTTPError to raise), or None."""
+        if self._one_per_pair:
+            holder = self._store.task_of_pair(app, env, besides=itself)
+            if holder is not None:
+                return HTTPError(409, "%s/%s already has task %d (%s, %s), started by %s at %s; "
+                                      "add queue=true to wait in line"
+                                 % (app, env, holder["id"], holder["action"], holder["status"],
+                                    holder["startedBy"], holder["createdAt"]),
+                                 details={"taskId": holder["id"], "action": holder["action"],
+                                          "status": holder["status"],
+                                          "startedBy": holder["startedBy"],
+                                          "startedAt": holder["createdAt"]})
+        running = len(self._store.running())
+        if running >= self._max_tasks:
+            return HTTPError(429, "%d tasks are running, the most this server runs at once "
+                                  "(--max-tasks); try later, or add queue=true" % running)
+        return None
+
+    def _launch(self, task):
+        """Start pulsar for a task (the lock is held); a pulsar that cannot start fails it."""
+        argv = self._command.argv(task.app, task.env, task.action)
+        process = TaskProcess(argv, self._env, self._kill_grace,
+                              on_output=lambda text: self._store.add_output(task, text),
+                              on_end=lambda code: self._ended(task, process, code))
+        self._metrics.task_started()
+        try:
+            process.spawn()
+        except OSError as error:
+            logger.error("task %d: could not start %s: %s", task.id, argv[0], error)
+            self._store.add_output(task, "could not start pulsar (%s): %s\n" % (argv[0], error))
+            self._store.end(task, FAILED, None)
+            self._metrics.task_finished(FAILED, 0.0)
+            return
+        self._store.attach(task, process)
+        process.follow()
+        logger.info("task %d started by %s: %s %s %s (pid %d)",
+                    task.id, task.started_by, task.app, task.env, task.action, process.pid)
+
+    def _start_from_line(self):
+        """Start, oldest first, the queued tasks whose pair is free (the lock is held)."""
+        for task in list(self._line):
+            if self._stopping or self._blocker(task.app, task.env, itself=task.id):
+                continue
+            self._line.remove(task)
+            self._store.mark_running(task)
+            self._launch(task)
+
+    def _take_from_line(self, task_id):
+        for task in self._line:
+            if task.id == task_id:
+                self._line.remove(task)
+                return task
+        return None
+
+    def _drop(self, task, why):
+        self._store.add_output(task, "[pulsar-rest-api: %s]\n" % why)
+        self._store.end(task, KILLED, None)
+        logger.info("task %d killed: %s", task.id, why)
+
     def _ended(self, task, process, returncode):
         if process.kill_requested:
             status = KILLED
@@ -870,6 +995,202 @@ class TaskRunner:
         self._metrics.task_finished(status, duration)
         how = "signal %d" % -returncode if returncode < 0 else "exit code %d" % returncode
         logger.info("task %d %s (%s) after %.1f s", task.id, status, how, duration)
+        with self._lock:
+            self._start_from_line()
+
+
+def child_environment(environ):
+    """The server's environment for pulsar, less the secrets that are the server's alone."""
+    return {name: value for name, value in environ.items() if name not in SERVER_SECRETS}
+
+
+# ---------------------------------------------------------------- security: who may use the API
+
+class Access:
+    """Decides who a request comes from: an authenticator, and a brake on addresses that keep
+    sending wrong credentials (429 for a cooling period, other addresses unaffected)."""
+
+    def __init__(self, authenticator=None, failures_allowed=AUTH_FAILURES, window=AUTH_WINDOW,
+                 clock=time.monotonic):
+        self.authenticator = authenticator or OpenAccess()
+        self._failures_allowed = failures_allowed
+        self._window = window
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = {}             # address -> times of recent failures
+        self._cooling = {}              # address -> when it may try again
+
+    def login(self, authorization, address):
+        """The client's login ("-" when the API is open), or HTTPError 401/403/429/503."""
+        self._check_not_cooling(address)
+        try:
+            return self.authenticator.login(authorization)
+        except HTTPError as error:
+            if error.status == 401 and authorization:
+                self._failed(address)
+            raise
+
+    def _check_not_cooling(self, address):
+        with self._lock:
+            until = self._cooling.get(address)
+            if until is None:
+                return
+            wait = until - self._clock()
+            if wait <= 0:
+                del self._cooling[address]
+                return
+        raise HTTPError(429, "too many failed logins from %s; try again in %d s"
+                        % (address, wait + 1), headers=[("Retry-After", "%d" % (wait + 1))])
+
+    def _failed(self, address):
+        now = self._clock()
+        with self._lock:
+            if len(self._failures) > AUTH_TRACKED:      # bounded memory under a spray of addresses
+                self._failures.clear()
+            recent = [t for t in self._failures.get(address, []) if t > now - self._window]
+            recent.append(now)
+            self._failures[address] = recent
+            if len(recent) >= self._failures_allowed:
+                self._cooling[address] = now + self._window
+                del self._failures[address]
+                logger.warning("%s: %d failed logins in %d s; refused for %d s", address,
+                               len(recent), self._window, self._window)
+
+
+class OpenAccess:
+    """No authentication: anyone who reaches the port may use the API."""
+
+    description = "OPEN: no authentication (--auth-provider is not set); anyone who reaches " \
+                  "the port can start and kill tasks"
+
+    def login(self, authorization):
+        return "-"
+
+
+class BasicLogin:
+    """One username and password, sent as HTTP Basic, compared in constant time."""
+
+    def __init__(self, username, password):
+        self._username = username.encode("utf-8")
+        self._password = password.encode("utf-8")
+        self.description = "HTTP Basic, user %s" % username
+
+    def login(self, authorization):
+        scheme, user, secret = parse_authorization(authorization)
+        if scheme != "basic":
+            raise unauthorized("send a username and password (curl -u USER:PASSWORD)")
+        user_ok = hmac.compare_digest(user.encode("utf-8"), self._username)
+        password_ok = hmac.compare_digest(secret.encode("utf-8"), self._password)
+        if not (user_ok and password_ok):
+            raise unauthorized("wrong username or password")
+        return user
+
+
+class GitHubLogin:
+    """A GitHub token, resolved with the GitHub API: allowed when its login is one of `names`
+    (method user) or a member of the organisation `names[0]` (method org).  Answers are cached
+    briefly, keyed by a hash of the token; GitHub failing means 503, never open access."""
+
+    def __init__(self, api, method, names, server_token=None, clock=time.monotonic):
+        self._api = api.rstrip("/")
+        self._method = method
+        self._names = names
+        self._server_token = server_token
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cache = {}                # sha256(token) -> (expires, status, login)
+        self.description = "GitHub tokens via %s: %s %s" % (
+            self._api, "logins" if method == "user" else "members of organisation",
+            ", ".join(names))
+
+    def login(self, authorization):
+        token = github_token(parse_authorization(authorization))
+        key = hashlib.sha256(token.encode("utf-8")).hexdigest()
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is None or cached[0] <= self._clock():
+            status, login = self._decide(token)
+            lifetime = GITHUB_CACHE_YES if status == 200 else GITHUB_CACHE_NO
+            with self._lock:
+                if len(self._cache) > AUTH_TRACKED:
+                    self._cache.clear()
+                self._cache[key] = cached = (self._clock() + lifetime, status, login)
+        _, status, login = cached
+        if status == 401:
+            raise unauthorized("GitHub does not accept this token")
+        if status == 403:
+            raise HTTPError(403, "GitHub user %s may not use this server" % login)
+        return login
+
+    def _decide(self, token):
+        """(200, login) allowed, (403, login) not allowed, (401, None) not a valid token."""
+        status, user = self._get("/user", token)
+        if status == 401:
+            return 401, None
+        if status != 200 or not isinstance(user, dict) or not isinstance(user.get("login"), str):
+            raise github_unavailable("GET /user answered %s" % status)
+        login = user["login"]
+        if self._method == "user":
+            return (200 if login.lower() in (name.lower() for name in self._names) else 403), login
+        status, _ = self._get("/orgs/%s/members/%s" % (urllib.parse.quote(self._names[0]),
+                                                       urllib.parse.quote(login)),
+                              self._server_token or token)
+        if status == 204:
+            return 200, login
+        if status in (302, 404):
+            return 403, login
+        raise github_unavailable("the organisation membership check answered %s" % status)
+
+    def _get(self, path, token):
+        request = urllib.request.Request(self._api + path, headers={
+            "Authorization": "token " + token, "Accept": "application/vnd.github+json",
+            "User-Agent": "pulsar-rest-api/" + __version__})
+        try:
+            with urllib.request.urlopen(request, timeout=GITHUB_TIMEOUT) as response:
+                body = response.read(MAX_BODY)
+                return response.status, json.loads(body) if body else None
+        except urllib.error.HTTPError as error:
+            error.close()
+            return error.code, None
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            raise github_unavailable(str(getattr(error, "reason", error)))
+
+
+def parse_authorization(header):
+    """('basic', user, password) or ('bearer', token, None); 401 when absent or malformed."""
+    if not header:
+        raise unauthorized("credentials are required")
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer" and value:
+        return "bearer", value, None
+    if scheme.lower() == "basic":
+        try:
+            user, colon, secret = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise unauthorized("the Basic credentials are not valid base64 of user:password")
+        if colon:
+            return "basic", user, secret
+    raise unauthorized("send HTTP Basic credentials or a Bearer token")
+
+
+def github_token(credentials):
+    """The token in Bearer TOKEN, or Basic TOKEN:x-oauth-basic (or USER:TOKEN)."""
+    scheme, user, secret = credentials
+    token = user if scheme == "bearer" or secret in ("", "x-oauth-basic") else secret
+    if not GITHUB_TOKEN_PATTERN.fullmatch(token):
+        raise unauthorized("that is not a GitHub token")
+    return token
+
+
+def unauthorized(message):
+    return HTTPError(401, message, headers=[("WWW-Authenticate", 'Basic realm="pulsar-rest-api"')])
+
+
+def github_unavailable(reason):
+    logger.error("GitHub API unavailable while checking credentials: %s", reason)
+    return HTTPError(503, "GitHub cannot be asked who you are right now; try again later",
+                     headers=[("Retry-After", "30")])
 
 
 # ---------------------------------------------------------------- operations: metrics
@@ -904,9 +1225,17 @@ class Metrics:
         with self._lock:
             self._requests[status] = self._requests.get(status, 0) + 1
 
-    def connection_opened(self, change=1):
+    def open_connection(self, limit):
+        """Count a new connection; False (and not counted) when `limit` are open already."""
         with self._lock:
-            self.connections += change
+            if self.connections >= limit:
+                return False
+            self.connections += 1
+            return True
+
+    def close_connection(self):
+        with self._lock:
+            self.connections -= 1
 
     def render(self, running, waiters):
         with self._lock:
@@ -1123,15 +1452,10 @@ class RequestHandler(BaseHTTPRequestHandler):
     # -- connection
 
     def setup(self):
-        self.server.metrics.connection_opened()
         super().setup()
         self.rfile.close()              # replaced by a reader that enforces a whole-request deadline
         self._reader = DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self._reader, READ_SIZE)
-
-    def finish(self):
-        self.server.metrics.connection_opened(-1)
-        super().finish()
 
     def handle(self):
         try:
@@ -1182,6 +1506,12 @@ class RequestHandler(BaseHTTPRequestHandler):
         super().handle_one_request()
 
     @property
+    def who(self):
+        """Who sent the request, for the log and the task: login and address."""
+        login = getattr(self, "login", "-")
+        return self.peer if login == "-" else "%s (%s)" % (login, self.peer)
+
+    @property
     def peer(self):
         host, port = self.client_address[:2]
         return "%s:%s" % (host, port)
@@ -1197,13 +1527,19 @@ class RequestHandler(BaseHTTPRequestHandler):
         try:
             path, _, query = self.path.partition("?")
             body = self._read_body()
+            self._check_header_limits()
             handler, arguments = find_route(self.command, path)
+            if handler not in PUBLIC:
+                self.login = self.server.access.login(self.headers.get("Authorization"),
+                                                      self.client_address[0])
+            if handler in CHANGES_STATE:
+                self._check_same_site()
             self.fields = request_fields(query, body, self.headers.get_content_type()
                                          if self.headers.get("Content-Type") else None)
             handler(self, **arguments)
         except HTTPError as error:
             self.close_connection = self.close_connection or error.close
-            self.send_json(error.status, {"error": error.message}, error.headers)
+            self.send_json(error.status, error.to_json(), error.headers)
         except (ConnectionError, socket.timeout, ssl.SSLError):
             raise                       # the client went away: handle() logs one line
         except Exception:
@@ -1211,6 +1547,25 @@ class RequestHandler(BaseHTTPRequestHandler):
             logger.exception("internal error %s in %s %s", incident, self.command, quoted(self.path))
             self.close_connection = True
             self.send_json(500, {"error": "internal error", "id": incident})
+
+    def _check_header_limits(self):
+        if len(self.headers) > MAX_HEADERS:
+            raise HTTPError(431, "more than %d header lines" % MAX_HEADERS, close=True)
+        for name, value in self.headers.items():
+            if len(name) + len(value) + 2 > MAX_HEADER_LINE:
+                raise HTTPError(431, "header %s is longer than %d bytes"
+                                % (quoted(name, 40), MAX_HEADER_LINE), close=True)
+
+    def _check_same_site(self):
+        """Refuse a state change that a browser sends for a page of another site: browsers add
+        Basic credentials by themselves (curl and bots send neither header)."""
+        if self.headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site":
+            raise HTTPError(403, "cross-site requests may not start or kill tasks")
+        origin = self.headers.get("Origin")
+        if origin is not None and urllib.parse.urlsplit(origin.strip()).netloc.lower() != \
+                self.headers.get("Host", "").strip().lower():
+            raise HTTPError(403, "requests from origin %s may not start or kill tasks here"
+                            % quoted(origin))
 
     def _content_length(self):
         """The declared body length; 411, 400 or 413 for a body this server will not read."""
@@ -1248,11 +1603,13 @@ class RequestHandler(BaseHTTPRequestHandler):
     # -- the endpoints (ROUTES, below the class, says which path and method reach each)
 
     def create_task(self, app, env):
-        self._allow_fields("action", "task")
+        self._allow_fields("action", "task", "queue")
         action = self._one_field("action", "task")
+        queue = parse_flag("queue", self.fields.get("queue", []))
         task = self.server.runner.start(check_name("app", app), check_name("env", env),
-                                        check_action(action), requested_by=self.peer)
-        self.send_json(200, {"taskId": task.id, "url": self._absolute_url("/task/%d" % task.id)})
+                                        check_action(action), self.who, queue)
+        self.send_json(200, {"taskId": task.id, "url": self._absolute_url("/task/%d" % task.id),
+                             "status": task.status})
 
     def read_task(self, task_id):
         self._allow_fields("offset")
@@ -1267,7 +1624,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def kill_task(self, task_id):
         self._allow_fields()
-        self.send_json(200, self.server.runner.kill(task_id, requested_by=self.peer))
+        self.send_json(200, self.server.runner.kill(task_id, requested_by=self.who))
 
     def list_tasks(self):
         self._allow_fields("app", "env", "status", "limit", "before")
@@ -1379,8 +1736,10 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _log_request(self, status, size):
         started = getattr(self, "_started", None)
         elapsed = (time.monotonic() - started) * 1000 if started else 0
-        logger.info("%s %s %s %d %d %.0fms", self.peer, self.command or "-",
-                    quoted(getattr(self, "path", "-"), 200), status, size, elapsed)
+        login = getattr(self, "login", "-")
+        logger.info("%s %s %s %d %d %.0fms%s", self.peer, self.command or "-",
+                    quoted(getattr(self, "path", "-"), 200), status, size, elapsed,
+                    "" if login == "-" else " user=%s" % quoted(login))
 
     def version_string(self):
         return self.server_version
@@ -1402,6 +1761,10 @@ ROUTES = (
                                                     "POST": RequestHandler.kill_task}),
     (re.compile(r"/(?P<app>[^/]*)/(?P<env>[^/]*)"), {"POST": RequestHandler.create_task}),
 )
+
+
+PUBLIC = {RequestHandler.health}                  # answered without credentials
+CHANGES_STATE = {RequestHandler.create_task, RequestHandler.kill_task}    # refused cross-site
 
 
 def find_route(method, path):
@@ -1426,6 +1789,18 @@ def path_segment(raw):
         return urllib.parse.unquote(raw, errors="strict")
     except UnicodeDecodeError:
         raise HTTPError(400, "the path is not valid UTF-8 once percent-decoded: %s" % quoted(raw))
+
+
+def parse_flag(name, values):
+    """A yes/no field: JSON true/false, or true, false, 1, 0 as text; absent is false."""
+    if len(values) > 1:
+        raise HTTPError(400, "give %s once" % name)
+    value = values[0] if values else False
+    if isinstance(value, str):
+        value = {"true": True, "1": True, "false": False, "0": False}.get(value.lower(), value)
+    if not isinstance(value, bool):
+        raise HTTPError(400, "%s must be true or false" % name)
+    return value
 
 
 def parse_task_id(text):
@@ -1497,12 +1872,16 @@ class PulsarServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address, store, runner, tls=None, poll_timeout=POLL_TIMEOUT,
-                 request_timeout=REQUEST_TIMEOUT, metrics=None):
+                 request_timeout=REQUEST_TIMEOUT, metrics=None, access=None,
+                 max_connections=MAX_CONNECTIONS):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.store = store
         self.runner = runner
         self.metrics = metrics or Metrics()
+        self.access = access or Access()
+        self.max_connections = max_connections
+        self._refusing = threading.BoundedSemaphore(REFUSERS)
         self.tls = tls
         self.poll_timeout = poll_timeout
         self.request_timeout = request_timeout
@@ -1519,6 +1898,43 @@ class PulsarServer(ThreadingHTTPServer):
             # No handshake here: a client that never sends a hello would stall every other.
             sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
+
+    def process_request(self, request, client_address):
+        if self.metrics.open_connection(self.max_connections):
+            super().process_request(request, client_address)
+        else:
+            self._refuse(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.metrics.close_connection()
+
+    def _refuse(self, request, client_address):
+        """Over --max-connections: answer 503 and close, in a thread of a few kept for this, so
+        that the accept loop goes on; when those are busy too, just close."""
+        logger.warning("%s:%s: %d connections open, the most allowed (--max-connections); "
+                       "refused", client_address[0], client_address[1], self.max_connections)
+        if not self._refusing.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        threading.Thread(target=self._answer_busy, args=(request,), daemon=True).start()
+
+    def _answer_busy(self, request):
+        try:
+            request.settimeout(REFUSE_TIMEOUT)
+            if isinstance(request, ssl.SSLSocket):
+                request.do_handshake()
+            body = b'{"error": "the server has too many connections; try again shortly"}\n'
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
+                            b"\r\nContent-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n"
+                            b"\r\n%s" % (len(body), body))
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            self.shutdown_request(request)
+            self._refusing.release()
 
     def handle_error(self, request, client_address):
         logger.exception("unexpected error with %s:%s", *client_address[:2])
@@ -1545,6 +1961,12 @@ class Settings:
     db: str = ":memory:"
     max_output: int = MAX_OUTPUT
     shutdown_timeout: float = SHUTDOWN_TIMEOUT
+    authenticator: object = None        # OpenAccess, BasicLogin or GitHubLogin
+    password_in_argv: bool = False
+    max_connections: int = MAX_CONNECTIONS
+    max_tasks: int = MAX_TASKS
+    one_per_pair: bool = True
+    allowed_actions: tuple = ()
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1569,6 +1991,12 @@ def byte_count(text):
     if not match or int(match.group(1)) == 0:
         raise argparse.ArgumentTypeError("%r is not a size in bytes (e.g. 32M)" % text)
     return int(match.group(1)) * 1024 ** " KMG".index(match.group(2).upper() or " ")
+
+
+def positive_count(text):
+    if not COUNT_PATTERN.fullmatch(text) or int(text) == 0:
+        raise argparse.ArgumentTypeError("%r is not a whole number above 0" % text)
+    return int(text)
 
 
 def port_number(text):
@@ -1626,6 +2054,33 @@ def build_parser():
     add("--shutdown-timeout", type=positive_seconds, default=SHUTDOWN_TIMEOUT, metavar="SECONDS",
         help="on SIGTERM/SIGINT, how long to wait for running tasks before killing them "
              "(default: %(default)g); a second signal stops at once")
+    add("--auth-provider", choices=("basic", "github"),
+        help="require credentials: basic (one username and password) or github (GitHub "
+             "tokens); default: none, the API is open")
+    add("--auth-method", choices=("user", "org"),
+        help="github only: user (default) allows the logins in --auth-username; org allows the "
+             "members of the organisation named by --auth-username")
+    add("--auth-username", metavar="NAME",
+        help="basic: the username; github user: comma-separated GitHub logins; github org: the "
+             "organisation")
+    add("--auth-password", metavar="PASSWORD",
+        help="basic: the password; github org: the server's own GitHub token for the membership "
+             "check (default: the client's). Shows in ps: prefer --auth-password-file or the "
+             "%s environment variable" % PASSWORD_VARIABLE)
+    add("--auth-password-file", metavar="FILE", help="file holding --auth-password")
+    add("--github-api", metavar="URL", help="GitHub API (default: %s; GitHub Enterprise: "
+                                            "https://HOST/api/v3)" % GITHUB_API)
+    add("--max-connections", type=positive_count, default=MAX_CONNECTIONS, metavar="N",
+        help="client connections at once; more get 503 and are closed (default: %(default)d)")
+    add("--max-tasks", type=positive_count, default=MAX_TASKS, metavar="N",
+        help="tasks running at once; more are refused with 429, or wait with queue=true "
+             "(default: %(default)d)")
+    add("--allow-concurrent", action="store_true",
+        help="allow several tasks of one app and environment at once (default: one, since two "
+             "deploys at once corrupt releases)")
+    add("--allow-action", action="append", default=[], metavar="PATTERN",
+        help="only run actions matching this shell-style pattern (deploy, deploy:*); repeatable; "
+             "shell and invoke stay refused")
     add("--version", action="version", version="%(prog)s " + __version__)
     return parser
 
@@ -1644,9 +2099,10 @@ def parse_args(argv):
         raise StartupError("--ssl-cert and --ssl-key go together: give both, or --ssl-pfx")
     for flag in ("ssl_cert", "ssl_key", "ssl_pfx"):
         check_readable("--" + flag.replace("_", "-"), getattr(options, flag))
+    authenticator = authenticator_from(options, os.environ)
     passphrase = None
     if options.ssl_passphrase:
-        passphrase = read_passphrase(options.ssl_passphrase)
+        passphrase = read_secret("--ssl-passphrase", options.ssl_passphrase)
     return Settings(
         host=options.host, port=options.port, log_dir=options.log_dir, tls=not options.no_ssl,
         command=PulsarCommand(options.pulsar_bin, options.pulsar_cli, options.config_repo,
@@ -1655,7 +2111,69 @@ def parse_args(argv):
         ssl_passphrase=passphrase, poll_timeout=options.poll_timeout,
         kill_grace=options.kill_grace, request_timeout=options.request_timeout,
         db=options.db or default_db(), max_output=options.max_output,
-        shutdown_timeout=options.shutdown_timeout)
+        shutdown_timeout=options.shutdown_timeout,
+        authenticator=authenticator,
+        password_in_argv=options.auth_password is not None,
+        max_connections=options.max_connections, max_tasks=options.max_tasks,
+        one_per_pair=not options.allow_concurrent,
+        allowed_actions=tuple(check_pattern(pattern) for pattern in options.allow_action))
+
+
+def authenticator_from(options, environ):
+    """OpenAccess, BasicLogin or GitHubLogin from the --auth-* flags; StartupError for a flag
+    that means nothing for the chosen provider and method, saying what was probably meant."""
+    provider, method = options.auth_provider, options.auth_method
+    given = [flag for flag, value in (
+        ("--auth-method", method), ("--auth-username", options.auth_username),
+        ("--auth-password", options.auth_password),
+        ("--auth-password-file", options.auth_password_file),
+        ("--github-api", options.github_api)) if value is not None]
+    if provider is None:
+        if given:
+            raise StartupError("%s mean(s) nothing without --auth-provider; did you mean "
+                               "--auth-provider basic (or github)?" % ", ".join(given))
+        return OpenAccess()
+    if options.auth_password is not None and options.auth_password_file is not None:
+        raise StartupError("give --auth-password or --auth-password-file, not both")
+    password = options.auth_password
+    if options.auth_password_file is not None:
+        password = read_secret("--auth-password-file", options.auth_password_file)
+    from_flags = password is not None
+    if password is None:
+        password = environ.get(PASSWORD_VARIABLE) or None
+    if not options.auth_username:
+        raise StartupError("--auth-provider %s needs --auth-username (%s)" % (provider, {
+            "basic": "the username", "github": "GitHub logins, or the organisation with "
+                                               "--auth-method org"}[provider]))
+    if provider == "basic":
+        for flag, value in (("--auth-method", method), ("--github-api", options.github_api)):
+            if value is not None:
+                raise StartupError("%s is for --auth-provider github, not basic" % flag)
+        if not password:
+            raise StartupError("--auth-provider basic needs a password: --auth-password-file "
+                               "FILE, the %s environment variable, or --auth-password"
+                               % PASSWORD_VARIABLE)
+        return BasicLogin(options.auth_username, password)
+    if (method or "user") == "user" and from_flags:
+        raise StartupError("--auth-password means nothing with --auth-provider github and "
+                           "--auth-method user; did you mean --auth-provider basic, or "
+                           "--auth-method org (where it is the server's own GitHub token)?")
+    api = options.github_api or GITHUB_API
+    if urllib.parse.urlsplit(api).scheme not in ("http", "https"):
+        raise StartupError("--github-api must be an http:// or https:// URL, got %r" % api)
+    names = [name.strip() for name in options.auth_username.split(",") if name.strip()]
+    if method == "org":
+        if len(names) != 1:
+            raise StartupError("--auth-method org takes one organisation in --auth-username")
+        return GitHubLogin(api, "org", names, server_token=password)
+    return GitHubLogin(api, "user", names)
+
+
+def check_pattern(pattern):
+    if not re.fullmatch(r"[A-Za-z0-9_:.*?\[\]!-]{1,128}", pattern):
+        raise StartupError("--allow-action %r: a pattern is a Capistrano task name with * ? [ ]"
+                           % pattern)
+    return pattern
 
 
 def default_db():
@@ -1678,12 +2196,13 @@ def check_readable(flag, path):
         raise StartupError("%s: cannot read %s: %s" % (flag, path, error.strerror or error))
 
 
-def read_passphrase(path):
+def read_secret(flag, path):
+    """The first line of a file that holds a passphrase or a password."""
     try:
         with open(path, encoding="utf-8") as source:
             return source.read().rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as error:
-        raise StartupError("--ssl-passphrase: cannot read %s: %s" % (path, error))
+        raise StartupError("%s: cannot read %s: %s" % (flag, path, error))
 
 
 def load_tls(settings):
@@ -1727,10 +2246,14 @@ def serve(settings):
     recover_lost_tasks(history, settings.kill_grace)
     metrics = Metrics()
     store = TaskStore(history, settings.max_output)
-    runner = TaskRunner(store, settings.command, settings.kill_grace, metrics=metrics)
+    runner = TaskRunner(store, settings.command, settings.kill_grace, metrics=metrics,
+                        max_tasks=settings.max_tasks, one_per_pair=settings.one_per_pair,
+                        allowed_actions=settings.allowed_actions)
+    access = Access(settings.authenticator)
     try:
         server = PulsarServer((settings.host, settings.port), store, runner, tls,
-                              settings.poll_timeout, settings.request_timeout, metrics)
+                              settings.poll_timeout, settings.request_timeout, metrics, access,
+                              settings.max_connections)
     except OSError as error:
         raise StartupError("cannot listen on %s:%d: %s" % (settings.host, settings.port,
                                                            error.strerror or error))
@@ -1797,6 +2320,14 @@ def announce(settings, server, fingerprint, history):
     else:
         logger.warning("TLS IS OFF (--no-ssl): requests and answers travel in clear text; use "
                        "this only behind a TLS-terminating proxy")
+    authenticator = settings.authenticator or OpenAccess()
+    if isinstance(authenticator, OpenAccess):
+        logger.warning("access: %s", authenticator.description)
+    else:
+        logger.info("access: %s", authenticator.description)
+    if settings.password_in_argv:
+        logger.warning("--auth-password shows in ps; prefer --auth-password-file or %s",
+                       PASSWORD_VARIABLE)
     logger.info("task history: %s", history.path if history.path != ":memory:" else
                 "in memory only (--db :memory:): nothing is kept after a stop")
     argv = settings.command.argv("APP", "ENV", "ACTION")
