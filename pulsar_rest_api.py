@@ -11,8 +11,10 @@ Try:   python3 pulsar_rest_api.py --pulsar-bin echo    (tasks just echo their ar
 Endpoints (JSON everywhere; every error is {"error": "..."}):
 
   POST /:app/:env           action (form field, JSON {"action": ...} or query string; `task` is an
-                            alias) -> 200 {"taskId": N, "url": ".../task/N"}
-                            400 bad input, 411 chunked body, 413 body over 64 KiB, 415 body type
+                            alias), queue=true to wait in line
+                            -> 200 {"taskId": N, "url": ".../task/N", "status": "running"}
+                            400 bad input, 409 app/env busy, 411 chunked body, 413 body over 64 KiB,
+                            415 body type, 429 too many tasks
   GET  /task/:id            -> 200 the task (below); ?offset=N keeps only output from character N
   GET  /task/:id/state      long poll -> 200 {"changed": true, "task": {...}} or {"changed": false}
                             after the poll timeout.  ?version=V and ?offset=N: see "Following" below.
@@ -25,7 +27,7 @@ Endpoints (JSON everywhere; every error is {"error": "..."}):
 
   A task: {"id", "app", "env", "action", "status", "exitCode", "pid", "createdAt", "finishedAt",
            "version", "outputOffset", "outputLength", "output"}
-  status: running | finished (exit 0) | failed (non-zero exit, a signal, or pulsar could not start:
+  status: queued | running | finished (exit 0) | failed (non-zero exit, a signal, or pulsar could not start:
   the output says why) | killed | lost (the server stopped while it ran: its end is unknown).
   exitCode is null while running and when a signal ended pulsar.
   Times are ISO 8601 UTC.  version goes up by one on every change (new output, new status).
@@ -48,6 +50,11 @@ Security: every name is checked against a strict pattern before anything runs (p
 the action through a shell; pulsar 0.3 expands globs in app names); the Capistrano tasks `shell`
 and `invoke` are refused; pulsar runs from an argument list, never a shell.  TLS 1.2+ only.
 Slow or silent clients are dropped after --request-timeout and never hold up anyone else.
+--auth-provider basic|github requires credentials on every endpoint but /health (401, 403; 429
+for an address after 10 failed logins in a minute; 503 when GitHub cannot answer, never open).
+Starts and kills that a browser marks cross-site, or from another Origin, are refused (403).
+One task per app and environment (409, or queue=true to wait in line: status `queued`), at most
+--max-tasks running (429), at most --max-connections connections (503).
 """
 
 import argparse
