@@ -64,6 +64,7 @@ import codecs
 import contextlib
 import dataclasses
 import datetime
+import errno
 import fnmatch
 import hashlib
 import hmac
@@ -116,6 +117,7 @@ MAX_TASKS = 16             # tasks running at once; more are refused (429) or wa
 MAX_CONNECTIONS = 256      # client connections at once; more get 503 and are closed
 MAX_HEADERS = 64           # header lines in one request; more get 431
 MAX_HEADER_LINE = 8192     # bytes in one header line; longer gets 431
+ACCEPT_BACKOFF = 0.1       # seconds the accept loop pauses when out of file descriptors
 REFUSERS = 8               # threads that may answer 503 to connections over the limit at once
 REFUSE_TIMEOUT = 2.0       # seconds such a 503 may take, handshake included
 AUTH_FAILURES = 10         # failed logins from one address within AUTH_WINDOW ...
@@ -183,10 +185,19 @@ def check_action(value):
     if not ACTION_PATTERN.fullmatch(value):
         raise HTTPError(400, "action must be one Capistrano task name: 1-128 letters, digits, '_', "
                              "'-', ':' or '.', starting with a letter or digit; got %s" % quoted(value))
-    if value.lower() in REFUSED_ACTIONS:
-        raise HTTPError(400, "action %r is refused: the Capistrano tasks shell and invoke run "
-                             "arbitrary commands" % value)
+    if capistrano_task(value) in REFUSED_ACTIONS:
+        raise HTTPError(400, "action %s is refused: the Capistrano tasks shell and invoke run "
+                             "arbitrary commands" % quoted(value))
     return value
+
+
+def capistrano_task(action):
+    """The task an action names as Capistrano and Rake resolve it, lowercased: they drop empty
+    parts (`shell:` is `shell`) and Rake drops a leading `rake:` (`rake:shell` is `shell`)."""
+    parts = [part for part in action.lower().split(":") if part]
+    while len(parts) > 1 and parts[0] == "rake":
+        parts.pop(0)
+    return ":".join(parts)
 
 
 def parse_count(name, value):
@@ -332,27 +343,40 @@ class Task:
             "version": self.version, "outputLength": self.output.length,
         }
 
-    def to_json(self, offset=0):
+    def snapshot(self, offset=0):
+        """The task's fields and its output pieces from `offset`, cheap enough to take under the
+        lock; joined outside it by joined()."""
         self.check_offset(offset)
         view = self.summary()
         view["outputOffset"] = offset
-        view["outputLength"] = self.output.length
-        view["output"] = self.output.since(offset)
-        return view
+        return view, self.output.pieces_since(offset)
+
+    def to_json(self, offset=0):
+        return joined(self.snapshot(offset))
+
+
+def joined(snapshot):
+    """A task snapshot as JSON, its output pieces joined into one string."""
+    view, pieces = snapshot
+    view["output"] = "".join(text for _, text in pieces)
+    return view
 
 
 class TaskStore:
-    """Running tasks by id, the Condition that guards them, and the history behind them.
+    """Live tasks by id, the lock and Conditions that guard them, and the history behind them.
 
-    The Condition's lock guards the dict and every field of every live Task.  Every change calls
-    notify_all; waiters use wait_for(predicate, timeout), so no change is missed between two
-    waits.  Nothing else touches the dict.  A task leaves the dict once it has ended and its last
+    The lock guards the dict and every field of every live Task.  Each task has a Condition on
+    that lock, and the store one more for tasks coming and going: every change calls notify_all
+    on the task's (and, for comings and goings, the store's), and waiters use wait_for(predicate,
+    timeout), so no change is missed between two waits and a busy task wakes only its own
+    followers.  Nothing else touches the dict.  A task leaves it once it has ended and its last
     state is in the history; from then on it is read from there, so memory does not grow with
-    history.  Lock order: _persisting, then the Condition; the history locks itself.
+    history.  Lock order: _persisting, then the lock; the history locks itself.
     """
 
     def __init__(self, history, max_output=MAX_OUTPUT, clock=time.time):
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
+        self._comings_and_goings = threading.Condition(self._lock)
         self._persisting = threading.Lock()     # one writer at a time, so writes land in order
         self._tasks = {}
         self._history = history
@@ -369,17 +393,20 @@ class TaskStore:
             raise HTTPError(503, "the task history cannot be written, so no task was started")
         task = Task(task_id, app, env, action, created_at, started_by, Output(self._max_output))
         task.status = status
-        with self._changed:
+        task.changed = threading.Condition(self._lock)
+        with self._lock:
             self._tasks[task.id] = task
-            self._changed.notify_all()
+            self._comings_and_goings.notify_all()
         return task
 
     def view(self, task_id, offset=0):
-        """The task as JSON, taken under the lock so that its fields agree with each other."""
-        with self._changed:
+        """The task as JSON; its fields are taken together under the lock, its output joined
+        after, so that reading a long output does not hold up everyone else."""
+        with self._lock:
             task = self._tasks.get(task_id)
-            if task is not None:
-                return task.to_json(offset)
+            snapshot = task.snapshot(offset) if task is not None else None
+        if snapshot is not None:
+            return joined(snapshot)
         return self._stored(task_id, offset).to_json(offset)
 
     def wait_for_change(self, task_id, version, offset, timeout):
@@ -388,7 +415,7 @@ class TaskStore:
         Without a version the client has seen the task as it is now: wait for its next change.
         A task that is no longer live has ended, and answers at once.
         """
-        with self._changed:
+        with self._lock:
             task = self._tasks.get(task_id)
             if task is not None:
                 task.check_offset(offset)
@@ -396,30 +423,33 @@ class TaskStore:
                     version = task.version
                 self.waiters += 1
                 try:
-                    moved = self._changed.wait_for(
+                    moved = task.changed.wait_for(
                         lambda: task.has_moved_past(version, offset), timeout)
                 finally:
                     self.waiters -= 1
-                return task.to_json(offset or 0) if moved else None
+                if not moved:
+                    return None
+                snapshot = task.snapshot(offset or 0)
+        if task is not None:
+            return joined(snapshot)
         return self._stored(task_id, offset).to_json(offset or 0)
 
     def wait_until_ended(self, task_id, timeout):
         """The task as JSON once it has ended, or as it is after `timeout`."""
-        with self._changed:
+        with self._lock:
             task = self._tasks.get(task_id)
             if task is not None:
-                self._changed.wait_for(lambda: task.ended, timeout)
-                return task.to_json()
-        return self.view(task_id)
+                task.changed.wait_for(lambda: task.ended, timeout)
+        return task.to_json() if task is not None else self.view(task_id)
 
     def wait_until_idle(self, timeout):
-        """True once no task is running, False if some still are after `timeout`."""
-        with self._changed:
-            return self._changed.wait_for(lambda: not self._tasks, timeout)
+        """True once no task is live, False if some still are after `timeout`."""
+        with self._lock:
+            return self._comings_and_goings.wait_for(lambda: not self._tasks, timeout)
 
     def process_to_kill(self, task_id):
         """The running process of a task, or HTTPError 409 if the task has ended."""
-        with self._changed:
+        with self._lock:
             task = self._tasks.get(task_id)
             if task is not None and not task.ended and task.process is not None:
                 return task.process
@@ -429,17 +459,17 @@ class TaskStore:
 
     def running(self):
         """Tasks whose pulsar runs (or is being started)."""
-        with self._changed:
+        with self._lock:
             return [task for task in self._tasks.values() if task.status == RUNNING]
 
     def live(self):
         """Tasks that have not ended: running or waiting in line."""
-        with self._changed:
+        with self._lock:
             return [task for task in self._tasks.values() if not task.ended]
 
     def task_of_pair(self, app, env, besides=None):
         """The oldest live task for an app and environment, as JSON without output, or None."""
-        with self._changed:
+        with self._lock:
             for task in self._tasks.values():
                 if (task.app, task.env) == (app, env) and not task.ended and task.id != besides:
                     return dict(task.summary(), startedBy=task.started_by)
@@ -447,27 +477,27 @@ class TaskStore:
 
     def mark_running(self, task):
         """A queued task leaves the line."""
-        with self._changed:
+        with self._lock:
             task.status = RUNNING
             task.version += 1
-            self._changed.notify_all()
+            task.changed.notify_all()
 
     def listing(self, app=None, env=None, status=None, before=None, limit=50):
         """Task summaries, newest first; live tasks as they are now, the rest from the history."""
         rows = self._history.summaries(app, env, status, before, limit)
-        with self._changed:
+        with self._lock:
             tasks = [self._tasks.get(row.id, row).summary() for row in rows]
         # A task that has just ended may still be running on disk: filter its live state.
         return [task for task in tasks if status is None or task["status"] == status]
 
     def add_output(self, task, text):
-        with self._changed:
+        with self._lock:
             if not task.ended and task.output.append(text):
                 task.version += 1
-                self._changed.notify_all()
+                task.changed.notify_all()
 
     def attach(self, task, process):
-        with self._changed:
+        with self._lock:
             task.process = process
             task.pid = process.pid
             task.process_start = process_start_token(process.pid)
@@ -475,23 +505,23 @@ class TaskStore:
 
     def end(self, task, status, exit_code):
         """Record how a task ended, write it to the history, and let it leave the dict."""
-        with self._changed:
+        with self._lock:
             task.status = status
             task.exit_code = exit_code
             task.finished_at = self._clock()
             task.process = None
             task.version += 1
-            self._changed.notify_all()
+            task.changed.notify_all()
         self.persist(task)
-        with self._changed:
+        with self._lock:
             self._tasks.pop(task.id, None)
-            self._changed.notify_all()
+            self._comings_and_goings.notify_all()
 
     def persist(self, task=None):
         """Write what changed since the last write, of one task or of every live one: the new
         output only, so a write costs what was printed since."""
         with self._persisting:
-            with self._changed:
+            with self._lock:
                 tasks = [task] if task is not None else list(self._tasks.values())
                 changes = [(task.record(), task.output.pieces_since(task.persisted))
                            for task in tasks]
@@ -588,9 +618,12 @@ class TaskHistory:
                                    (task_id,)).fetchone()
             if row is None:
                 return None
+            # From the last chunk that starts at or before offset (SQLite's length() stops at
+            # a NUL character, so chunk ends are not computed in SQL).
             chunks = self._db.execute(
-                "SELECT start, text FROM output WHERE task_id = ? AND start + length(text) > ? "
-                "ORDER BY start", (task_id, offset)).fetchall()
+                "SELECT start, text FROM output WHERE task_id = ? AND start >= coalesce("
+                "(SELECT max(start) FROM output WHERE task_id = ? AND start <= ?), 0) "
+                "ORDER BY start", (task_id, task_id, offset)).fetchall()
         return self._task(row, Output.from_chunks(chunks, row[-1]))
 
     def summaries(self, app, env, status, before, limit):
@@ -674,6 +707,7 @@ class TaskProcess:
         self._reader = None
         self._kill_timer = None
         self._exited = False
+        self._kill_deadline = None
         self.kill_requested = False
 
     @property
@@ -699,6 +733,7 @@ class TaskProcess:
             if self._reaped or self.kill_requested or self._exited:
                 return                  # ending already: _supervise signals what is left
             self.kill_requested = True
+            self._kill_deadline = time.monotonic() + self._kill_grace
             self._signal_group(signal.SIGTERM)
             self._kill_timer = threading.Timer(self._kill_grace, self._kill_group)
             self._kill_timer.daemon = True
@@ -734,7 +769,8 @@ class TaskProcess:
         with self._lock:
             self._exited = True
             self._signal_group(signal.SIGTERM)      # anything pulsar left behind
-        self._reader.join(self._kill_grace)
+            deadline = self._kill_deadline or time.monotonic() + self._kill_grace
+        self._reader.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             self._signal_group(signal.SIGKILL)
         wait_for_empty_group(self._popen.pid, OUTPUT_DRAIN)
@@ -814,10 +850,12 @@ def recover_lost_tasks(history, kill_grace):
     output pipe is gone, so it cannot be followed again: its process group is killed instead of
     being left running untracked.
     """
-    for task in history.unfinished():
+    lost = history.unfinished()
+    orphans = [task.pid for task in lost if task.pid and still_running(task)]
+    end_orphan_groups(orphans, kill_grace)
+    for task in lost:
         note = "the server stopped while this task ran; its end is unknown"
-        if task.pid and still_running(task):
-            end_orphan_group(task.pid, kill_grace)
+        if task.pid in orphans:
             note += "; its processes (group %d) were still running and have been killed" % task.pid
         task.output.append("\n[pulsar-rest-api: %s]\n" % note)
         task.status, task.finished_at = LOST, time.time()
@@ -835,14 +873,17 @@ def still_running(task):
     return group_has_live_members(task.pid)     # a live group keeps its id from being reused
 
 
-def end_orphan_group(pgid, kill_grace):
-    """SIGTERM, then SIGKILL after the grace period, to a group that is not our child."""
+def end_orphan_groups(pgids, kill_grace):
+    """SIGTERM, then SIGKILL after the grace period, to groups that are not our children."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        wait_for_empty_group(pgid, kill_grace)
+        for pgid in pgids:
+            try:
+                os.killpg(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + kill_grace
+        for pgid in pgids:
+            wait_for_empty_group(pgid, max(0.0, deadline - time.monotonic()))
 
 
 class TaskRunner:
@@ -1504,7 +1545,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         logger.info("%s: plain HTTP on the TLS port; answered 400", self.peer)
 
     def handle_one_request(self):
-        self._reader.deadline = time.monotonic() + IDLE_TIMEOUT
+        waiting = IDLE_TIMEOUT if getattr(self, "_started", None) else self.server.request_timeout
+        self._reader.deadline = time.monotonic() + waiting
         if not self.rfile.peek(1):      # the client closed a keep-alive connection
             self.close_connection = True
             return
@@ -1744,7 +1786,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         started = getattr(self, "_started", None)
         elapsed = (time.monotonic() - started) * 1000 if started else 0
         login = getattr(self, "login", "-")
-        logger.info("%s %s %s %d %d %.0fms%s", self.peer, self.command or "-",
+        logger.info("%s %s %s %d %d %.0fms%s", self.peer, quoted(self.command or "-", 20)[1:-1],
                     quoted(getattr(self, "path", "-"), 200), status, size, elapsed,
                     "" if login == "-" else " user=%s" % quoted(login))
 
@@ -1774,8 +1816,13 @@ PUBLIC = {RequestHandler.health}                  # answered without credentials
 CHANGES_STATE = {RequestHandler.create_task, RequestHandler.kill_task}    # refused cross-site
 
 
-def find_route(method, path):
-    """(handler, keyword arguments) for a request, or HTTPError 404/405."""
+def find_route(method, raw_path):
+    """(handler, keyword arguments) for a request, or HTTPError 404/405.  Routes match the
+    percent-decoded path, so that /%74ask/... is /task/... and never an app named task."""
+    segments = [path_segment(segment) for segment in raw_path.split("/")]
+    if any("/" in segment for segment in segments):
+        raise HTTPError(400, "a path segment may not contain an encoded '/': %s" % quoted(raw_path))
+    path = "/".join(segments)
     for pattern, handlers in ROUTES:
         match = pattern.fullmatch(path)
         if match is None:
@@ -1784,11 +1831,11 @@ def find_route(method, path):
             allowed = ", ".join(sorted(handlers))
             raise HTTPError(405, "%s is not allowed here; use %s" % (method, allowed),
                             headers=[("Allow", allowed)])
-        arguments = {name: path_segment(value) for name, value in match.groupdict().items()}
+        arguments = match.groupdict()
         if "task_id" in arguments:
             arguments["task_id"] = parse_task_id(arguments["task_id"])
         return handlers[method], arguments
-    raise HTTPError(404, "no such endpoint: %s %s" % (method, quoted(path)))
+    raise HTTPError(404, "no such endpoint: %s %s" % (quoted(method, 20), quoted(raw_path)))
 
 
 def path_segment(raw):
@@ -1900,17 +1947,29 @@ class PulsarServer(ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
     def get_request(self):
-        sock, address = self.socket.accept()
+        try:
+            sock, address = self.socket.accept()
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE):
+                # The listening socket stays readable: without a pause this loop would spin.
+                logger.error("cannot accept a connection: %s; pausing", error.strerror)
+                time.sleep(ACCEPT_BACKOFF)
+            raise
         if self.tls:
             # No handshake here: a client that never sends a hello would stall every other.
             sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
 
     def process_request(self, request, client_address):
-        if self.metrics.open_connection(self.max_connections):
-            super().process_request(request, client_address)
-        else:
+        if not self.metrics.open_connection(self.max_connections):
             self._refuse(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError as error:      # can't start new thread
+            self.metrics.close_connection()
+            logger.error("%s:%s: dropped: %s", client_address[0], client_address[1], error)
+            self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address):
         try:
@@ -2250,6 +2309,7 @@ def serve(settings):
     """Run the server until SIGTERM or SIGINT; the exit code."""
     tls, fingerprint = load_tls(settings) if settings.tls else (None, None)
     history = TaskHistory(settings.db)
+    signals = StopSignals()         # from here on a stop signal waits for its turn
     recover_lost_tasks(history, settings.kill_grace)
     metrics = Metrics()
     store = TaskStore(history, settings.max_output)
@@ -2265,7 +2325,6 @@ def serve(settings):
         raise StartupError("cannot listen on %s:%d: %s" % (settings.host, settings.port,
                                                            error.strerror or error))
     announce(settings, server, fingerprint, history)
-    signals = StopSignals()
     threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL,), name="accept",
                      daemon=True).start()
     stopped = threading.Event()
@@ -2346,7 +2405,11 @@ def announce(settings, server, fingerprint, history):
 
 class StopSignals:
     """SIGTERM and SIGINT as bytes in a pipe that the main thread reads, so that no Python code
-    runs inside a signal handler; other threads may write DRAINED to it too."""
+    runs inside a signal handler; other threads may write DRAINED to it too.
+
+    SIGHUP (a closed terminal, a logrotate script) does not stop the server: dying on it would
+    leave deploys running untracked, and the log file is reopened without it.
+    """
 
     DRAINED = 0
 
@@ -2354,14 +2417,17 @@ class StopSignals:
         self._read_end, self._write_end = os.pipe()
         os.set_blocking(self._write_end, False)
         signal.set_wakeup_fd(self._write_end)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, lambda *_: None)      # the wakeup fd does the work
 
     def wait(self):
-        """The next signal number, or DRAINED."""
+        """The next SIGTERM or SIGINT, or DRAINED."""
         while True:
             data = os.read(self._read_end, 1)
-            if data and data[0] in (signal.SIGTERM, signal.SIGINT, self.DRAINED):
+            if data and data[0] == signal.SIGHUP:
+                logger.info("SIGHUP ignored; stop with SIGTERM or Ctrl-C (the log file is "
+                            "reopened by itself when it is moved)")
+            elif data and data[0] in (signal.SIGTERM, signal.SIGINT, self.DRAINED):
                 return data[0]
 
     def note_drained(self):
