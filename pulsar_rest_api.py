@@ -74,6 +74,7 @@ import logging
 import logging.handlers
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -118,6 +119,12 @@ MAX_CONNECTIONS = 256      # client connections at once; more get 503 and are cl
 MAX_HEADERS = 64           # header lines in one request; more get 431
 MAX_HEADER_LINE = 8192     # bytes in one header line; longer gets 431
 ACCEPT_BACKOFF = 0.1       # seconds the accept loop pauses when out of file descriptors
+STREAM_CHECK = 1.0         # seconds between checks that a streaming client is still there
+SSE_KEEPALIVE = 15.0       # seconds between comment lines on a quiet event stream
+LINGER = 0.03              # seconds a follower of a chatty task waits for more output ...
+LINGER_BYTES = 4096        # ... or for this many characters, to send fewer, fuller replies
+CHATTY_GAP = 0.005         # seconds between two outputs that make a task chatty
+MAX_TAIL = 100000          # lines GET /task/:id/output?tail= may ask for
 REFUSERS = 8               # threads that may answer 503 to connections over the limit at once
 REFUSE_TIMEOUT = 2.0       # seconds such a 503 may take, handshake included
 AUTH_FAILURES = 10         # failed logins from one address within AUTH_WINDOW ...
@@ -313,6 +320,8 @@ class Task:
         self.version = 1
         self.process = None
         self.persisted = 0
+        self.last_output_at = 0.0
+        self.chatty = False         # output arrives in quick succession: followers batch it
 
     @property
     def ended(self):
@@ -383,6 +392,7 @@ class TaskStore:
         self._max_output = max_output
         self._clock = clock
         self.waiters = 0                        # long polls waiting now, for /metrics
+        self.list_version = 1                   # goes up when a task comes, changes status or goes
 
     def create(self, app, env, action, started_by="-", status=RUNNING):
         created_at = self._clock()
@@ -396,7 +406,7 @@ class TaskStore:
         task.changed = threading.Condition(self._lock)
         with self._lock:
             self._tasks[task.id] = task
-            self._comings_and_goings.notify_all()
+            self._list_changed()
         return task
 
     def view(self, task_id, offset=0):
@@ -423,8 +433,8 @@ class TaskStore:
                     version = task.version
                 self.waiters += 1
                 try:
-                    moved = task.changed.wait_for(
-                        lambda: task.has_moved_past(version, offset), timeout)
+                    moved = task.has_moved_past(version, offset) or self._wait_and_linger(
+                        task, version, offset, timeout)
                 finally:
                     self.waiters -= 1
                 if not moved:
@@ -433,6 +443,26 @@ class TaskStore:
         if task is not None:
             return joined(snapshot)
         return self._stored(task_id, offset).to_json(offset or 0)
+
+    def _wait_and_linger(self, task, version, offset, timeout):
+        """Wait (the lock held) for the task to move; if it is chatty, wait a moment more so
+        that a follower gets a fuller reply instead of one line per round trip."""
+        if not task.changed.wait_for(lambda: task.has_moved_past(version, offset), timeout):
+            return False
+        if task.chatty and offset is not None and not task.ended:
+            task.changed.wait_for(
+                lambda: task.ended or task.output.length - offset >= LINGER_BYTES, LINGER)
+        return True
+
+    def wait_for_list_change(self, version, timeout):
+        """Wait until list_version differs from `version` (or `timeout`); the current one."""
+        with self._lock:
+            self._comings_and_goings.wait_for(lambda: self.list_version != version, timeout)
+            return self.list_version
+
+    def _list_changed(self):
+        self.list_version += 1
+        self._comings_and_goings.notify_all()
 
     def wait_until_ended(self, task_id, timeout):
         """The task as JSON once it has ended, or as it is after `timeout`."""
@@ -481,6 +511,7 @@ class TaskStore:
             task.status = RUNNING
             task.version += 1
             task.changed.notify_all()
+            self._list_changed()
 
     def listing(self, app=None, env=None, status=None, before=None, limit=50):
         """Task summaries, newest first; live tasks as they are now, the rest from the history."""
@@ -493,6 +524,9 @@ class TaskStore:
     def add_output(self, task, text):
         with self._lock:
             if not task.ended and task.output.append(text):
+                now = time.monotonic()
+                task.chatty = now - task.last_output_at < CHATTY_GAP
+                task.last_output_at = now
                 task.version += 1
                 task.changed.notify_all()
 
@@ -512,6 +546,7 @@ class TaskStore:
             task.process = None
             task.version += 1
             task.changed.notify_all()
+            self._list_changed()
         self.persist(task)
         with self._lock:
             self._tasks.pop(task.id, None)
@@ -1652,13 +1687,36 @@ class RequestHandler(BaseHTTPRequestHandler):
     # -- the endpoints (ROUTES, below the class, says which path and method reach each)
 
     def create_task(self, app, env):
-        self._allow_fields("action", "task", "queue")
+        self._allow_fields("action", "task", "queue", "wait")
         action = self._one_field("action", "task")
+        self._start(check_name("app", app), check_name("env", env), check_action(action))
+
+    def rerun_task(self, task_id):
+        self._allow_fields("queue", "wait")
+        old = self.server.store.view(task_id)
+        self._start(old["app"], old["env"], old["action"])
+
+    def _start(self, app, env, action):
+        """Start (or queue) a task; with wait=true answer once it has ended, with all of it."""
         queue = parse_flag("queue", self.fields.get("queue", []))
-        task = self.server.runner.start(check_name("app", app), check_name("env", env),
-                                        check_action(action), self.who, queue)
-        self.send_json(200, {"taskId": task.id, "url": self._absolute_url("/task/%d" % task.id),
-                             "status": task.status})
+        wait = parse_flag("wait", self.fields.get("wait", []))
+        task = self.server.runner.start(app, env, action, self.who, queue)
+        reply = {"taskId": task.id, "url": self._absolute_url("/task/%d" % task.id),
+                 "status": task.status}
+        if wait:
+            reply["task"] = self._wait_until_ended(task.id)
+            reply["status"] = reply["task"]["status"]
+        self.send_json(200, reply)
+
+    def _wait_until_ended(self, task_id):
+        """The ended task; if the client goes away first, stop waiting (the task goes on)."""
+        while True:
+            task = self.server.store.wait_until_ended(task_id, STREAM_CHECK)
+            if task["status"] in ENDED:
+                return task
+            if self._client_gone():
+                raise ConnectionAbortedError("went away while waiting for task %d, which goes on"
+                                             % task_id)
 
     def read_task(self, task_id):
         self._allow_fields("offset")
@@ -1671,12 +1729,82 @@ class RequestHandler(BaseHTTPRequestHandler):
                                                  self.server.poll_timeout)
         self.send_json(200, {"changed": True, "task": task} if task else {"changed": False})
 
+    def read_output(self, task_id):
+        """The output as plain text from an offset (or its last lines), with X-Text-Size and
+        X-More-Data as Jenkins' progressive text has them; wait=1 waits for more."""
+        self._allow_fields("offset", "wait", "tail")
+        offset, tail = self._count_field("offset"), self._count_field("tail")
+        wait = parse_flag("wait", self.fields.get("wait", []))
+        store = self.server.store
+        if tail is not None:
+            if offset is not None or wait or not 0 < tail <= MAX_TAIL:
+                raise HTTPError(400, "tail takes 1 to %d lines, without offset or wait" % MAX_TAIL)
+            task = store.view(task_id)
+            text = "".join(task["output"].splitlines(True)[-tail:])
+        else:
+            offset = offset or 0
+            task = store.wait_for_change(task_id, None, offset, self.server.poll_timeout) \
+                if wait else None
+            task = task or store.view(task_id, offset)
+            text = task["output"]
+        self.send_bytes(200, text.encode("utf-8"), "text/plain; charset=utf-8", [
+            ("X-Text-Size", str(task["outputLength"])),
+            ("X-More-Data", "false" if task["status"] in ENDED else "true"),
+            ("X-Task-Status", task["status"])])
+
+    def stream_task(self, task_id):
+        """The output as it comes, in one chunked response that ends with the task: plain text
+        ending with a status line, or Server-Sent Events (output, status, end)."""
+        self._allow_fields("offset")
+        events = "text/event-stream" in self.headers.get("Accept", "")
+        offset = self._count_field("offset")
+        resume = self.headers.get("Last-Event-ID") if events else None
+        if resume:
+            offset = parse_count("Last-Event-ID", resume.strip())
+        stream = (EventStream if events else TextStream)(self)
+        for task in self._follow(task_id, offset or 0, stream.keep_alive):
+            stream.send(task)
+        stream.close()
+
+    def _follow(self, task_id, offset, keep_alive):
+        """Task snapshots with the output after `offset`, from now until the task ends; stops
+        early (ConnectionAbortedError) when the client goes away."""
+        store = self.server.store
+        task = store.view(task_id, offset)
+        quiet_since = time.monotonic()
+        while True:
+            yield task
+            if task["status"] in ENDED:
+                return
+            while True:
+                moved = store.wait_for_change(task_id, task["version"], task["outputLength"],
+                                              STREAM_CHECK)
+                if moved is not None:
+                    task = moved
+                    break
+                if self._client_gone():
+                    raise ConnectionAbortedError("went away during the stream of task %d" % task_id)
+                if time.monotonic() - quiet_since > SSE_KEEPALIVE:
+                    keep_alive()
+                    quiet_since = time.monotonic()
+
+    def _client_gone(self):
+        """True when the client has closed its end (or sent something it should not have)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
     def kill_task(self, task_id):
         self._allow_fields()
         self.send_json(200, self.server.runner.kill(task_id, requested_by=self.who))
 
     def list_tasks(self):
-        self._allow_fields("app", "env", "status", "limit", "before")
+        self._allow_fields("app", "env", "status", "limit", "before", "version")
+        version = self._count_field("version")
+        if version is not None:     # a long poll: answer when a task comes, changes status or goes
+            self.server.store.wait_for_list_change(version, self.server.poll_timeout)
         app, env, status = (self._single_field(name) for name in ("app", "env", "status"))
         if status is not None and status not in ALL_STATUSES:
             raise HTTPError(400, "status must be one of %s" % ", ".join(sorted(ALL_STATUSES)))
@@ -1694,7 +1822,13 @@ class RequestHandler(BaseHTTPRequestHandler):
                                                       ("status", status)) if value}
             query.update(limit=limit, before=tasks[-1]["id"])
             following = "/tasks?" + urllib.parse.urlencode(query)
-        self.send_json(200, {"tasks": tasks, "next": following})
+        self.send_json(200, {"tasks": tasks, "next": following,
+                             "version": self.server.store.list_version})
+
+    def send_asset(self, asset):
+        self._allow_fields()
+        text, content_type = ASSETS[asset]
+        self.send_bytes(200, text.encode("utf-8"), content_type, PAGE_SECURITY)
 
     def health(self):
         self._allow_fields()
@@ -1754,19 +1888,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.send_bytes(status, body, "application/json", headers)
 
     def send_bytes(self, status, body, content_type, headers=()):
-        lines = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
-                 "Server: " + self.version_string(),
-                 "Date: " + self.date_time_string(),
-                 "Content-Type: " + content_type,
-                 "Content-Length: %d" % len(body),
-                 "Cache-Control: no-store",
-                 "X-Content-Type-Options: nosniff"]
-        lines += ["%s: %s" % header for header in headers]
-        if self.close_connection:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self._reader.deadline = None
-        self.connection.settimeout(SEND_TIMEOUT)
+        head = self._head(status, content_type, [("Content-Length", str(len(body)))] + list(headers))
         if self.command == "HEAD":
             self.wfile.write(head)
         elif len(body) > READ_SIZE:     # a long output: no extra copy just to join the two
@@ -1776,6 +1898,33 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.wfile.write(head + body)
         self.server.metrics.request_answered(status)
         self._log_request(status, len(body))
+
+    def start_chunked(self, content_type):
+        """Send the head of a streamed (chunked) 200 response; send_chunk() sends the rest."""
+        self.wfile.write(self._head(200, content_type, [("Transfer-Encoding", "chunked")]))
+        self._streamed = 0
+
+    def send_chunk(self, data):
+        """One chunk of a streamed response; an empty one ends it."""
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self._streamed += len(data)
+        if not data:
+            self.server.metrics.request_answered(200)
+            self._log_request(200, self._streamed)
+
+    def _head(self, status, content_type, headers):
+        lines = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
+                 "Server: " + self.version_string(),
+                 "Date: " + self.date_time_string(),
+                 "Content-Type: " + content_type,
+                 "Cache-Control: no-store",
+                 "X-Content-Type-Options: nosniff"]
+        lines += ["%s: %s" % header for header in headers]
+        if self.close_connection:
+            lines.append("Connection: close")
+        self._reader.deadline = None
+        self.connection.settimeout(SEND_TIMEOUT)
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def send_error(self, code, message=None, explain=None):
         # http.server's own errors (bad request line, headers too long, unknown method) as JSON.
@@ -1798,9 +1947,67 @@ class RequestHandler(BaseHTTPRequestHandler):
 
 
 
+class TextStream:
+    """A task's output as chunked text/plain, ending with a line that gives how it ended."""
+
+    def __init__(self, handler):
+        self._handler = handler
+        self._last = "\n"
+        handler.start_chunked("text/plain; charset=utf-8")
+
+    def send(self, task):
+        if task["output"]:
+            self._last = task["output"][-1]
+            self._handler.send_chunk(task["output"].encode("utf-8"))
+        if task["status"] in ENDED:
+            self._handler.send_chunk(("%s[pulsar-rest-api: task %d %s, exit code %s]\n" % (
+                "" if self._last == "\n" else "\n", task["id"], task["status"],
+                "none" if task["exitCode"] is None else task["exitCode"])).encode("utf-8"))
+
+    def keep_alive(self):
+        pass                        # plain text has no invisible filler; _client_gone() checks
+
+    def close(self):
+        self._handler.send_chunk(b"")
+
+
+class EventStream:
+    """A task as Server-Sent Events: `status` when it changes, `output` with the new text (its id
+    is the output length so far, so Last-Event-ID resumes without loss or repeat), then `end`."""
+
+    def __init__(self, handler):
+        self._handler = handler
+        self._status = None
+        handler.start_chunked("text/event-stream; charset=utf-8")
+        handler.send_chunk(b"retry: 3000\n\n")
+
+    def send(self, task):
+        summary = {key: value for key, value in task.items() if key != "output"}
+        events = []
+        if task["status"] != self._status and task["status"] not in ENDED:
+            self._status = task["status"]
+            events.append(("status", None, summary))
+        if task["output"]:
+            events.append(("output", task["outputLength"],
+                           {"offset": task["outputOffset"], "text": task["output"]}))
+        if task["status"] in ENDED:
+            events.append(("end", None, summary))
+        self._handler.send_chunk("".join(
+            "event: %s\n%sdata: %s\n\n" % (name, "" if event_id is None else "id: %d\n" % event_id,
+                                          json.dumps(data, ensure_ascii=False))
+            for name, event_id, data in events).encode("utf-8"))
+
+    def keep_alive(self):
+        self._handler.send_chunk(b": still running\n\n")
+
+    def close(self):
+        self._handler.send_chunk(b"")
+
+
 # The route table: (path pattern, {method: handler}).  The first pattern that matches the path
 # decides; a method it does not list gets 405 with Allow.  /task/... is never an app name.
 ROUTES = (
+    (re.compile(r"/(?P<asset>|app\.js|app\.css)"), {"GET": RequestHandler.send_asset}),
     (re.compile(r"/tasks"), {"GET": RequestHandler.list_tasks}),
     (re.compile(r"/health"), {"GET": RequestHandler.health}),
     (re.compile(r"/metrics"), {"GET": RequestHandler.metrics}),
@@ -1808,12 +2015,16 @@ ROUTES = (
     (re.compile(r"/task/(?P<task_id>[^/]*)/state"), {"GET": RequestHandler.poll_task}),
     (re.compile(r"/task/(?P<task_id>[^/]*)/kill"), {"GET": RequestHandler.kill_task,
                                                     "POST": RequestHandler.kill_task}),
+    (re.compile(r"/task/(?P<task_id>[^/]*)/output"), {"GET": RequestHandler.read_output}),
+    (re.compile(r"/task/(?P<task_id>[^/]*)/stream"), {"GET": RequestHandler.stream_task}),
+    (re.compile(r"/task/(?P<task_id>[^/]*)/rerun"), {"POST": RequestHandler.rerun_task}),
     (re.compile(r"/(?P<app>[^/]*)/(?P<env>[^/]*)"), {"POST": RequestHandler.create_task}),
 )
 
 
 PUBLIC = {RequestHandler.health}                  # answered without credentials
-CHANGES_STATE = {RequestHandler.create_task, RequestHandler.kill_task}    # refused cross-site
+CHANGES_STATE = {RequestHandler.create_task, RequestHandler.kill_task,    # refused cross-site
+                 RequestHandler.rerun_task}
 
 
 def find_route(method, raw_path):
@@ -2004,6 +2215,292 @@ class PulsarServer(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         logger.exception("unexpected error with %s:%s", *client_address[:2])
+
+
+# ---------------------------------------------------------------- the web page
+
+# GET / serves one page, with its script and style from this server only (no inline code, so
+# that the Content-Security-Policy can forbid everything else).  Everything the page shows is set
+# as text, never as HTML.
+
+PAGE_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>pulsar-rest-api</title>
+<link rel="stylesheet" href="/app.css">
+<script src="/app.js" defer></script>
+</head>
+<body>
+<header>
+  <h1>pulsar-rest-api</h1>
+  <p id="connection" role="status"></p>
+</header>
+<main>
+  <section id="side">
+    <form id="start-form">
+      <h2>Start a task</h2>
+      <label>App <input name="app" required maxlength="64" pattern="[A-Za-z0-9][A-Za-z0-9._\-]*" autocapitalize="off" spellcheck="false"></label>
+      <label>Environment <input name="env" required maxlength="64" pattern="[A-Za-z0-9][A-Za-z0-9._\-]*" autocapitalize="off" spellcheck="false"></label>
+      <label>Action <input name="action" required maxlength="128" pattern="[A-Za-z0-9][A-Za-z0-9_:.\-]*" value="deploy" autocapitalize="off" spellcheck="false"></label>
+      <label class="check"><input type="checkbox" name="queue"> Wait in line if the app is busy</label>
+      <button type="submit">Start</button>
+      <p id="start-error" class="error" role="alert"></p>
+    </form>
+    <h2>Tasks</h2>
+    <ul id="task-list" aria-live="polite"></ul>
+  </section>
+  <section id="task" hidden>
+    <h2 id="task-title"></h2>
+    <p id="task-facts"></p>
+    <p class="buttons">
+      <button id="kill" type="button">Kill</button>
+      <button id="rerun" type="button">Run again</button>
+      <a href="#">Close</a>
+    </p>
+    <p id="task-error" class="error" role="alert"></p>
+    <pre id="output" tabindex="0" aria-label="Output"></pre>
+  </section>
+</main>
+</body>
+</html>
+"""
+
+PAGE_CSS = r""":root { color-scheme: light dark; --fg: #1d2329; --bg: #fbfbfc; --muted: #5f6b76; --line: #d7dce1;
+  --panel: #ffffff; --accent: #1f6feb; --ok: #1a7f37; --bad: #cf222e; --warn: #9a6700; }
+@media (prefers-color-scheme: dark) { :root { --fg: #e6edf3; --bg: #0d1117; --muted: #8d96a0;
+  --line: #30363d; --panel: #161b22; --accent: #4493f8; --ok: #3fb950; --bad: #f85149; --warn: #d29922; } }
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--fg); background: var(--bg); }
+header { display: flex; align-items: baseline; gap: 1em; padding: .6em 1em; border-bottom: 1px solid var(--line); }
+h1 { font-size: 1.15em; margin: 0; }
+h2 { font-size: 1em; margin: 0 0 .5em; }
+#connection { margin: 0; color: var(--warn); font-size: .9em; }
+main { display: grid; grid-template-columns: minmax(16em, 22em) 1fr; gap: 1em; padding: 1em; }
+@media (max-width: 760px) { main { grid-template-columns: 1fr; } #task { order: -1; } }
+form, #task { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: .8em 1em; }
+form { margin-bottom: 1em; }
+label { display: block; margin-bottom: .5em; font-size: .9em; color: var(--muted); }
+label input:not([type]) { display: block; width: 100%; margin-top: .15em; padding: .35em .5em; font: inherit;
+  color: var(--fg); background: var(--bg); border: 1px solid var(--line); border-radius: 5px; }
+label.check { color: var(--fg); }
+button { font: inherit; padding: .35em .9em; border-radius: 5px; border: 1px solid var(--line);
+  background: var(--bg); color: var(--fg); cursor: pointer; }
+button[type=submit] { background: var(--accent); border-color: var(--accent); color: #fff; }
+button:disabled { opacity: .5; cursor: default; }
+.error { color: var(--bad); margin: .4em 0 0; min-height: 1.2em; }
+#task-list { list-style: none; margin: 0; padding: 0; }
+#task-list a { display: grid; grid-template-columns: auto 1fr auto; gap: .1em .6em; padding: .45em .6em;
+  border-bottom: 1px solid var(--line); color: inherit; text-decoration: none; }
+#task-list a:hover, #task-list a[aria-current] { background: var(--panel); }
+.id { color: var(--muted); }
+.when { grid-column: 2 / 4; color: var(--muted); font-size: .85em; }
+.status { font-size: .8em; font-weight: 600; text-transform: uppercase; letter-spacing: .03em; }
+.status-running, .status-queued { color: var(--accent); }
+.status-finished { color: var(--ok); }
+.status-failed, .status-lost { color: var(--bad); }
+.status-killed { color: var(--warn); }
+#task-facts { color: var(--muted); margin: 0 0 .5em; }
+.buttons { display: flex; gap: .6em; align-items: center; margin: 0; }
+.buttons a { margin-left: auto; color: var(--accent); }
+#output { margin: .6em 0 0; padding: .7em; min-height: 10em; max-height: 72vh; overflow: auto;
+  background: #0d1117; color: #e6edf3; border-radius: 6px; font: 13px/1.4 ui-monospace, Menlo, Consolas, monospace;
+  white-space: pre-wrap; overflow-wrap: anywhere; }
+"""
+
+PAGE_JS = r""""use strict";
+// The page of pulsar-rest-api: a live list of tasks, a task whose output follows live, a form to
+// start one. Everything shown is set as text (output is untrusted), never as HTML.
+
+const ENDED = ["finished", "failed", "killed", "lost"];
+const STATUSES = ["queued", "running"].concat(ENDED);
+const $ = (id) => document.getElementById(id);
+const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function call(method, path, body) {
+  const options = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
+  if (body !== undefined) {
+    options.headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, options);
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(data.error || response.status + " " + response.statusText);
+  return data;
+}
+
+function connection(problem) {
+  $("connection").textContent = problem ? "Connection problem: " + problem + " (retrying)" : "";
+}
+
+function statusBadge(status) {
+  const badge = document.createElement("span");
+  badge.textContent = status;
+  badge.className = "status" + (STATUSES.includes(status) ? " status-" + status : "");
+  return badge;
+}
+
+function when(task) {
+  const started = new Date(task.createdAt);
+  let text = started.toLocaleString();
+  if (task.finishedAt) {
+    const seconds = Math.round((new Date(task.finishedAt) - started) / 100) / 10;
+    text += " · " + seconds + " s";
+  }
+  return text;
+}
+
+// ---- the list: /tasks?version=V answers when a task comes, changes status or goes
+
+let shownTask = null;
+
+function renderList(tasks) {
+  const list = $("task-list");
+  list.replaceChildren(...tasks.map((task) => {
+    const link = document.createElement("a");
+    link.href = "#task/" + task.id;
+    if (task.id === shownTask) link.setAttribute("aria-current", "true");
+    const id = document.createElement("span");
+    id.className = "id";
+    id.textContent = "#" + task.id;
+    const what = document.createElement("span");
+    what.textContent = task.app + " / " + task.env + " · " + task.action;
+    const time = document.createElement("span");
+    time.className = "when";
+    time.textContent = when(task);
+    link.append(id, what, statusBadge(task.status), time);
+    const item = document.createElement("li");
+    item.append(link);
+    return item;
+  }));
+}
+
+async function followList() {
+  let version = null;
+  for (;;) {
+    try {
+      const data = await call("GET", "/tasks?limit=50" + (version === null ? "" : "&version=" + version));
+      version = data.version;
+      renderList(data.tasks);
+      connection("");
+    } catch (error) {
+      connection(error.message);
+      await pause(2000);
+    }
+  }
+}
+
+// ---- one task: /task/ID/state?version=V&offset=N returns only what is new
+
+let following = null;
+
+function renderTask(task) {
+  $("task-title").textContent = "#" + task.id + " " + task.app + " / " + task.env + " · " + task.action;
+  const facts = $("task-facts");
+  facts.replaceChildren(statusBadge(task.status), document.createTextNode(
+    " · " + when(task) + (task.exitCode === null ? "" : " · exit code " + task.exitCode)
+    + (task.pid === null ? "" : " · pid " + task.pid)));
+  $("kill").disabled = ENDED.includes(task.status);
+}
+
+function appendOutput(text) {
+  const output = $("output");
+  const atBottom = output.scrollHeight - output.scrollTop - output.clientHeight < 8;
+  output.firstChild.appendData(text);
+  if (atBottom) output.scrollTop = output.scrollHeight;
+}
+
+async function followTask(id) {
+  const me = { id, version: 0, offset: 0 };
+  following = me;
+  shownTask = id;
+  $("task").hidden = false;
+  $("task-error").textContent = "";
+  $("output").replaceChildren(document.createTextNode(""));
+  while (following === me) {
+    try {
+      const data = await call("GET", "/task/" + id + "/state?version=" + me.version + "&offset=" + me.offset);
+      if (following !== me || !data.changed) continue;
+      const task = data.task;
+      appendOutput(task.output);
+      me.version = task.version;
+      me.offset = task.outputLength;
+      renderTask(task);
+      if (ENDED.includes(task.status)) return;
+    } catch (error) {
+      if (following !== me) return;
+      $("task-error").textContent = error.message;
+      if (error.message.startsWith("no task")) return;
+      await pause(2000);
+    }
+  }
+}
+
+function route() {
+  const match = /^#task\/(\d+)$/.exec(location.hash);
+  following = null;
+  if (match) {
+    followTask(Number(match[1]));
+  } else {
+    shownTask = null;
+    $("task").hidden = true;
+  }
+}
+
+async function act(button, path) {
+  button.disabled = true;
+  $("task-error").textContent = "";
+  try {
+    return await call("POST", path);
+  } catch (error) {
+    $("task-error").textContent = error.message;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("start-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const form = event.target;
+    const button = form.querySelector("button");
+    button.disabled = true;
+    $("start-error").textContent = "";
+    try {
+      const path = "/" + encodeURIComponent(form.elements.app.value) + "/" + encodeURIComponent(form.elements.env.value);
+      const reply = await call("POST", path, { action: form.elements.action.value, queue: form.elements.queue.checked });
+      location.hash = "#task/" + reply.taskId;
+    } catch (error) {
+      $("start-error").textContent = error.message;
+    } finally {
+      button.disabled = false;
+    }
+  });
+  $("kill").addEventListener("click", () => act($("kill"), "/task/" + shownTask + "/kill"));
+  $("rerun").addEventListener("click", async () => {
+    const reply = await act($("rerun"), "/task/" + shownTask + "/rerun");
+    if (reply) location.hash = "#task/" + reply.taskId;
+  });
+  window.addEventListener("hashchange", route);
+  route();
+  followList();
+});
+"""
+
+PAGE_SECURITY = [
+    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; "
+                                "connect-src 'self'; img-src 'self'; form-action 'self'; "
+                                "base-uri 'none'; frame-ancestors 'none'"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+]
+
+ASSETS = {
+    "": (PAGE_HTML, "text/html; charset=utf-8"),
+    "app.js": (PAGE_JS, "text/javascript; charset=utf-8"),
+    "app.css": (PAGE_CSS, "text/css; charset=utf-8"),
+}
 
 
 # ---------------------------------------------------------------- the command line
