@@ -497,11 +497,12 @@ class TaskStore:
         with self._lock:
             return [task for task in self._tasks.values() if not task.ended]
 
-    def task_of_pair(self, app, env, besides=None):
-        """The oldest live task for an app and environment, as JSON without output, or None."""
+    def task_of_pair(self, app, env, statuses):
+        """The oldest task of an app and environment in one of `statuses`, as JSON without
+        output, or None."""
         with self._lock:
             for task in self._tasks.values():
-                if (task.app, task.env) == (app, env) and not task.ended and task.id != besides:
+                if (task.app, task.env) == (app, env) and task.status in statuses:
                     return dict(task.summary(), startedBy=task.started_by)
         return None
 
@@ -1005,10 +1006,12 @@ class TaskRunner:
             raise HTTPError(403, "action %s is not allowed on this server; allowed: %s"
                             % (quoted(action), ", ".join(self._allowed_actions)))
 
-    def _blocker(self, app, env, itself=None):
-        """Why a task for this pair cannot start now (an HTTPError to raise), or None."""
+    def _blocker(self, app, env, queued=False):
+        """Why a task for this pair cannot start now (an HTTPError to raise), or None.  A new
+        request waits for any live task of the pair; a queued one, whose elders in line have
+        had their turn, only for a running one."""
         if self._one_per_pair:
-            holder = self._store.task_of_pair(app, env, besides=itself)
+            holder = self._store.task_of_pair(app, env, (RUNNING,) if queued else (RUNNING, QUEUED))
             if holder is not None:
                 return HTTPError(409, "%s/%s already has task %d (%s, %s), started by %s at %s; "
                                       "add queue=true to wait in line"
@@ -1047,7 +1050,7 @@ class TaskRunner:
     def _start_from_line(self):
         """Start, oldest first, the queued tasks whose pair is free (the lock is held)."""
         for task in list(self._line):
-            if self._stopping or self._blocker(task.app, task.env, itself=task.id):
+            if self._stopping or self._blocker(task.app, task.env, queued=True):
                 continue
             self._line.remove(task)
             self._store.mark_running(task)
@@ -1587,6 +1590,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             return
         self._reader.deadline = time.monotonic() + self.server.request_timeout
         self._started = time.monotonic()
+        self.login = "-"                # until this request's credentials say otherwise
         super().handle_one_request()
 
     @property
@@ -2205,8 +2209,9 @@ class PulsarServer(ThreadingHTTPServer):
                 request.do_handshake()
             body = b'{"error": "the server has too many connections; try again shortly"}\n'
             request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
-                            b"\r\nContent-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n"
-                            b"\r\n%s" % (len(body), body))
+                            b"\r\nContent-Length: %d\r\nRetry-After: 1\r\nCache-Control: "
+                            b"no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: close"
+                            b"\r\n\r\n%s" % (len(body), body))
         except (OSError, ssl.SSLError):
             pass
         finally:

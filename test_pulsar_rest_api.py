@@ -14,9 +14,15 @@ traceback in its log or on its console (unless the test crashed it on purpose wi
 Tests of the task history start a second server on the first one's --db; the SQLite file is read
 directly (read-only) only to learn when output has reached the disk.
 
+Tests of --auth-provider github point the server (--github-api) at FakeGitHub, a small HTTP server
+in a thread of this process that knows a few tokens and one organisation, records every request it
+gets (so a test can tell what was cached and which token asked), and can fail or go away on demand.
+Clients at other addresses of 127.0.0.0/8 (127.0.0.2, ...) stand for other hosts.
+
 Run: python3 -m pytest -q
 """
 
+import base64
 import contextlib
 import datetime
 import hashlib
@@ -32,10 +38,12 @@ import ssl
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import uuid
 import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -64,6 +72,7 @@ TASK_KEYS = {"id", "app", "env", "action", "status", "exitCode", "pid", "created
              "version", "outputOffset", "outputLength", "output"}
 CLI_ERROR_PREFIX = "pulsar_rest_api.py: error:"
 SUMMARY_KEYS = TASK_KEYS - {"output", "outputOffset"}    # an item of GET /tasks
+LIVE = ("queued", "running")                            # statuses of a task that has not ended
 LOST_NOTE = "the server stopped while this task ran"
 DROPPED = "[pulsar-rest-api: the output passed %d bytes; the rest is dropped]\n"
 VERSION_LINE = re.compile(r"pulsar-rest-api (\S+) listening on ")
@@ -71,6 +80,21 @@ VERSION_LINE = re.compile(r"pulsar-rest-api (\S+) listening on ")
 UNICODE_LINE = "z\u00fcrich \u20ac \U0001f600 \u65e5\u672c\n"   # 2-, 3- and 4-byte characters
 FLOOD_LINE = "%06d " + "\u00fc" * 500 + "\n"                    # 1008 UTF-8 bytes
 FLOOD_LINES = 1040                                             # lines per block, about 1 MiB
+
+# Credentials.  Each is distinctive, so that finding it in a log or an answer means it leaked.
+PASSWORD = "s3cret-Horse-91"
+PASSWORD_VARIABLE = "PULSAR_REST_API_PASSWORD"
+REALM = 'Basic realm="pulsar-rest-api"'
+ALICE_TOKEN = "gho_alice_6f1c2a9e"      # GitHub login alice, a member of acme
+BOB_TOKEN = "gho_bob_0d8e7b13"          # bob, not a member
+CAROL_TOKEN = "gho_carol_5a4f9c27"      # carol, not a member
+UNKNOWN_TOKEN = "gho_nobody_77e2b0c4"   # not a token GitHub knows
+SERVER_TOKEN = "ghs_server_3b6d1e85"    # the server's own token (a bot account)
+GITHUB_LOGINS = {ALICE_TOKEN: "alice", BOB_TOKEN: "bob", CAROL_TOKEN: "carol",
+                 SERVER_TOKEN: "deploy-bot"}
+GITHUB_MEMBERS = {("acme", "alice"), ("acme", "deploy-bot")}
+SECRETS = (PASSWORD, ALICE_TOKEN, BOB_TOKEN, CAROL_TOKEN, UNKNOWN_TOKEN, SERVER_TOKEN)
+NO_PROXY = {"no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}     # the fake GitHub is local
 
 
 # --- Small helpers ----------------------------------------------------------------------------
@@ -330,6 +354,86 @@ class Gate:
             self._fd = None
 
 
+# --- The fake GitHub API ----------------------------------------------------------------------
+
+class FakeGitHub:
+    """A stand-in for the GitHub API on 127.0.0.1:0, served by a daemon thread.
+
+    GET /user with `Authorization: token T` answers 200 {"login": ...} for the tokens in `logins`
+    and 401 for any other; GET /orgs/ORG/members/LOGIN answers 204 for a member (`members` holds
+    (org, login) pairs) and 404 for anyone else.  Every request is recorded as (path,
+    Authorization header) before it is answered.  Setting `failing` to a status makes every
+    answer that status; stop() closes the port, so that GitHub cannot be reached at all.
+    """
+
+    def __init__(self, logins, members):
+        self.logins = dict(logins)
+        self.members = set(members)
+        self.failing = None
+        self._requests = []
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeGitHubHandler)
+        self._httpd.daemon_threads = True
+        self._httpd.fake = self
+        self.url = "http://127.0.0.1:%d" % self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
+                                        name="fake-github", daemon=True)
+        self._thread.start()
+
+    @property
+    def requests(self):
+        """[(path, Authorization header)] in the order they arrived."""
+        with self._lock:
+            return list(self._requests)
+
+    def record(self, path, authorization):
+        with self._lock:
+            self._requests.append((path, authorization))
+
+    def stop(self):
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._thread.join(TIMEOUT)
+            self._thread = None
+
+
+class FakeGitHubHandler(BaseHTTPRequestHandler):
+    """The routes of FakeGitHub; answers are JSON, as GitHub's are."""
+
+    MEMBERSHIP = re.compile(r"/orgs/([^/]+)/members/([^/]+)")
+
+    def do_GET(self):
+        fake = self.server.fake
+        authorization = self.headers.get("Authorization")
+        fake.record(self.path, authorization)
+        scheme, _, token = (authorization or "").partition(" ")
+        caller = fake.logins.get(token) if scheme.lower() == "token" else None
+        membership = self.MEMBERSHIP.fullmatch(self.path)
+        if fake.failing:
+            self.answer(fake.failing, {"message": "Server Error"})
+        elif caller is None:
+            self.answer(401, {"message": "Bad credentials"})
+        elif self.path == "/user":
+            self.answer(200, {"login": caller, "id": 1})
+        elif membership and membership.groups() in fake.members:
+            self.answer(204, None)
+        else:
+            self.answer(404, {"message": "Not Found"})
+
+    def answer(self, status, payload):
+        body = b"" if payload is None else json.dumps(payload).encode()
+        self.send_response(status)
+        if body:
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        pass        # the records are the log
+
+
 # --- The server and a client for it -----------------------------------------------------------
 
 class Server:
@@ -374,8 +478,8 @@ class Server:
     def console(self):
         return self.console_path.read_text(errors="replace")
 
-    def client(self, context=None):
-        return Client(self.scheme, self.port, context or self.context)
+    def client(self, context=None, headers=None, source=None):
+        return Client(self.scheme, self.port, context or self.context, headers, source)
 
     def stop(self, sig=signal.SIGTERM):
         """Signal the server (unless it has exited) and return its exit status."""
@@ -441,16 +545,24 @@ class Reply:
 
 
 class Client:
-    """http.client requests to one server, one connection per request unless told otherwise."""
+    """http.client requests to one server, one connection per request unless told otherwise.
 
-    def __init__(self, scheme, port, context):
+    headers are sent with every request (credentials, say); source is the local address to
+    connect from (any of 127.0.0.0/8), so that a test can be two clients at two addresses.
+    """
+
+    def __init__(self, scheme, port, context, headers=None, source=None):
         self.scheme, self.port, self.context = scheme, port, context
+        self.headers = dict(headers or {})
+        self.source = source
 
     def connection(self, timeout=TIMEOUT):
+        source = (self.source, 0) if self.source else None
         if self.scheme == "https":
             return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
-                                               context=self.context)
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+                                               context=self.context, source_address=source)
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout,
+                                          source_address=source)
 
     def request(self, method, path, body=None, content_type=None, headers=None, chunked=False,
                 declared_length=None, timeout=TIMEOUT):
@@ -459,7 +571,7 @@ class Client:
         chunked sends body with Transfer-Encoding: chunked; declared_length sends only the headers,
         announcing a body of that many bytes.
         """
-        headers = dict(headers or {})
+        headers = dict(self.headers, **(headers or {}))
         if isinstance(body, str):
             body = body.encode("utf-8")
         if content_type:
@@ -498,6 +610,13 @@ class Client:
         assert reply.status == 200, reply
         return reply.json["taskId"]
 
+    def queue(self, app, env, action):
+        """POST a form with the action and queue=true; the new task id, which must be queued."""
+        reply = self.request("POST", "/%s/%s" % (app, env), content_type=FORM,
+                             body=urllib.parse.urlencode({"action": action, "queue": "true"}))
+        assert reply.status == 200 and reply.json["status"] == "queued", reply
+        return reply.json["taskId"]
+
     def task(self, task_id, offset=None):
         path = "/task/%d" % task_id + ("" if offset is None else "?offset=%d" % offset)
         reply = self.get(path)
@@ -519,11 +638,11 @@ class Client:
                 version = task["version"]
                 if predicate(task):
                     return task
-                assert task["status"] == "running", "task ended before %s: %r" % (what, task)
+                assert task["status"] in LIVE, "task ended before %s: %r" % (what, task)
             assert time.monotonic() < deadline, "timed out waiting for " + what
 
-    def wait_ended(self, task_id):
-        return self.wait_for(task_id, lambda task: task["status"] != "running", "its end")
+    def wait_ended(self, task_id, timeout=TIMEOUT):
+        return self.wait_for(task_id, lambda task: task["status"] not in LIVE, "its end", timeout)
 
     def follow(self, task_id, timeout=TIMEOUT):
         """Follow the task to its end as a client should, receiving only new output each time;
@@ -537,7 +656,7 @@ class Client:
                 task = reply.json["task"]
                 pieces.append(task["output"])
                 version, offset = task["version"], task["outputLength"]
-                if task["status"] != "running":
+                if task["status"] not in LIVE:
                     return task, "".join(pieces)
             assert time.monotonic() < deadline, "timed out following task %d" % task_id
 
@@ -562,8 +681,9 @@ class Client:
                 values[name] = float(value)
         return values
 
-    def wait_output(self, task_id, text):
-        return self.wait_for(task_id, lambda task: text in task["output"], "output %r" % text)
+    def wait_output(self, task_id, text, timeout=TIMEOUT):
+        return self.wait_for(task_id, lambda task: text in task["output"], "output %r" % text,
+                             timeout)
 
 
 def raw_exchange(server, data):
@@ -596,6 +716,65 @@ def assert_json_error(reply, status):
     assert list(body) == ["error"], body
     assert isinstance(body["error"], str) and body["error"], body
     assert "Traceback" not in body["error"], body
+
+
+def basic_auth(user, password):
+    """The Authorization header of HTTP Basic, as curl -u USER:PASSWORD sends it."""
+    pair = ("%s:%s" % (user, password)).encode("utf-8")
+    return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
+
+
+def bearer_auth(token):
+    return {"Authorization": "Bearer " + token}
+
+
+def assert_refused_login(reply, status=401):
+    """A JSON error that asks for credentials (401 with the Basic challenge) or refuses them."""
+    assert_json_error(reply, status)
+    if status == 401:
+        assert reply.headers["WWW-Authenticate"] == REALM, reply.headers
+
+
+def assert_not_cached_and_not_sniffed(reply):
+    assert reply.headers["Cache-Control"] == "no-store", (reply, reply.headers.items())
+    assert reply.headers["X-Content-Type-Options"] == "nosniff", (reply, reply.headers.items())
+
+
+def leaked_secrets(text):
+    """The secrets (passwords, tokens) that appear in text."""
+    return [secret for secret in SECRETS if secret in text]
+
+
+def reply_text(reply):
+    """Status line fields, headers and body of a reply as one text, to search for secrets."""
+    return "%d\n%s\n%s" % (reply.status, reply.headers, reply.body.decode("utf-8", "replace"))
+
+
+def process_environment(pid):
+    """{name: value} of a live process, from /proc/PID/environ."""
+    with open("/proc/%d/environ" % pid, "rb") as source:
+        entries = source.read().split(b"\0")
+    return dict(entry.decode("utf-8", "replace").partition("=")[::2] for entry in entries if entry)
+
+
+def unasked_reply(server, timeout=TIMEOUT):
+    """Connect over TLS, send nothing, and parse the one response the server sends anyway;
+    (the reply, whether the server then closed the connection)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as raw:
+        with server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            response = http.client.HTTPResponse(tls)
+            response.begin()
+            reply = Reply(response, response.read())
+            return reply, closed_by_peer(tls, timeout)
+
+
+def served(client, path="/health"):
+    """The reply if the server answers 200 now, else None (refused or dropped): a predicate."""
+    try:
+        reply = client.get(path)
+    except (OSError, http.client.HTTPException):
+        return None
+    return reply if reply.status == 200 else None
 
 
 def closed_by_peer(sock, timeout):
@@ -689,6 +868,16 @@ def no_process_left_behind(request, tmp_path):
     assert_no_process_left(marks, spared)
 
 
+@pytest.fixture
+def github():
+    """A FakeGitHub that knows GITHUB_LOGINS and GITHUB_MEMBERS; stopped after the test."""
+    fake = FakeGitHub(GITHUB_LOGINS, GITHUB_MEMBERS)
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory):
     """A certificate for 127.0.0.1 with an encrypted key, the same as PKCS#12, passphrase files."""
@@ -756,14 +945,19 @@ def logged_version(server):
 
 # --- Creating tasks ---------------------------------------------------------------------------
 
-def test_create_returns_increasing_ids_and_url_built_from_host_header(api, shared_server):
-    app, env = unique("app"), unique("env")
-    first = api.request("POST", "/%s/%s" % (app, env), body="action=deploy", content_type=FORM)
-    second = api.request("POST", "/%s/%s" % (app, env), body="action=deploy", content_type=FORM,
-                         headers={"Host": "localhost:%d" % shared_server.port})
+def test_create_returns_increasing_ids_status_and_url_built_from_host_header(api, shared_server,
+                                                                           shared_fake):
+    gate = shared_fake.gate()
+    app = unique("app")
+    first = api.request("POST", "/%s/%s" % (app, unique("env")), body="action=gate-" + gate.name,
+                        content_type=FORM)
+    second = api.request("POST", "/%s/%s" % (app, unique("env")), body="action=deploy",
+                         content_type=FORM, headers={"Host": "localhost:%d" % shared_server.port})
+    gate.release()
 
     assert first.status == 200 and second.status == 200, (first, second)
-    assert set(first.json) == {"taskId", "url"}
+    assert set(first.json) == set(second.json) == {"taskId", "url", "status"}
+    assert first.json["status"] == "running"    # held by its gate until after the reply
     first_id, second_id = first.json["taskId"], second.json["taskId"]
     assert isinstance(first_id, int) and first_id >= 1
     assert second_id == first_id + 1
@@ -894,6 +1088,7 @@ def test_ids_start_at_one_and_refused_requests_neither_use_an_id_nor_start_pulsa
 def test_task_paths_are_never_a_create(api, shared_fake, ended_task):
     app, env = unique("app"), unique("env")
     before = api.create(app, env, "deploy")
+    api.wait_ended(before)      # one task at a time per app and env
 
     posted = api.request("POST", "/task/%d" % ended_task, body="action=deploy", content_type=FORM)
     after = api.create(app, env, "deploy")
@@ -908,7 +1103,7 @@ def test_task_paths_are_never_a_create(api, shared_fake, ended_task):
 # --- Routing and the shape of every response --------------------------------------------------
 
 @pytest.mark.parametrize("method, path", [
-    ("GET", "/"),
+    ("GET", "/index.html"),
     ("GET", "/nope"),
     ("POST", "/a/b/c"),
     ("GET", "/task"),
@@ -963,7 +1158,7 @@ def test_head_is_answered_405_without_a_body(shared_server, ended_task):
     assert rest == b"" or rest.startswith(b"HTTP/1.1 200 "), rest[:200]
 
 
-def test_every_response_is_json_with_content_length_and_no_store(api, ended_task):
+def test_every_response_is_json_with_content_length_no_store_and_nosniff(api, ended_task):
     hanging = api.create(unique("app"), unique("env"), "hang")
     replies = [
         api.request("POST", "/%s/%s?action=deploy" % (unique("app"), unique("env"))),
@@ -985,7 +1180,7 @@ def test_every_response_is_json_with_content_length_and_no_store(api, ended_task
     for reply in replies:
         assert reply.headers["Content-Type"].startswith("application/json"), reply
         assert reply.headers["Content-Length"] == str(len(reply.body)), reply
-        assert reply.headers["Cache-Control"] == "no-store", reply
+        assert_not_cached_and_not_sniffed(reply)
         assert isinstance(reply.json, dict), reply
 
 
@@ -1438,8 +1633,8 @@ def test_history_survives_a_restart_character_for_character_and_ids_go_on(start_
     client = first.client()
     app = unique("app")
     finished = client.create(app, "prod", "unicode.badbytes.chatty-1200")
-    failed = client.create(app, "prod", "out-2.exit-3")
-    killed = client.create(app, "prod", "out-1.hang")
+    failed = client.create(app, "stage", "out-2.exit-3")     # an env each: they run at once
+    killed = client.create(app, "test", "out-1.hang")
     client.wait_output(killed, "out 1\n")
     kill = client.kill(killed)
     client.wait_ended(finished)
@@ -1616,10 +1811,11 @@ def test_task_list_is_newest_first_without_output_and_filters_by_app_env_and_sta
                                                                                   shared_fake):
     app, env_x, env_y = unique("app"), unique("env"), unique("env")
     first = api.create(app, env_x, "out-1")
+    api.wait_ended(first)       # one task at a time per app and env
     failed = api.create(app, env_x, "out-1.exit-3")
+    api.wait_ended(failed)
     other_env = api.create(app, env_y, "out-1")
-    for task_id in (first, failed, other_env):
-        api.wait_ended(task_id)
+    api.wait_ended(other_env)
     gate = shared_fake.gate()
     running = api.create(app, env_x, "gate-" + gate.name)
     api.wait_output(running, "gate %s\n" % gate.name)
@@ -1628,7 +1824,7 @@ def test_task_list_is_newest_first_without_output_and_filters_by_app_env_and_sta
     by_env = api.listed_ids("env=" + env_x)
     by_app_and_env = api.listed_ids("app=%s&env=%s" % (app, env_y))
     by_status = {status: api.listed_ids("app=%s&status=%s" % (app, status))
-                 for status in ("running", "finished", "failed", "killed", "lost")}
+                 for status in ("queued", "running", "finished", "failed", "killed", "lost")}
     finished_in_x = api.listed_ids("app=%s&env=%s&status=finished" % (app, env_x))
     other_app = api.listing("app=" + unique("app"))
     gate.release()
@@ -1646,17 +1842,18 @@ def test_task_list_is_newest_first_without_output_and_filters_by_app_env_and_sta
     assert everything["tasks"][2] == ended
     assert by_env == [running, failed, first]
     assert by_app_and_env == [other_env]
-    assert by_status == {"running": [running], "finished": [other_env, first], "failed": [failed],
-                         "killed": [], "lost": []}
+    assert by_status == {"queued": [], "running": [running], "finished": [other_env, first],
+                         "failed": [failed], "killed": [], "lost": []}
     assert finished_in_x == [first]
-    assert other_app == {"tasks": [], "next": None}
+    assert (other_app["tasks"], other_app["next"]) == ([], None)
 
 
 def test_task_list_pages_follow_the_next_link_until_it_is_null(api):
     app, env = unique("app"), unique("env")
-    ids = [api.create(app, env, "out-1") for _ in range(5)]
-    for task_id in ids:
-        api.wait_ended(task_id)
+    ids = []
+    for _ in range(5):          # one after the other: one task at a time per app and env
+        ids.append(api.create(app, env, "out-1"))
+        api.wait_ended(ids[-1])
 
     pages, query = [], "app=%s&limit=2" % app
     while query is not None and len(pages) < 10:
@@ -1931,6 +2128,42 @@ def test_command_line_error_is_one_line_and_a_nonzero_exit(tmp_path, fake, tls_f
     assert "Traceback" not in result.stdout + result.stderr
 
 
+# Access and limit flags that cannot work: (id, flags, what the one line must mention).
+AUTH_CLI_ERRORS = [
+    ("password-without-provider", ["--auth-password", PASSWORD], ["--auth-provider"]),
+    ("basic-without-password", ["--auth-provider", "basic", "--auth-username", "alice"],
+     ["--auth-password-file", PASSWORD_VARIABLE]),
+    ("github-user-with-password",
+     ["--auth-provider", "github", "--auth-username", "a", "--auth-password", PASSWORD],
+     ["--auth-provider basic", "--auth-method org"]),
+    ("org-method-with-basic",
+     ["--auth-provider", "basic", "--auth-username", "alice", "--auth-password", PASSWORD,
+      "--auth-method", "org"], ["--auth-method"]),
+    ("github-without-username", ["--auth-provider", "github"], ["--auth-username"]),
+    ("github-api-not-http",
+     ["--auth-provider", "github", "--auth-username", "a", "--github-api", "ftp://x"],
+     ["--github-api"]),
+    ("max-tasks-zero", ["--max-tasks", "0"], ["--max-tasks"]),
+    ("allow-action-with-a-space", ["--allow-action", "a b"], ["--allow-action"]),
+]
+
+
+@pytest.mark.parametrize("args, mentions", [case[1:] for case in AUTH_CLI_ERRORS],
+                         ids=[case[0] for case in AUTH_CLI_ERRORS])
+def test_access_or_limit_flags_that_cannot_work_are_a_one_line_error_naming_the_fix(
+        tmp_path, fake, args, mentions):
+    result = run_cli(tmp_path, fake, args, env={PASSWORD_VARIABLE: ""})
+
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode > 0
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(CLI_ERROR_PREFIX), lines[0]
+    for mention in mentions:
+        assert mention in lines[0], lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+
+
 def make_bad_db(tmp_path, kind):
     """A --db path the server cannot use, of the given kind."""
     if kind == "missing-folder":
@@ -1976,7 +2209,9 @@ def test_help_exits_0_and_mentions_every_flag(tmp_path, fake):
     for flag in ("--host", "--port", "--pulsar-bin", "--pulsar-cli", "--config-repo",
                  "--config-branch", "--log-dir", "--ssl-cert", "--ssl-key", "--ssl-pfx",
                  "--ssl-passphrase", "--no-ssl", "--poll-timeout", "--kill-grace",
-                 "--request-timeout", "--help"):
+                 "--request-timeout", "--auth-provider", "--auth-method", "--auth-username",
+                 "--auth-password", "--auth-password-file", "--github-api", "--max-connections",
+                 "--max-tasks", "--allow-concurrent", "--allow-action", "--help"):
         assert flag in result.stdout, flag
 
 
@@ -2086,8 +2321,8 @@ def test_log_has_one_line_per_request_with_address_method_path_status_bytes_and_
 def test_log_says_who_started_and_killed_each_task_and_how_it_ended(api, shared_server):
     app = unique("app")
     started = api.request("POST", "/%s/prod?action=out-1" % app)
-    failing = api.request("POST", "/%s/prod?action=exit-3" % app)
-    hanging = api.request("POST", "/%s/prod?action=hang" % app)
+    failing = api.request("POST", "/%s/stage?action=exit-3" % app)     # an env each: they run
+    hanging = api.request("POST", "/%s/test?action=hang" % app)        # at once
     ids = [reply.json["taskId"] for reply in (started, failing, hanging)]
     api.wait_ended(ids[0])
     api.wait_ended(ids[1])
@@ -2098,7 +2333,7 @@ def test_log_says_who_started_and_killed_each_task_and_how_it_ended(api, shared_
         r"INFO task %d started by 127\.0\.0\.1:%d: %s prod out-1 \(pid %d\)$"
         % (ids[0], started.local_port, app, pid),
         r"INFO task %d finished \(exit code 0\) after \d+\.\d s$" % ids[0],
-        r"INFO task %d started by 127\.0\.0\.1:%d: %s prod exit-3 \(pid \d+\)$"
+        r"INFO task %d started by 127\.0\.0\.1:%d: %s stage exit-3 \(pid \d+\)$"
         % (ids[1], failing.local_port, app),
         r"INFO task %d failed \(exit code 3\) after \d+\.\d s$" % ids[1],
         r"INFO task %d: kill requested by 127\.0\.0\.1:%d$" % (ids[2], killed.local_port),
@@ -2126,3 +2361,585 @@ def test_log_file_moved_away_by_logrotate_is_created_again_by_the_next_request(s
     assert "/task/4242" not in rotated.read_text()
     assert LISTENING.search(rotated.read_text())
     assert not LISTENING.search(server.log())
+
+
+# --- One task per app and environment, the line, and --max-tasks -------------------------------
+
+def test_second_task_for_a_busy_pair_is_409_naming_the_task_that_holds_it(api, shared_fake):
+    gate = shared_fake.gate()
+    app, env = unique("app"), unique("env")
+    first = api.request("POST", "/%s/%s?action=gate-%s" % (app, env, gate.name))
+    holder = first.json["taskId"]
+    held = api.wait_output(holder, "gate %s\n" % gate.name)
+
+    busy = api.request("POST", "/%s/%s" % (app, env), body="action=out-2", content_type=FORM)
+    other_env = api.create(app, unique("env"), "out-1")       # the app alone is not the lock
+    gate.release()
+    api.wait_ended(holder)
+    api.wait_ended(other_env)
+
+    assert busy.status == 409, busy
+    assert isinstance(busy.json["error"], str) and str(holder) in busy.json["error"], busy
+    assert {key: busy.json[key] for key in ("taskId", "action", "startedBy", "startedAt")} == {
+        "taskId": holder, "action": "gate-" + gate.name,
+        "startedBy": "127.0.0.1:%d" % first.local_port, "startedAt": held["createdAt"]}
+    assert [run["argv"][-1] for run in shared_fake.invocations() if env in run["argv"]] == [
+        "gate-" + gate.name]
+
+
+@pytest.mark.parametrize("how", ["form", "json", "query"])
+def test_queue_true_waits_in_line_and_starts_once_the_pair_is_free(api, shared_fake, how):
+    gate = shared_fake.gate()
+    app, env = unique("app"), unique("env")
+    holder = api.create(app, env, "gate-" + gate.name)
+    api.wait_output(holder, "gate %s\n" % gate.name)
+    path, body, content_type = "/%s/%s" % (app, env), None, None
+    if how == "form":
+        body, content_type = "action=out-1&queue=true", FORM
+    elif how == "json":
+        body, content_type = json.dumps({"action": "out-1", "queue": True}), JSON
+    else:
+        path += "?action=out-1&queue=true"
+
+    queued = api.request("POST", path, body=body, content_type=content_type)
+    queued_id = queued.json["taskId"]
+    waiting = api.task(queued_id)
+    listed = api.listed_ids("app=%s&status=queued" % app)
+    runs_while_waiting = [run["argv"][-1] for run in shared_fake.invocations()
+                          if env in run["argv"]]
+    gate.release()
+    ended = api.wait_ended(queued_id)
+    runs = [run["argv"][-1] for run in shared_fake.invocations() if env in run["argv"]]
+
+    assert queued.status == 200, queued
+    assert queued.json == {"taskId": queued_id, "status": "queued",
+                           "url": "https://127.0.0.1:%d/task/%d" % (api.port, queued_id)}
+    assert (waiting["status"], waiting["pid"], waiting["exitCode"]) == ("queued", None, None)
+    assert (waiting["finishedAt"], waiting["output"]) == (None, "")
+    assert listed == [queued_id]
+    assert runs_while_waiting == ["gate-" + gate.name]
+    assert (ended["status"], ended["exitCode"], ended["output"]) == ("finished", 0, "out 1\n")
+    assert runs == ["gate-" + gate.name, "out-1"]        # after the holder, never beside it
+    assert api.task(holder)["status"] == "finished"
+
+
+def test_two_queued_tasks_of_a_pair_start_one_after_the_other_in_order(start_server, fake):
+    client = start_server("--poll-timeout", "1").client()   # a stuck line fails in seconds
+    holder_gate, first_gate = fake.gate(), fake.gate()
+    app = unique("app")
+    holder = client.create(app, "prod", "gate-" + holder_gate.name)
+    client.wait_output(holder, "gate %s\n" % holder_gate.name)
+    first = client.queue(app, "prod", "gate-" + first_gate.name)
+    second = client.queue(app, "prod", "out-1")
+
+    holder_gate.release()
+    # Starting a task takes milliseconds: 3 s is plenty, and a line that is stuck fails fast.
+    first_running = client.wait_output(first, "gate %s\n" % first_gate.name, timeout=3)
+    second_meanwhile = client.task(second)
+    first_gate.release()
+    second_ended = client.wait_ended(second, timeout=3)
+    first_ended = client.task(first)
+
+    assert first_running["status"] == "running"
+    assert second_meanwhile["status"] == "queued"
+    assert first_ended["status"] == "finished"
+    assert (second_ended["status"], second_ended["output"]) == ("finished", "out 1\n")
+    assert [run["argv"][-1] for run in fake.invocations()] == [
+        "gate-" + holder_gate.name, "gate-" + first_gate.name, "out-1"]
+
+
+def test_killing_a_queued_task_takes_it_out_of_the_line_and_it_never_runs(api, shared_fake):
+    gate = shared_fake.gate()
+    app, env = unique("app"), unique("env")
+    holder = api.create(app, env, "gate-" + gate.name)
+    api.wait_output(holder, "gate %s\n" % gate.name)
+    queued = api.queue(app, env, "out-1")
+
+    killed = api.kill(queued)
+    read = api.task(queued)
+    gate.release()
+    api.wait_ended(holder)
+    # This one waits behind anything still in line for the pair: once it has run, so has that.
+    follow_up = api.request("POST", "/%s/%s?action=out-2&queue=true" % (app, env))
+    after = api.wait_ended(follow_up.json["taskId"])
+
+    assert killed.status == 200, killed
+    assert (killed.json["id"], killed.json["status"]) == (queued, "killed")
+    assert (killed.json["exitCode"], killed.json["pid"]) == (None, None)
+    assert "removed from the line" in killed.json["output"].splitlines()[-1], killed.json
+    assert killed.json["output"].endswith("\n")
+    assert read["status"] == "killed"
+    assert after["status"] == "finished"
+    assert [run["argv"][-1] for run in shared_fake.invocations() if env in run["argv"]] == [
+        "gate-" + gate.name, "out-2"]
+
+
+def test_allow_concurrent_lets_two_tasks_of_one_pair_run_at_once(start_server, fake):
+    client = start_server("--allow-concurrent").client()
+    gates = [fake.gate(), fake.gate()]
+    app = unique("app")
+
+    ids = [client.create(app, "prod", "gate-" + gate.name) for gate in gates]
+    both = [client.wait_output(task_id, "gate %s\n" % gate.name)
+            for task_id, gate in zip(ids, gates)]
+    for gate in gates:
+        gate.release()
+    ended = [client.wait_ended(task_id) for task_id in ids]
+
+    assert [task["status"] for task in both] == ["running", "running"]
+    assert [task["status"] for task in ended] == ["finished", "finished"]
+
+
+def test_a_queued_task_is_dropped_when_the_server_stops_and_never_runs(start_server, fake):
+    server = start_server("--shutdown-timeout", "30")
+    client = server.client()
+    gate = fake.gate()
+    app = unique("app")
+    holder = client.create(app, "prod", "gate-" + gate.name)
+    client.wait_output(holder, "gate %s\n" % gate.name)
+    queued = client.queue(app, "prod", "out-1")
+
+    server.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: health_once_stopping(client), what="/health to say stopping")
+    dropped = client.task(queued)
+    holder_meanwhile = client.task(holder)
+    gate.release()
+    status = server.wait_exit()
+
+    assert (dropped["status"], dropped["exitCode"], dropped["pid"]) == ("killed", None, None)
+    assert "the server stopped" in dropped["output"].splitlines()[-1], dropped
+    assert holder_meanwhile["status"] == "running"
+    assert status == 0, server.console()
+    assert [run["argv"][-1] for run in fake.invocations()] == ["gate-" + gate.name]
+    server.assert_no_traceback()
+
+
+def test_max_tasks_refuses_one_more_with_429_or_queues_it_until_a_slot_frees(start_server, fake):
+    client = start_server("--max-tasks", "2").client()
+    gates = [fake.gate(), fake.gate()]
+    running = [client.create(unique("app"), "prod", "gate-" + gate.name) for gate in gates]
+    for task_id, gate in zip(running, gates):
+        client.wait_output(task_id, "gate %s\n" % gate.name)
+    app = unique("app")
+
+    refused = client.request("POST", "/%s/prod?action=out-1" % app)
+    queued = client.request("POST", "/%s/prod?action=out-1&queue=true" % app)
+    waiting = client.task(queued.json["taskId"])
+    runs_while_full = [run for run in fake.invocations() if app in run["argv"]]
+    gates[0].release()
+    ended = client.wait_ended(queued.json["taskId"])
+    still_held = client.task(running[1])
+    gates[1].release()
+    client.wait_ended(running[1])
+
+    assert_json_error(refused, 429)
+    assert "--max-tasks" in refused.json["error"], refused
+    assert (queued.status, queued.json["status"]) == (200, "queued"), queued
+    assert waiting["status"] == "queued"
+    assert runs_while_full == []
+    assert (ended["status"], ended["output"]) == ("finished", "out 1\n")
+    assert still_held["status"] == "running"      # the slot it took was the first one's
+    assert client.task(running[0])["status"] == "finished"
+
+
+# --- Access: HTTP Basic -------------------------------------------------------------------------
+
+def basic_login(tmp_path, source):
+    """(flags, environment) for a server that lets alice in with PASSWORD, taken from `source`:
+    a file (ending in a newline, as echo writes it), the environment variable, or the flag."""
+    flags = ["--auth-provider", "basic", "--auth-username", "alice"]
+    if source == "file":
+        path = tmp_path / "password.txt"
+        path.write_text(PASSWORD + "\n")
+        return flags + ["--auth-password-file", path], {}
+    if source == "environment":
+        return flags, {PASSWORD_VARIABLE: PASSWORD}
+    return flags + ["--auth-password", PASSWORD], {}
+
+
+@pytest.mark.parametrize("source", ["file", "environment", "flag"])
+def test_basic_login_lets_in_only_the_password_from_a_file_the_environment_or_the_flag(
+        start_server, tmp_path, source):
+    flags, env = basic_login(tmp_path, source)
+    server = start_server(*flags, env=env)
+
+    anonymous = server.client().get("/tasks")
+    wrong = server.client(headers=basic_auth("alice", PASSWORD + "x")).get("/tasks")
+    other_user = server.client(headers=basic_auth("mallory", PASSWORD)).get("/tasks")
+    as_bearer = server.client(headers=bearer_auth(PASSWORD)).get("/tasks")
+    right = server.client(headers=basic_auth("alice", PASSWORD)).get("/tasks")
+
+    for reply in (anonymous, wrong, other_user, as_bearer):
+        assert_refused_login(reply, 401)
+        assert_not_cached_and_not_sniffed(reply)
+    assert right.status == 200, right
+    assert right.json["tasks"] == []
+    warnings = log_lines(server, r"WARNING .*--auth-password shows in ps")
+    assert len(warnings) == (1 if source == "flag" else 0), server.log()
+    assert leaked_secrets(server.log()) == []
+
+
+def test_basic_login_is_required_on_every_route_but_health(start_server, fake, tmp_path):
+    flags, env = basic_login(tmp_path, "file")
+    server = start_server(*flags, env=env)
+    alice = server.client(headers=basic_auth("alice", PASSWORD))
+    gate = fake.gate()
+    task_id = alice.create(unique("app"), "prod", "gate-" + gate.name)
+    alice.wait_output(task_id, "gate %s\n" % gate.name)
+    refused_app, allowed_app = unique("app"), unique("app")
+    routes = [("POST", "/%s/prod?action=out-1" % refused_app), ("GET", "/task/%d" % task_id),
+              ("GET", "/task/%d/state?version=0" % task_id), ("GET", "/task/%d/kill" % task_id),
+              ("POST", "/task/%d/kill" % task_id), ("GET", "/tasks"), ("GET", "/metrics")]
+
+    anonymous = [server.client().request(method, path) for method, path in routes]
+    mistaken = [server.client(headers=basic_auth("alice", "wrong-password")).request(method, path)
+                for method, path in routes]      # 7 failures: under the 10 that earn a 429
+    untouched = alice.task(task_id)
+    health = server.client().get("/health")
+    allowed = [alice.get("/task/%d" % task_id), alice.get("/task/%d/state?version=0" % task_id),
+               alice.get("/tasks"), alice.get("/metrics"),
+               alice.request("POST", "/%s/prod?action=out-1" % allowed_app),
+               alice.kill(task_id, method="GET")]
+    alice.wait_ended(allowed[4].json["taskId"])
+
+    for reply in anonymous + mistaken:
+        assert_refused_login(reply, 401)
+        assert_not_cached_and_not_sniffed(reply)
+    assert untouched["status"] == "running"
+    assert [run for run in fake.invocations() if refused_app in run["argv"]] == []
+    assert health.status == 200, health
+    assert set(health.json) == {"status", "running", "version"}
+    assert leaked_secrets(reply_text(health)) == []
+    assert [reply.status for reply in allowed] == [200] * 6, allowed
+    assert allowed[-1].json["status"] == "killed"
+
+
+def test_log_names_who_made_each_request_start_and_kill_but_never_the_password(
+        start_server, fake, tmp_path):
+    flags, env = basic_login(tmp_path, "environment")
+    server = start_server(*flags, env=env)
+    alice = server.client(headers=basic_auth("alice", PASSWORD))
+    gate = fake.gate()
+    app = unique("app")
+    started = alice.request("POST", "/%s/prod?action=gate-%s" % (app, gate.name))
+    task_id = started.json["taskId"]
+    running = alice.wait_output(task_id, "gate %s\n" % gate.name)
+
+    pulsar_environment = process_environment(running["pid"])
+    killed = alice.kill(task_id)
+    refused = server.client(headers=basic_auth("alice", "wrong-password")).get("/tasks")
+    replies = [started, killed, refused, alice.get("/task/%d" % task_id), alice.get("/tasks"),
+               alice.get("/metrics"), server.client().get("/health")]
+    expected = [
+        r"INFO 127\.0\.0\.1:%d POST '/%s/prod\?action=gate-%s' 200 \d+ \d+ms user='alice'$"
+        % (started.local_port, app, gate.name),
+        r"INFO task %d started by alice \(127\.0\.0\.1:%d\): %s prod gate-%s \(pid %d\)$"
+        % (task_id, started.local_port, app, gate.name, running["pid"]),
+        r"INFO task %d: kill requested by alice \(127\.0\.0\.1:%d\)$" % (task_id, killed.local_port),
+        r"INFO 127\.0\.0\.1:%d POST '/task/%d/kill' 200 \d+ \d+ms user='alice'$"
+        % (killed.local_port, task_id),
+        r"INFO 127\.0\.0\.1:%d GET '/tasks' 401 \d+ \d+ms$" % refused.local_port,
+    ]
+    wait_until(lambda: all(log_lines(server, pattern) for pattern in expected),
+               what="the requests, the start and the kill in the log")
+
+    assert killed.status == 200, killed
+    assert_refused_login(refused, 401)
+    for pattern in expected:
+        assert len(log_lines(server, pattern)) == 1, pattern
+    assert PASSWORD_VARIABLE not in pulsar_environment
+    assert PASSWORD not in "".join(pulsar_environment.values())
+    assert pulsar_environment["FAKE_DIR"] == str(fake.dir)       # the rest is passed on
+    assert pulsar_environment["PATH"] == os.environ["PATH"]
+    for reply in replies:
+        assert leaked_secrets(reply_text(reply)) == [], reply
+    assert leaked_secrets(server.log() + server.console()) == []
+
+
+def test_refused_login_on_a_kept_alive_connection_is_not_logged_as_the_previous_user(
+        start_server, tmp_path):
+    flags, env = basic_login(tmp_path, "file")
+    server = start_server(*flags, env=env)
+    conn = server.client().connection()
+    try:
+        statuses = []
+        for path, headers in (("/tasks", basic_auth("alice", PASSWORD)),
+                              ("/task/4242", basic_auth("alice", "wrong-password")),
+                              ("/task/4343", {})):
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            statuses.append(response.status)
+        port = conn.sock.getsockname()[1]
+    finally:
+        conn.close()
+    first = r"INFO 127\.0\.0\.1:%d GET '/tasks' 200 \d+ \d+ms user='alice'$" % port
+    wait_until(lambda: log_lines(server, first) and log_lines(server, "'/task/4343' 401"),
+               what="the three requests in the log")
+
+    assert statuses == [200, 401, 401]
+    for path in ("/task/4242", "/task/4343"):
+        lines = log_lines(server, r"127\.0\.0\.1:%d GET '%s' 401 " % (port, path))
+        assert len(lines) == 1 and not re.search(r"user=", lines[0]), lines
+
+
+# --- Access: GitHub tokens ----------------------------------------------------------------------
+
+def start_github_server(start_server, github, *flags):
+    return start_server("--auth-provider", "github", "--github-api", github.url, *flags,
+                        env=NO_PROXY)
+
+
+def test_github_token_of_a_listed_login_is_let_in_as_basic_or_bearer_and_others_are_refused(
+        start_server, github):
+    server = start_github_server(start_server, github, "--auth-username", "alice,bob")
+
+    as_basic = server.client(headers=basic_auth(ALICE_TOKEN, "x-oauth-basic")).get("/tasks")
+    as_bearer = server.client(headers=bearer_auth(BOB_TOKEN)).get("/tasks")
+    not_listed = server.client(headers=bearer_auth(CAROL_TOKEN)).get("/tasks")
+    not_a_token = server.client(headers=bearer_auth(UNKNOWN_TOKEN)).get("/tasks")
+    asked = github.requests
+    alice = server.client(headers=bearer_auth(ALICE_TOKEN))     # the same token, asked again
+    again = alice.get("/tasks")
+    started = alice.request("POST", "/%s/prod?action=out-1" % unique("app"))
+    alice.wait_ended(started.json["taskId"])
+    logged = [r"INFO task %d started by alice \(127\.0\.0\.1:%d\): " % (
+        started.json["taskId"], started.local_port),
+        r"INFO 127\.0\.0\.1:%d GET '/tasks' 200 \d+ \d+ms user='bob'$" % as_bearer.local_port]
+    wait_until(lambda: all(log_lines(server, pattern) for pattern in logged),
+               what="bob's request and alice's task in the log")
+
+    assert (as_basic.status, as_bearer.status, again.status) == (200, 200, 200)
+    assert_refused_login(not_listed, 403)
+    assert "carol" in not_listed.json["error"]
+    assert_refused_login(not_a_token, 401)
+    assert asked == [("/user", "token " + token)
+                     for token in (ALICE_TOKEN, BOB_TOKEN, CAROL_TOKEN, UNKNOWN_TOKEN)]
+    assert github.requests == asked         # a yes is remembered: GitHub is not asked again
+    assert started.status == 200, started
+    assert leaked_secrets(server.log() + server.console()) == []
+
+
+@pytest.mark.parametrize("failure", ["answers-500", "unreachable"])
+def test_github_failing_answers_503_and_never_lets_a_request_through(start_server, fake, github,
+                                                                     failure):
+    server = start_github_server(start_server, github, "--auth-username", "alice")
+    client = server.client(headers=bearer_auth(ALICE_TOKEN))
+    if failure == "answers-500":
+        github.failing = 500
+    else:
+        github.stop()
+    app = unique("app")
+
+    created = client.request("POST", "/%s/prod?action=out-1" % app)
+    listed = client.get("/tasks")
+    github.failing = None
+    recovered = client.get("/tasks") if failure == "answers-500" else None
+
+    for reply in (created, listed):
+        assert_json_error(reply, 503)
+        assert "GitHub" in reply.json["error"], reply
+        assert reply.headers["Retry-After"], reply.headers
+        assert_not_cached_and_not_sniffed(reply)
+    assert [run for run in fake.invocations() if app in run["argv"]] == []
+    if recovered is not None:       # a failure is not remembered as a refusal
+        assert recovered.status == 200, recovered
+    assert leaked_secrets(server.log() + server.console()) == []
+
+
+@pytest.mark.parametrize("checker", ["client-token", "server-token"])
+def test_github_org_lets_in_members_only_asking_with_the_servers_token_when_it_has_one(
+        start_server, tmp_path, github, checker):
+    flags = ["--auth-method", "org", "--auth-username", "acme"]
+    if checker == "server-token":
+        token_file = tmp_path / "github-token.txt"
+        token_file.write_text(SERVER_TOKEN + "\n")
+        flags += ["--auth-password-file", token_file]
+    server = start_github_server(start_server, github, *flags)
+
+    member = server.client(headers=basic_auth(ALICE_TOKEN, "x-oauth-basic")).get("/tasks")
+    outsider = server.client(headers=bearer_auth(CAROL_TOKEN)).get("/tasks")
+    asked = github.requests
+    member_again = server.client(headers=bearer_auth(ALICE_TOKEN)).get("/tasks")
+
+    def asker(token):
+        return "token " + (SERVER_TOKEN if checker == "server-token" else token)
+
+    assert member.status == 200, member
+    assert_refused_login(outsider, 403)
+    assert asked == [("/user", "token " + ALICE_TOKEN),
+                     ("/orgs/acme/members/alice", asker(ALICE_TOKEN)),
+                     ("/user", "token " + CAROL_TOKEN),
+                     ("/orgs/acme/members/carol", asker(CAROL_TOKEN))]
+    assert member_again.status == 200, member_again
+    assert github.requests == asked
+    assert leaked_secrets(server.log() + server.console()) == []
+
+
+# --- Access: failed logins and cross-site requests ----------------------------------------------
+
+def test_ten_wrong_logins_from_one_address_get_429_even_with_the_right_password_there_only(
+        start_server, tmp_path):
+    flags, env = basic_login(tmp_path, "file")
+    server = start_server(*flags, env=env)
+    right = basic_auth("alice", PASSWORD)
+
+    # Requests without credentials are how every client starts: they are not failures.
+    missing = [server.client(source="127.0.0.3").get("/tasks") for _ in range(12)]
+    after_missing = server.client(source="127.0.0.3", headers=right).get("/tasks")
+    wrong = [server.client(headers=basic_auth("alice", "guess-%d" % attempt)).get("/tasks")
+             for attempt in range(10)]
+    refused = server.client(headers=right).get("/tasks")
+    elsewhere = server.client(source="127.0.0.2", headers=right).get("/tasks")
+
+    for reply in missing + wrong:
+        assert_refused_login(reply, 401)
+    assert after_missing.status == 200, after_missing
+    assert_json_error(refused, 429)
+    assert_not_cached_and_not_sniffed(refused)
+    assert 1 <= int(refused.headers["Retry-After"]) <= 61, refused.headers
+    assert elsewhere.status == 200, elsewhere
+    assert len(log_lines(server, r"WARNING 127\.0\.0\.1: 10 failed logins")) == 1, server.log()
+    assert leaked_secrets(server.log()) == []
+
+
+def test_cross_site_requests_may_not_start_or_kill_tasks_but_may_read_them(api, shared_server,
+                                                                          shared_fake):
+    gate = shared_fake.gate()
+    app = unique("app")
+    holder = api.create(app, unique("env"), "gate-" + gate.name)
+    api.wait_output(holder, "gate %s\n" % gate.name)
+    own = "https://127.0.0.1:%d" % shared_server.port       # http.client's Host is 127.0.0.1:PORT
+    cross_site = {"Sec-Fetch-Site": "cross-site"}
+    evil = {"Origin": "https://evil.example"}
+    refused_env = unique("env")
+
+    refused = [
+        api.request("POST", "/%s/%s?action=out-1" % (app, refused_env), headers=cross_site),
+        api.request("POST", "/%s/%s" % (app, refused_env), body="action=out-1",
+                    content_type=FORM, headers=evil),
+        api.request("GET", "/task/%d/kill" % holder, headers=cross_site),
+        api.request("POST", "/task/%d/kill" % holder, headers=evil),
+        api.request("GET", "/task/%d/kill" % holder, headers=dict(cross_site, Origin=own)),
+    ]
+    read = api.request("GET", "/task/%d" % holder, headers=dict(cross_site, **evil))
+    polled = api.request("GET", "/task/%d/state?version=0" % holder, headers=cross_site)
+    same_origin = {"Origin": own, "Sec-Fetch-Site": "same-origin"}
+    started = api.request("POST", "/%s/%s?action=out-1" % (app, unique("env")), headers=same_origin)
+    killed = api.request("GET", "/task/%d/kill" % holder, headers={"Origin": own})
+    api.wait_ended(started.json["taskId"])
+
+    for reply in refused:
+        assert_json_error(reply, 403)
+    assert [run for run in shared_fake.invocations() if refused_env in run["argv"]] == []
+    assert (read.status, read.json["status"]) == (200, "running"), read
+    assert (polled.status, polled.json["task"]["status"]) == (200, "running"), polled
+    assert started.status == 200, started
+    assert (killed.status, killed.json["status"]) == (200, "killed"), killed
+
+
+# --- Limits: headers, connections ---------------------------------------------------------------
+
+def request_with_header_lines(lines):
+    """GET /health with exactly these header lines (Host and Connection: close included)."""
+    head = ["GET /health HTTP/1.1", "Host: 127.0.0.1", "Connection: close"] + lines
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+
+
+def test_more_than_64_header_lines_or_a_line_over_8192_bytes_gets_a_json_431(shared_server):
+    padding = "X-Padding: "
+    at_count = raw_exchange(shared_server, request_with_header_lines(
+        ["X-Header-%d: x" % i for i in range(62)]))                    # 64 lines
+    over_count = raw_exchange(shared_server, request_with_header_lines(
+        ["X-Header-%d: x" % i for i in range(63)]))                    # 65 lines
+    at_length = raw_exchange(shared_server, request_with_header_lines(
+        [padding + "p" * (8192 - len(padding))]))                       # 8192 bytes
+    over_length = raw_exchange(shared_server, request_with_header_lines(
+        [padding + "p" * (8193 - len(padding))]))                       # 8193 bytes
+    far_over = raw_exchange(shared_server, request_with_header_lines(
+        [padding + "p" * 70000]))               # past http.server's own limit (64 KiB)
+
+    assert (at_count.status, at_length.status) == (200, 200), (at_count, at_length)
+    for reply in (over_count, over_length, far_over):
+        assert_json_error(reply, 431)
+        assert_not_cached_and_not_sniffed(reply)
+        assert "Traceback" not in shared_server.log()
+
+
+def test_connections_over_max_connections_get_503_and_a_flood_does_not_lock_out_later_clients(
+        start_server):
+    server = start_server("--max-connections", "4")
+    client = server.client()
+    held, flood = [], []
+    try:
+        for _ in range(4):      # each has made a request and now waits, kept alive, for another
+            conn = client.connection()
+            conn.request("GET", "/health")
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+            held.append(conn)
+        busy, closed = unasked_reply(server)
+        for _ in range(50):     # silent connections: no TLS hello, ever
+            flood.append(socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT))
+        wait_until(lambda: len(log_lines(server, r"connections open, .*refused$")) == 51,
+                   what="the 5th connection and the flood to be refused")
+        for conn in held:
+            conn.close()
+        # The flood is still connected, yet it holds no slot: a well-behaved client gets in.
+        later = wait_until(lambda: served(client), what="a client to be served again")
+    finally:
+        for conn in held:
+            conn.close()
+        for sock in flood:
+            sock.close()
+
+    assert_json_error(busy, 503)
+    assert busy.headers["Retry-After"], busy.headers
+    assert closed, "the server kept a refused connection open"
+    assert later.json["status"] == "ok"
+    server.assert_no_traceback()
+
+
+def test_busy_503_over_max_connections_is_not_cached_or_sniffed_like_every_other_answer(
+        start_server):
+    server = start_server("--max-connections", "1")
+    conn = server.client().connection()
+    try:
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+        busy, _ = unasked_reply(server)
+    finally:
+        conn.close()
+
+    assert_json_error(busy, 503)
+    assert_not_cached_and_not_sniffed(busy)
+
+
+# --- What may run: --allow-action -------------------------------------------------------------
+
+def test_allow_action_runs_only_matching_actions_and_shell_and_invoke_stay_refused(start_server,
+                                                                                  fake):
+    limited = start_server("--allow-action", "deploy", "--allow-action", "db:*").client()
+    app = unique("app")
+    deploy = limited.request("POST", "/%s/prod?action=deploy" % app)
+    migrate = limited.request("POST", "/%s/stage?action=db:migrate" % app)
+    rollback = limited.request("POST", "/%s/test?action=rollback" % app)
+    sub_task = limited.request("POST", "/%s/test?action=deploy:rollback" % app)
+    for reply in (deploy, migrate):
+        limited.wait_ended(reply.json["taskId"])
+    anything = start_server("--allow-action", "*").client()
+    other = unique("app")
+    shell = anything.request("POST", "/%s/prod?action=shell" % other)
+    invoke = anything.request("POST", "/%s/prod" % other, body="action=invoke", content_type=FORM)
+    rollback_anywhere = anything.request("POST", "/%s/stage?action=rollback" % other)
+    anything.wait_ended(rollback_anywhere.json["taskId"])
+
+    assert (deploy.status, migrate.status, rollback_anywhere.status) == (200, 200, 200)
+    for reply in (rollback, sub_task):
+        assert_json_error(reply, 403)
+        assert "deploy" in reply.json["error"] and "db:*" in reply.json["error"], reply
+    for reply in (shell, invoke):
+        assert_json_error(reply, 400)
+    assert sorted(run["argv"][-1] for run in fake.invocations()) == [
+        "db:migrate", "deploy", "rollback"]
