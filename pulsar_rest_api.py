@@ -65,6 +65,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import fcntl
 import fnmatch
 import hashlib
 import hmac
@@ -107,7 +108,9 @@ SHUTDOWN_POLL = 0.05       # seconds; how soon the accept loop notices a stop
 OUTPUT_DRAIN = 1.0         # seconds to wait for output held open by a process that left the group
 MAX_BODY = 64 * 1024       # bytes; a task request is a few dozen
 MAX_FIELDS = 20            # query or form fields in one request
-READ_SIZE = 64 * 1024      # bytes per read from a task's output pipe
+READ_SIZE = 256 * 1024     # bytes per read from a task's output pipe
+PIPE_SIZE = 1024 * 1024    # bytes a task's output pipe may hold (Linux)
+SOCKET_BUFFER = 64 * 1024  # bytes of a client's request read at once
 OUTPUT_CHUNK = 16 * 1024   # characters; small reads are merged up to this size
 MAX_OUTPUT = 32 * 1024 * 1024   # bytes of output kept per task; the rest is dropped
 OUTPUT_DROPPED = "[pulsar-rest-api: the output passed %d bytes; the rest is dropped]\n"
@@ -121,8 +124,8 @@ MAX_HEADER_LINE = 8192     # bytes in one header line; longer gets 431
 ACCEPT_BACKOFF = 0.1       # seconds the accept loop pauses when out of file descriptors
 STREAM_CHECK = 1.0         # seconds between checks that a streaming client is still there
 SSE_KEEPALIVE = 15.0       # seconds between comment lines on a quiet event stream
-LINGER = 0.03              # seconds a follower of a chatty task waits for more output ...
-LINGER_BYTES = 4096        # ... or for this many characters, to send fewer, fuller replies
+LINGER = 0.05              # seconds a follower of a chatty task waits for more output ...
+LINGER_BYTES = 8192        # ... or for this many characters, to send fewer, fuller replies
 CHATTY_GAP = 0.005         # seconds between two outputs that make a task chatty
 MAX_TAIL = 100000          # lines GET /task/:id/output?tail= may ask for
 REFUSERS = 8               # threads that may answer 503 to connections over the limit at once
@@ -258,7 +261,7 @@ class Output:
         """Add text; False when it was dropped because the output is full."""
         if self.full or not text:
             return False
-        size = len(text.encode("utf-8"))
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
         if self.limit is not None and self.size + size > self.limit:
             kept = text.encode("utf-8")[:self.limit - self.size].decode("utf-8", "ignore")
             last = kept[-1:] or (self._chunks[-1][-1:] if self._chunks else "\n")
@@ -523,6 +526,7 @@ class TaskStore:
         return [task for task in tasks if status is None or task["status"] == status]
 
     def add_output(self, task, text):
+        """Add output to a running task; False once its output is full (or it has ended)."""
         with self._lock:
             if not task.ended and task.output.append(text):
                 now = time.monotonic()
@@ -530,6 +534,7 @@ class TaskStore:
                 task.last_output_at = now
                 task.version += 1
                 task.changed.notify_all()
+            return not (task.ended or task.output.full)
 
     def attach(self, task, process):
         with self._lock:
@@ -789,12 +794,17 @@ class TaskProcess:
             pass
 
     def _read_output(self):
+        """Read the pipe until every writer has closed it; once on_output says the output is
+        full, keep draining it (pulsar must not block on a full pipe) without decoding."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pipe = self._popen.stdout
+        widen_pipe(pipe.fileno())
+        wanted = True
         try:
             while True:
                 data = os.read(pipe.fileno(), READ_SIZE)
-                self._on_output(decoder.decode(data, final=not data))
+                if wanted:
+                    wanted = self._on_output(decoder.decode(data, final=not data))
                 if not data:
                     break
         finally:
@@ -820,6 +830,15 @@ class TaskProcess:
             logger.warning("pid %d: a process outside its group still holds its output open; "
                            "not waiting for it", self.pid)
         self._on_end(returncode)
+
+
+def widen_pipe(fd):
+    """Let the pipe hold PIPE_SIZE bytes (Linux), so a fast writer and this reader switch
+    less often; elsewhere, or when the system refuses, the pipe stays as it is."""
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+    except OSError:
+        pass
 
 
 def wait_for_exit_keeping_pid(pid):
@@ -1541,7 +1560,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         super().setup()
         self.rfile.close()              # replaced by a reader that enforces a whole-request deadline
         self._reader = DeadlineReader(self.connection)
-        self.rfile = io.BufferedReader(self._reader, READ_SIZE)
+        self.rfile = io.BufferedReader(self._reader, SOCKET_BUFFER)
 
     def handle(self):
         try:
@@ -1895,7 +1914,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         head = self._head(status, content_type, [("Content-Length", str(len(body)))] + list(headers))
         if self.command == "HEAD":
             self.wfile.write(head)
-        elif len(body) > READ_SIZE:     # a long output: no extra copy just to join the two
+        elif len(body) > SOCKET_BUFFER:     # a long output: no extra copy just to join the two
             self.wfile.write(head)
             self.wfile.write(body)
         else:
