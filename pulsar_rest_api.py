@@ -11,7 +11,7 @@ Try:   python3 pulsar_rest_api.py --pulsar-bin echo    (tasks just echo their ar
 Endpoints (JSON everywhere; every error is {"error": "..."}):
 
   POST /:app/:env           action (form field, JSON {"action": ...} or query string; `task` is an
-                            alias), queue=true to wait in line
+                            alias), queue=true to wait in line, wait=true to answer when it ends
                             -> 200 {"taskId": N, "url": ".../task/N", "status": "running"}
                             400 bad input, 409 app/env busy, 411 chunked body, 413 body over 64 KiB,
                             415 body type, 429 too many tasks
@@ -19,8 +19,15 @@ Endpoints (JSON everywhere; every error is {"error": "..."}):
   GET  /task/:id/state      long poll -> 200 {"changed": true, "task": {...}} or {"changed": false}
                             after the poll timeout.  ?version=V and ?offset=N: see "Following" below.
   GET|POST /task/:id/kill   -> 200 the task once its process group is gone; 409 if it already ended
-  GET  /tasks               -> 200 {"tasks": [...], "next": path or null}: newest first, without
-                            output; ?app= &env= &status= &limit= (50, max 500) &before=ID
+  GET  /task/:id/output     -> 200 text/plain from ?offset=N (X-Text-Size, X-More-Data); wait=1
+                            waits for more; ?tail=N gives the last N lines
+  GET  /task/:id/stream     -> 200 chunked text/plain, the output as it comes, then a status line;
+                            with Accept: text/event-stream, Server-Sent Events (Last-Event-ID)
+  POST /task/:id/rerun      -> as POST /:app/:env, with the task's app, env and action
+  GET  /tasks               -> 200 {"tasks": [...], "next": path or null, "version": V}: newest
+                            first, without output; ?app= &env= &status= &limit= (50, max 500)
+                            &before=ID; ?version=V waits until the list changes
+  GET  /  (/app.js, /app.css) the web page
   GET  /health              -> 200 {"status": "ok", "running": N, "version": "..."}; 503 "stopping"
   GET  /metrics             -> 200 Prometheus text: tasks, durations, requests, waiters, connections
   anything else             404 unknown path, 405 (with Allow) wrong method, 404 unknown task
