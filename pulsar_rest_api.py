@@ -613,8 +613,11 @@ class TaskHistory:
         self.path = path
         self._lock = threading.Lock()
         try:
-            if path != ":memory:" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-                raise StartupError("--db: the folder of %s does not exist" % path)
+            if path != ":memory:":
+                if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+                    raise StartupError("--db: the folder of %s does not exist" % path)
+                if not os.path.exists(path):    # deploy output may hold secrets: owner only
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, self.SCHEMA_VERSION):
@@ -627,7 +630,7 @@ class TaskHistory:
             self._db.execute("SELECT count(*) FROM tasks").fetchone()
             self._db.execute("BEGIN IMMEDIATE")     # fails now, not at the first task, if read-only
             self._db.execute("COMMIT")
-        except sqlite3.Error as error:
+        except (sqlite3.Error, OSError) as error:
             raise StartupError("--db: cannot use %s as the task history: %s" % (path, error))
 
     def insert(self, app, env, action, created_at, started_by, status=RUNNING):
@@ -2873,8 +2876,9 @@ def stop_gracefully(signum, signals, store, runner, timeout):
     what is left; a second signal skips the wait."""
     runner.refuse_new()
     running = len(store.running())
-    logger.info("%s: stopping: new tasks are refused; waiting up to %g s for %d running task(s) "
-                "(a second signal stops at once)", signal.Signals(signum).name, timeout, running)
+    logger.info("%s: stopping%s", signal.Signals(signum).name, "" if not running else
+                ": new tasks are refused; waiting up to %g s for %d running task(s) (a second "
+                "signal stops at once)" % (timeout, running))
     if running:
         def note_when_idle():
             store.wait_until_idle(timeout)
