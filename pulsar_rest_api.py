@@ -131,7 +131,7 @@ MAX_HEADER_LINE = 8192     # bytes in one header line; longer gets 431
 ACCEPT_BACKOFF = 0.1       # seconds the accept loop pauses when out of file descriptors
 STREAM_CHECK = 1.0         # seconds between checks that a streaming client is still there
 SSE_KEEPALIVE = 15.0       # seconds between comment lines on a quiet event stream
-LINGER = 0.05              # seconds a follower of a chatty task waits for more output ...
+LINGER = 0.1               # seconds a follower of a chatty task waits for more output ...
 LINGER_BYTES = 8192        # ... or for this many characters, to send fewer, fuller replies
 CHATTY_GAP = 0.005         # seconds between two outputs that make a task chatty
 MAX_TAIL = 100000          # lines GET /task/:id/output?tail= may ask for
