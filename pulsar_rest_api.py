@@ -1794,16 +1794,25 @@ class RequestHandler(BaseHTTPRequestHandler):
         resume = self.headers.get("Last-Event-ID") if events else None
         if resume:
             offset = parse_count("Last-Event-ID", resume.strip())
-        stream = (EventStream if events else TextStream)(self)
-        for task in self._follow(task_id, offset or 0, stream.keep_alive):
-            stream.send(task)
+        offset = offset or 0
+        first = self.server.store.view(task_id, offset)     # a 404 or 400 comes before the stream
+        if events:
+            stream = EventStream(self)
+        else:
+            before = self.server.store.view(task_id, offset - 1)["output"][:1] if offset else "\n"
+            stream = TextStream(self, before)
+        for task in self._follow(task_id, first):
+            if task is None:
+                stream.keep_alive()
+            else:
+                stream.send(task)
         stream.close()
 
-    def _follow(self, task_id, offset, keep_alive):
-        """Task snapshots with the output after `offset`, from now until the task ends; stops
-        early (ConnectionAbortedError) when the client goes away."""
+    def _follow(self, task_id, task):
+        """The task snapshot given, then one with the new output at each change until the task
+        ends, and None after each quiet SSE_KEEPALIVE; stops early (ConnectionAbortedError)
+        when the client goes away."""
         store = self.server.store
-        task = store.view(task_id, offset)
         quiet_since = time.monotonic()
         while True:
             yield task
@@ -1818,7 +1827,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                 if self._client_gone():
                     raise ConnectionAbortedError("went away during the stream of task %d" % task_id)
                 if time.monotonic() - quiet_since > SSE_KEEPALIVE:
-                    keep_alive()
+                    yield None
                     quiet_since = time.monotonic()
 
     def _client_gone(self):
@@ -1835,9 +1844,6 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def list_tasks(self):
         self._allow_fields("app", "env", "status", "limit", "before", "version")
-        version = self._count_field("version")
-        if version is not None:     # a long poll: answer when a task comes, changes status or goes
-            self.server.store.wait_for_list_change(version, self.server.poll_timeout)
         app, env, status = (self._single_field(name) for name in ("app", "env", "status"))
         if status is not None and status not in ALL_STATUSES:
             raise HTTPError(400, "status must be one of %s" % ", ".join(sorted(ALL_STATUSES)))
@@ -1848,7 +1854,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         for kind, name in (("app", app), ("env", env)):
             if name is not None:
                 check_name(kind, name)
-        tasks = self.server.store.listing(app, env, status, self._count_field("before"), limit)
+        before, version = self._count_field("before"), self._count_field("version")
+        if version is not None:     # a long poll: answer when a task comes, changes status or goes
+            self.server.store.wait_for_list_change(version, self.server.poll_timeout)
+        tasks = self.server.store.listing(app, env, status, before, limit)
         following = None
         if len(tasks) == limit:
             query = {name: value for name, value in (("app", app), ("env", env),
@@ -1983,9 +1992,9 @@ class RequestHandler(BaseHTTPRequestHandler):
 class TextStream:
     """A task's output as chunked text/plain, ending with a line that gives how it ended."""
 
-    def __init__(self, handler):
+    def __init__(self, handler, before="\n"):
         self._handler = handler
-        self._last = "\n"
+        self._last = before         # the character before the stream's first: ends a line?
         handler.start_chunked("text/plain; charset=utf-8")
 
     def send(self, task):

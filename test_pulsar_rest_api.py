@@ -19,17 +19,23 @@ in a thread of this process that knows a few tokens and one organisation, record
 gets (so a test can tell what was cached and which token asked), and can fail or go away on demand.
 Clients at other addresses of 127.0.0.0/8 (127.0.0.2, ...) stand for other hosts.
 
+The web page is also loaded in real headless Chromium (the test is skipped where there is no
+`chromium`), driven with the DevTools protocol over a pipe; Chromium runs in a session of its own
+and must leave no process behind.
+
 Run: python3 -m pytest -q
 """
 
 import base64
 import contextlib
 import datetime
+import fcntl
 import hashlib
 import http.client
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -201,6 +207,9 @@ Steps are separated by '.', a step's argument follows '-':
   utf8split             "a\u20acb\n" with the euro sign split across two writes 0.3 s apart
   badbytes              b"ok \xff\xfe end\n"
   unicode               "z\u00fcrich \u20ac \U0001f600 \u65e5\u672c\n"
+  partial               "no newline", without a newline at its end
+  nul                   "a\0bcdef\n", with a NUL character
+  html                  "<b>not bold</b>\n", which a page must show as text
   flood-N               N blocks of 1040 lines "%06d " + 500 x "\u00fc" (1008 bytes a line, about
                         1 MiB a block), one write per block
   exit-N                exit with status N
@@ -273,6 +282,12 @@ def run(action):
             emit(OUT, b"ok \xff\xfe end\n")
         elif name == "unicode":
             emit(OUT, "z\u00fcrich \u20ac \U0001f600 \u65e5\u672c\n")
+        elif name == "partial":
+            emit(OUT, "no newline")
+        elif name == "nul":
+            emit(OUT, b"a\0bcdef\n")
+        elif name == "html":
+            emit(OUT, "<b>not bold</b>\n")
         elif name == "flood":
             block = "".join("%06d " % i + "\u00fc" * 500 + "\n" for i in range(1040)).encode()
             for _ in range(int(arg)):
@@ -2943,3 +2958,797 @@ def test_allow_action_runs_only_matching_actions_and_shell_and_invoke_stay_refus
         assert_json_error(reply, 400)
     assert sorted(run["argv"][-1] for run in fake.invocations()) == [
         "db:migrate", "deploy", "rollback"]
+
+
+# --- Following live: plain-text output, streams, events -----------------------------------------
+
+TEXT = "text/plain; charset=utf-8"
+EVENTS = {"Accept": "text/event-stream"}
+
+
+def end_line(task_id, status, exit_code):
+    """The last line of a plain-text stream, saying how the task ended."""
+    return "[pulsar-rest-api: task %d %s, exit code %s]\n" % (task_id, status, exit_code)
+
+
+def open_stream(client, path, headers=None):
+    """(connection, response) of a GET whose headers have arrived and whose body is left to read
+    as it comes; the caller closes the connection."""
+    conn = client.connection()
+    try:
+        conn.request("GET", path, headers=dict(client.headers, **(headers or {})))
+        return conn, conn.getresponse()
+    except BaseException:
+        conn.close()
+        raise
+
+
+def read_event(response):
+    """The next Server-Sent Event as {field: value} (comment lines skipped); {} once the stream
+    has ended."""
+    fields = {}
+    while True:
+        line = response.readline()
+        if not line:
+            return fields
+        line = line.decode("utf-8").rstrip("\n")
+        if not line:
+            if fields:
+                return fields
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        fields[name] = fields[name] + "\n" + value if name in fields else value
+
+
+def read_events_until(response, done):
+    """Events up to and including the first for which done(events so far) holds."""
+    events = []
+    while not events or not done(events):
+        event = read_event(response)
+        assert event, "the stream ended after %r" % events
+        events.append(event)
+    return events
+
+
+def output_texts(events):
+    return "".join(json.loads(event["data"])["text"] for event in events
+                   if event.get("event") == "output")
+
+
+def assert_text_reply(reply, text, size, status):
+    """A text/plain reply of GET /task/N/output: the body and its three X- headers."""
+    assert reply.status == 200, reply
+    assert reply.headers["Content-Type"] == TEXT, reply.headers
+    assert reply.headers["Content-Length"] == str(len(reply.body))
+    assert reply.body.decode("utf-8") == text
+    assert reply.headers["X-Text-Size"] == str(size), reply.headers
+    assert reply.headers["X-More-Data"] == ("false" if status not in LIVE else "true")
+    assert reply.headers["X-Task-Status"] == status
+    assert_not_cached_and_not_sniffed(reply)
+
+
+def test_output_is_plain_text_from_an_offset_with_its_size_more_data_and_status_in_headers(
+        api, shared_fake):
+    gate = shared_fake.gate()
+    task_id = api.create(unique("app"), unique("env"), "unicode.gate-%s.out-1" % gate.name)
+    running = UNICODE_LINE + "gate %s\n" % gate.name
+    api.wait_output(task_id, "gate %s\n" % gate.name)
+
+    whole = api.get("/task/%d/output" % task_id)
+    from_offset = api.get("/task/%d/output?offset=3" % task_id)     # characters, not bytes
+    at_end = api.get("/task/%d/output?offset=%d" % (task_id, len(running)))
+    gate.release()
+    api.wait_ended(task_id)
+    ended = api.get("/task/%d/output?offset=0" % task_id)
+
+    assert_text_reply(whole, running, len(running), "running")
+    assert_text_reply(from_offset, running[3:], len(running), "running")
+    assert_text_reply(at_end, "", len(running), "running")
+    assert_text_reply(ended, running + "out 1\n", len(running) + 6, "finished")
+
+
+def test_output_wait_returns_once_new_output_arrives_and_at_once_for_an_ended_task(
+        api, shared_fake, ended_task):
+    gate = shared_fake.gate()
+    task_id = api.create(unique("app"), unique("env"), "out-1.gate-%s.out-2" % gate.name)
+    now = api.wait_output(task_id, "gate %s\n" % gate.name)
+    length = now["outputLength"]
+
+    conn = api.connection()
+    try:
+        conn.request("GET", "/task/%d/output?offset=%d&wait=1" % (task_id, length))
+        waiting = wait_until(lambda: metrics_when(api, lambda m: m[WAITERS] == 1),
+                             what="the output request to wait")
+        gate.release()
+        response = conn.getresponse()
+        arrived = Reply(response, response.read())
+    finally:
+        conn.close()
+    api.wait_ended(task_id)
+    started = time.monotonic()
+    ended = api.get("/task/%d/output?offset=18&wait=1" % ended_task)
+    took = time.monotonic() - started
+
+    assert waiting[WAITERS] == 1
+    assert arrived.status == 200, arrived
+    assert arrived.body.decode("utf-8") in ("out 1\n", "out 1\nout 2\n")
+    assert int(arrived.headers["X-Text-Size"]) == length + len(arrived.body)
+    assert_text_reply(ended, "", 18, "finished")
+    assert took < 3     # the shared server's poll timeout is 30 s
+
+
+def test_output_tail_gives_the_last_lines_and_bad_or_conflicting_queries_are_refused(
+        api, ended_task):
+    last_two = api.get("/task/%d/output?tail=2" % ended_task)
+    more_than_all = api.get("/task/%d/output?tail=5" % ended_task)
+    refused = [api.get("/task/%d/output?%s" % (ended_task, query)) for query in (
+        "tail=2&offset=0", "tail=2&wait=1", "tail=0", "tail=-1", "offset=19", "offset=x",
+        "since=3")]
+    unknown = api.get("/task/99999/output")
+
+    assert_text_reply(last_two, "out 2\nout 3\n", 18, "finished")
+    assert_text_reply(more_than_all, "out 1\nout 2\nout 3\n", 18, "finished")
+    for reply in refused:
+        assert_json_error(reply, 400)
+    assert_json_error(unknown, 404)
+
+
+def test_stream_sends_output_as_it_comes_in_one_chunked_reply_ending_with_how_the_task_ended(
+        api, shared_fake):
+    gate = shared_fake.gate()
+    task_id = api.create(unique("app"), unique("env"), "out-1.gate-%s.out-2" % gate.name)
+
+    conn, response = open_stream(api, "/task/%d/stream" % task_id)
+    try:
+        first = response.readline()
+        seen = first
+        while b"gate " not in seen:     # the task now waits at its gate
+            line = response.readline()
+            assert line, "the stream ended early: %r" % seen
+            seen += line
+        running = api.task(task_id)["status"]
+        gate.release()
+        rest = response.read()
+    finally:
+        conn.close()
+
+    assert response.status == 200
+    assert response.getheader("Content-Type") == TEXT
+    assert response.getheader("Transfer-Encoding") == "chunked"
+    assert response.getheader("Content-Length") is None
+    assert (first, running) == (b"out 1\n", "running")
+    assert (seen + rest).decode("utf-8") == "out 1\ngate %s\nout 1\nout 2\n%s" % (
+        gate.name, end_line(task_id, "finished", 0))
+
+
+def test_stream_ends_with_the_exit_code_of_a_failed_task_on_a_line_of_its_own_from_an_offset(
+        api, ended_task):
+    failed = api.create(unique("app"), unique("env"), "out-1.exit-3")
+    partial = api.create(unique("app"), unique("env"), "out-1.partial")
+    api.wait_ended(failed)
+    api.wait_ended(partial)
+
+    failed_stream = api.get("/task/%d/stream" % failed)
+    partial_stream = api.get("/task/%d/stream" % partial)
+    from_offset = api.get("/task/%d/stream?offset=6" % ended_task)
+
+    assert failed_stream.headers["Content-Type"] == TEXT
+    assert failed_stream.body.decode() == "out 1\n" + end_line(failed, "failed", 3)
+    assert partial_stream.body.decode() == "out 1\nno newline\n" + end_line(partial, "finished", 0)
+    assert from_offset.body.decode() == "out 2\nout 3\n" + end_line(ended_task, "finished", 0)
+
+
+def raw_get(server, path, headers=()):
+    """Every byte the server sends for GET path on a connection it is asked to close; for
+    replies whose framing itself is under test."""
+    request = ["GET %s HTTP/1.1" % path, "Host: 127.0.0.1", "Connection: close"] + list(headers)
+    received = b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as raw:
+        with server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(("\r\n".join(request) + "\r\n\r\n").encode("latin-1"))
+            while True:
+                data = tls.recv(65536)
+                if not data:
+                    return received
+                received += data
+
+
+@pytest.mark.parametrize("accept", ["text", "events"])
+def test_stream_of_an_unknown_task_or_from_past_the_end_is_one_json_error_not_a_stream(
+        shared_server, ended_task, accept):
+    headers = ["Accept: text/event-stream"] if accept == "events" else []
+
+    for path, status in (("/task/99999/stream", 404),
+                         ("/task/%d/stream?offset=19" % ended_task, 400)):
+        received = raw_get(shared_server, path, headers)
+        head, _, body = received.partition(b"\r\n\r\n")
+
+        assert head.startswith(b"HTTP/1.1 %d " % status), received
+        assert b"Transfer-Encoding" not in head, received
+        assert list(json.loads(body.decode("utf-8"))) == ["error"], received
+
+
+def test_stream_of_a_task_killed_while_followed_ends_with_exit_code_none(api):
+    task_id = api.create(unique("app"), unique("env"), "out-1.hang")
+
+    conn, response = open_stream(api, "/task/%d/stream" % task_id)
+    try:
+        first = response.readline()
+        killed = api.kill(task_id)
+        rest = response.read()
+    finally:
+        conn.close()
+
+    assert killed.status == 200, killed
+    assert first == b"out 1\n"
+    assert rest.decode("utf-8") == end_line(task_id, "killed", "none")
+
+
+def test_event_stream_sends_status_output_and_end_and_resumes_from_last_event_id_exactly(
+        api, shared_fake):
+    gate = shared_fake.gate()
+    task_id = api.create(unique("app"), unique("env"), "unicode.out-1.gate-%s.out-2" % gate.name)
+    path = "/task/%d/stream" % task_id
+
+    conn, first = open_stream(api, path, EVENTS)
+    try:        # leave once the gate line has come, as a browser that loses its connection
+        before = read_events_until(first, lambda events: "gate " in output_texts(events))
+    finally:
+        conn.close()
+    last_id = [event["id"] for event in before if "id" in event][-1]
+    conn, second = open_stream(api, path, dict(EVENTS, **{"Last-Event-ID": last_id}))
+    try:
+        resumed = read_events_until(second, lambda events: len(events) == 2)
+        gate.release()
+        resumed += read_events_until(second, lambda events: events[-1].get("event") == "end")
+        after_end = read_event(second)
+    finally:
+        conn.close()
+    final = api.task(task_id)
+
+    for response in (first, second):
+        assert response.status == 200
+        assert response.getheader("Content-Type") == "text/event-stream; charset=utf-8"
+        assert response.getheader("Transfer-Encoding") == "chunked"
+    for events in (before, resumed):
+        assert events[0] == {"retry": "3000"}
+        assert events[1]["event"] == "status" and "id" not in events[1]
+        assert json.loads(events[1]["data"])["status"] == "running"
+    outputs = [event for event in before + resumed if event.get("event") == "output"]
+    offset = 0
+    for event in outputs:
+        data = json.loads(event["data"])
+        assert set(data) == {"offset", "text"}, data
+        assert data["offset"] == offset and data["text"], (event, offset)
+        offset += len(data["text"])
+        assert event["id"] == str(offset), event
+    assert json.loads(resumed[2]["data"])["offset"] == int(last_id)
+    assert output_texts(before) + output_texts(resumed) == final["output"]
+    assert final["output"] == UNICODE_LINE + "out 1\ngate %s\nout 1\nout 2\n" % gate.name
+    assert [event["event"] for event in resumed[-1:]] == ["end"]
+    end = json.loads(resumed[-1]["data"])
+    assert "output" not in end
+    del final["output"], final["outputOffset"], end["outputOffset"]
+    assert end == final and end["status"] == "finished"
+    assert after_end == {}
+
+
+def test_client_that_leaves_mid_stream_costs_nothing_afterwards(api, shared_server, shared_fake):
+    gate = shared_fake.gate()
+    task_id = api.create(unique("app"), unique("env"), "out-1.gate-%s.out-1" % gate.name)
+    api.wait_output(task_id, "gate %s\n" % gate.name)
+
+    with socket.create_connection(("127.0.0.1", shared_server.port), timeout=TIMEOUT) as raw:
+        with shared_server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            port = tls.getsockname()[1]
+            tls.sendall(b"GET /task/%d/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % task_id)
+            received = b""
+            while b"out 1\n" not in received:
+                data = tls.recv(65536)
+                assert data, received
+                received += data
+    settled = wait_until(lambda: metrics_when(api, lambda m: m[CONNECTIONS] == 1
+                                              and m[WAITERS] == 0),
+                         timeout=5, what="the stream's connection to be closed and forgotten")
+    about_it = log_lines(shared_server, r"127\.0\.0\.1:%d\b" % port)
+    gate.release()
+    ended = api.wait_ended(task_id)
+
+    assert received.startswith(b"HTTP/1.1 200 "), received
+    assert (settled[CONNECTIONS], settled[WAITERS]) == (1, 0)
+    assert len(about_it) == 1 and "dropped" in about_it[0], about_it
+    assert "Traceback" not in shared_server.log()
+    assert (ended["status"], ended["output"]) == ("finished", "out 1\ngate %s\nout 1\n" % gate.name)
+
+
+# --- Waiting for the end, running again, and the list's long poll -------------------------------
+
+def created_task_of(client, app):
+    """The id of the one task of app, once it is listed: a predicate for wait_until."""
+    ids = client.listed_ids("app=" + app)
+    return ids[0] if ids else None
+
+
+def test_create_with_wait_true_answers_when_the_task_ends_with_the_whole_task(
+        api, shared_server, shared_fake):
+    gate = shared_fake.gate()
+    app = unique("app")
+    conn = api.connection()
+    try:
+        conn.request("POST", "/%s/prod?action=out-1.gate-%s.out-2&wait=true" % (app, gate.name))
+        task_id = wait_until(lambda: created_task_of(api, app), what="the task to be created")
+        api.wait_output(task_id, "gate %s\n" % gate.name)
+        answered_early = log_lines(shared_server, r" POST '/%s/prod" % app)    # logged once sent
+        gate.release()
+        response = conn.getresponse()
+        reply = Reply(response, response.read())
+    finally:
+        conn.close()
+    task = api.task(task_id)
+
+    assert not answered_early, "the reply came while the task still ran"
+    assert reply.status == 200, reply
+    assert set(reply.json) == {"taskId", "url", "status", "task"}, reply
+    assert reply.json["taskId"] == task_id
+    assert reply.json["url"] == "https://127.0.0.1:%d/task/%d" % (shared_server.port, task_id)
+    assert reply.json["status"] == "finished"
+    assert reply.json["task"] == task
+    assert set(task) == TASK_KEYS
+    assert task["output"] == "out 1\ngate %s\nout 1\nout 2\n" % gate.name
+
+
+def test_client_leaving_while_waiting_for_its_task_leaves_the_task_running_to_its_end(
+        api, shared_server, shared_fake):
+    gate = shared_fake.gate()
+    app = unique("app")
+    conn = api.connection()
+    try:
+        conn.request("POST", "/%s/prod?action=gate-%s.out-1&wait=1" % (app, gate.name))
+        task_id = wait_until(lambda: created_task_of(api, app), what="the task to be created")
+        api.wait_output(task_id, "gate %s\n" % gate.name)
+        port = conn.sock.getsockname()[1]
+    finally:
+        conn.close()
+    noticed = wait_until(lambda: log_lines(shared_server, r"INFO 127\.0\.0\.1:%d: " % port),
+                         timeout=5, what="the server to notice the client left")
+    running = api.task(task_id)
+    gate.release()
+    ended = api.wait_ended(task_id)
+
+    assert len(noticed) == 1 and "dropped" in noticed[0], noticed
+    assert running["status"] == "running"
+    assert (ended["status"], ended["output"]) == ("finished", "gate %s\nout 1\n" % gate.name)
+    assert len([run for run in shared_fake.invocations() if app in run["argv"]]) == 1
+
+
+def test_rerun_starts_a_new_task_with_the_same_app_env_and_action(api, shared_server,
+                                                                   shared_fake):
+    app, env = unique("app"), unique("env")
+    first = api.create(app, env, "out-1")
+    api.wait_ended(first)
+
+    reply = api.request("POST", "/task/%d/rerun" % first)
+    rerun = api.wait_ended(reply.json["taskId"]) if reply.status == 200 else None
+
+    assert reply.status == 200, reply
+    assert set(reply.json) == {"taskId", "url", "status"}
+    assert reply.json["taskId"] > first
+    assert reply.json["url"] == "https://127.0.0.1:%d/task/%d" % (shared_server.port,
+                                                                  reply.json["taskId"])
+    assert (rerun["app"], rerun["env"], rerun["action"]) == (app, env, "out-1")
+    assert (rerun["status"], rerun["output"]) == ("finished", "out 1\n")
+    assert [run["argv"][1:] for run in shared_fake.invocations() if app in run["argv"]] == [
+        [app, env, "out-1"]] * 2
+
+
+def test_rerun_is_refused_while_the_pair_is_busy_and_waits_in_line_with_queue_true(
+        api, shared_fake):
+    gate = shared_fake.gate()
+    app, env = unique("app"), unique("env")
+    holder = api.create(app, env, "gate-%s.out-1" % gate.name)
+    api.wait_output(holder, "gate %s\n" % gate.name)
+
+    busy = api.request("POST", "/task/%d/rerun" % holder)
+    queued = api.request("POST", "/task/%d/rerun?queue=true" % holder)
+    gate.release()
+    api.wait_ended(holder)
+    rerun = queued.json["taskId"]
+    api.wait_output(rerun, "gate %s\n" % gate.name)     # it runs, and waits at the same gate
+    gate.release()
+    ended = api.wait_ended(rerun)
+
+    assert busy.status == 409, busy
+    assert busy.json["taskId"] == holder
+    assert queued.status == 200, queued
+    assert queued.json["status"] == "queued"
+    assert (ended["status"], ended["action"]) == ("finished", "gate-%s.out-1" % gate.name)
+    assert len([run for run in shared_fake.invocations() if app in run["argv"]]) == 2
+
+
+def test_rerun_of_an_unknown_task_is_404_by_get_405_and_cross_site_403(api, shared_fake,
+                                                                        ended_task):
+    app = api.task(ended_task)["app"]
+
+    unknown = api.request("POST", "/task/99999/rerun")
+    by_get = api.get("/task/%d/rerun" % ended_task)
+    cross_site = api.request("POST", "/task/%d/rerun" % ended_task,
+                             headers={"Sec-Fetch-Site": "cross-site"})
+
+    assert_json_error(unknown, 404)
+    assert_json_error(by_get, 405)
+    assert by_get.headers["Allow"] == "POST"
+    assert_json_error(cross_site, 403)
+    assert len([run for run in shared_fake.invocations() if app in run["argv"]]) == 1
+
+
+def test_task_list_with_version_answers_at_once_if_behind_else_on_a_change_or_the_timeout(
+        start_server, fake):
+    client = start_server("--poll-timeout", "1").client()
+    gate = fake.gate()
+    app = unique("app")
+    version = client.listing()["version"]
+
+    started = time.monotonic()
+    behind = client.listing("version=%d" % (version + 1000))
+    behind_took = time.monotonic() - started
+    conn = client.connection()
+    try:
+        conn.request("GET", "/tasks?version=%d" % version)
+        task_id = client.create(app, "prod", "gate-" + gate.name)
+        created = json.loads(conn.getresponse().read().decode())
+        conn.request("GET", "/tasks?version=%d" % created["version"])
+        gate.release()
+        changed = json.loads(conn.getresponse().read().decode())
+    finally:
+        conn.close()
+    started = time.monotonic()
+    unchanged = client.listing("version=%d" % changed["version"])
+    unchanged_took = time.monotonic() - started
+
+    assert behind["version"] == version and behind_took < 0.5
+    assert created["version"] > version
+    assert [(task["id"], task["status"]) for task in created["tasks"]] == [(task_id, "running")]
+    assert changed["version"] > created["version"]
+    assert [(task["id"], task["status"]) for task in changed["tasks"]] == [(task_id, "finished")]
+    assert unchanged["version"] == changed["version"]
+    assert unchanged["tasks"] == changed["tasks"]
+    assert 0.9 <= unchanged_took < 3
+
+
+def test_task_list_long_poll_refuses_a_bad_limit_at_once_not_after_the_poll_timeout(
+        start_server):
+    client = start_server("--poll-timeout", "1").client()
+    version = client.listing()["version"]
+
+    started = time.monotonic()
+    reply = client.get("/tasks?version=%d&limit=0" % version)
+    took = time.monotonic() - started
+
+    assert_json_error(reply, 400)
+    assert took < 0.5, "a bad request was refused only after the poll timeout (%.1f s)" % took
+
+
+# --- The web page -------------------------------------------------------------------------------
+
+def test_page_is_html_with_a_strict_content_security_policy_and_no_inline_code(api):
+    page, script, style = api.get("/"), api.get("/app.js"), api.get("/app.css")
+    html = page.body.decode("utf-8")
+    policy = {directive.split()[0]: directive.split()[1:]
+              for directive in page.headers["Content-Security-Policy"].split(";")
+              if directive.strip()}
+    scripts = re.findall(r"<script\b([^>]*)>(.*?)</script\s*>", html, re.S | re.I)
+
+    assert page.status == 200, page
+    assert page.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert policy["default-src"] == ["'none'"], policy
+    assert policy["script-src"] == ["'self'"], policy
+    assert page.headers["X-Frame-Options"] == "DENY"
+    assert_not_cached_and_not_sniffed(page)
+    assert len(scripts) == 1 and re.search(r'\bsrc="/app\.js"', scripts[0][0]), scripts
+    assert scripts[0][1].strip() == "", scripts
+    assert re.search(r'<link\b[^>]*\bhref="/app\.css"', html)
+    assert not re.search(r"<style\b|\sstyle\s*=|\son[a-z]+\s*=|javascript:", html, re.I)
+    assert (script.status, style.status) == (200, 200)
+    assert script.headers["Content-Type"] == "text/javascript; charset=utf-8"
+    assert style.headers["Content-Type"] == "text/css; charset=utf-8"
+    assert b"innerHTML" not in script.body and b"textContent" in script.body
+    for reply in (page, script, style):
+        assert reply.headers["Content-Length"] == str(len(reply.body))
+
+
+def test_page_and_its_script_and_style_need_credentials_when_login_is_required(start_server,
+                                                                              tmp_path):
+    flags, env = basic_login(tmp_path, "file")
+    server = start_server(*flags, env=env)
+    paths = ("/", "/app.js", "/app.css")
+
+    anonymous = [server.client().get(path) for path in paths]
+    alice = [server.client(headers=basic_auth("alice", PASSWORD)).get(path) for path in paths]
+
+    for reply in anonymous:
+        assert_refused_login(reply, 401)
+    assert [reply.status for reply in alice] == [200, 200, 200], alice
+
+
+class Chromium:
+    """Headless Chromium driven with the DevTools protocol over a pipe (--remote-debugging-pipe):
+    it reads commands from its fd 3 and writes replies to its fd 4, each a JSON object ended by a
+    NUL byte.  Its environment carries a path of the test (`mark`), which every process it starts
+    inherits, so that they can all be found: by close(), and by the check for processes left
+    behind."""
+
+    FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--ignore-certificate-errors"]
+
+    def __init__(self, workdir):
+        workdir.mkdir()
+        self.mark = str(workdir) + os.sep
+        self.console_path = workdir / "console.txt"
+        commands_read, self._commands = os.pipe()
+        self._replies, replies_write = os.pipe()
+        # Its ends first go above 9, so that putting them on 3 and 4 cannot overwrite either.
+        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (commands_read, replies_write)]
+        os.close(commands_read)
+        os.close(replies_write)
+
+        def onto_3_and_4():
+            os.dup2(ends[0], 3)
+            os.dup2(ends[1], 4)
+
+        try:
+            with open(str(self.console_path), "wb") as console:
+                self.proc = subprocess.Popen(
+                    [shutil.which("chromium")] + self.FLAGS + [
+                        "--user-data-dir=%s" % (workdir / "profile"), "--remote-debugging-pipe",
+                        "about:blank"],
+                    env=dict(os.environ, PULSAR_TEST_MARK=self.mark),
+                    stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                    preexec_fn=onto_3_and_4, close_fds=False, start_new_session=True)
+        except BaseException:
+            os.close(self._commands)
+            os.close(self._replies)
+            raise
+        finally:
+            for fd in ends:
+                os.close(fd)
+        self._buffer = b""
+        self._last_id = 0
+
+    def console(self):
+        return self.console_path.read_text(errors="replace")
+
+    def call(self, method, params=None, session=None, timeout=TIMEOUT):
+        """Send a command and return its result; DevToolsError if it failed."""
+        self._last_id += 1
+        message = {"id": self._last_id, "method": method, "params": params or {}}
+        if session is not None:
+            message["sessionId"] = session
+        os.write(self._commands, json.dumps(message).encode("utf-8") + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._next_message(deadline, method)
+            if reply.get("id") == self._last_id:     # anything else is an event: not needed
+                if "error" in reply:
+                    raise DevToolsError("%s: %s" % (method, reply["error"]))
+                return reply.get("result", {})
+
+    def evaluate(self, session, expression):
+        """The value of a JavaScript expression in the page; DevToolsError if it threw."""
+        result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True},
+                           session)
+        if "exceptionDetails" in result:
+            raise DevToolsError("%s threw: %s" % (expression, result["exceptionDetails"]))
+        return result["result"].get("value")
+
+    def _next_message(self, deadline, method):
+        while b"\0" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self._replies], [], [], remaining)[0]:
+                raise AssertionError("Chromium did not answer %s in time:\n%s"
+                                     % (method, self.console()))
+            data = os.read(self._replies, 65536)
+            if not data:
+                raise AssertionError("Chromium closed its DevTools pipe:\n" + self.console())
+            self._buffer += data
+        message, _, self._buffer = self._buffer.partition(b"\0")
+        return json.loads(message.decode("utf-8"))
+
+    def close(self):
+        """Browser.close, then wait for Chromium and everything it started to exit (killing
+        them after a deadline); True if they all exited by themselves."""
+        try:
+            self.call("Browser.close", timeout=5)
+        except (AssertionError, DevToolsError, OSError):
+            pass            # it may exit before it answers
+        try:
+            self.proc.wait(timeout=TIMEOUT)
+            by_itself = True
+        except subprocess.TimeoutExpired:
+            by_itself = False
+        try:
+            wait_until(lambda: not processes_mentioning([self.mark], {os.getpid()}), timeout=5,
+                       what="Chromium's processes to exit")
+        except AssertionError:
+            by_itself = False
+        for pid in processes_mentioning([self.mark], {os.getpid()}):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.kill()        # nothing if it has exited already
+        self.proc.wait()
+        os.close(self._commands)
+        os.close(self._replies)
+        return by_itself
+
+
+class DevToolsError(Exception):
+    """A DevTools command that failed, or JavaScript that threw."""
+
+
+def page_ready(browser, session):
+    """True once the page has loaded with its script (False while it is still navigating)."""
+    try:
+        return browser.evaluate(session, "location.protocol === 'https:' && "
+                                         "document.readyState === 'complete' && "
+                                         "!!document.querySelector('#start-form')")
+    except DevToolsError:
+        return False        # between two documents there is no context to evaluate in
+
+
+def test_page_in_a_real_browser_starts_a_task_with_the_form_and_shows_its_output_as_text(
+        start_server, fake, tmp_path):
+    if shutil.which("chromium") is None:
+        pytest.skip("Chromium is not installed (the CI installs it)")
+    server = start_server()
+    app, env = unique("app"), unique("env")
+    fill_and_submit = (
+        "(() => { const form = document.querySelector('#start-form');"
+        " form.elements.app.value = %s; form.elements.env.value = %s;"
+        " form.elements.action.value = 'out-1.html'; form.requestSubmit(); })()"
+        % (json.dumps(app), json.dumps(env)))
+
+    def page_text(element_id, wanted):
+        text = browser.evaluate(session, "document.getElementById(%s).textContent"
+                                % json.dumps(element_id))
+        return text if wanted in text else None
+
+    browser = Chromium(tmp_path / "chromium")
+    try:
+        target = browser.call("Target.createTarget",
+                              {"url": "https://127.0.0.1:%d/" % server.port})["targetId"]
+        session = browser.call("Target.attachToTarget",
+                               {"targetId": target, "flatten": True})["sessionId"]
+        wait_until(lambda: page_ready(browser, session), timeout=15, what="the page to load")
+        browser.evaluate(session, fill_and_submit)
+        output = wait_until(lambda: page_text("output", "<b>not bold</b>"), timeout=15,
+                            what="the task's output on the page")
+        bold = browser.evaluate(session, "document.querySelector('#output b') !== null")
+        task_id = created_task_of(server.client(), app)
+        listed = wait_until(lambda: page_text("task-list", "#%d" % task_id), timeout=15,
+                            what="the task in the page's list")
+        shown = browser.evaluate(session, "location.hash")
+        start_error = browser.evaluate(session,
+                                       "document.getElementById('start-error').textContent")
+    finally:
+        closed_by_itself = browser.close()
+    task = server.client().task(task_id)
+
+    assert output == "out 1\n<b>not bold</b>\n"
+    assert bold is False, "the output was inserted as HTML"
+    assert "%s / %s · out-1.html" % (app, env) in listed
+    assert shown == "#task/%d" % task_id
+    assert start_error == ""
+    assert (task["app"], task["env"], task["action"]) == (app, env, "out-1.html")
+    assert fake.invocation_for(app)["argv"][1:] == [app, env, "out-1.html"]
+    assert closed_by_itself, "Chromium left processes behind after Browser.close"
+
+
+# --- Fixes from a hostile review ----------------------------------------------------------------
+
+def test_output_with_a_nul_character_reads_back_from_every_offset_live_and_after_a_restart(
+        start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    first = start_server("--db", db)
+    client = first.client()
+    gate = fake.gate()
+    task_id = client.create(unique("app"), "prod", "nul.gate-%s.out-1" % gate.name)
+    live = "a\0bcdef\ngate %s\n" % gate.name
+    client.wait_output(task_id, "gate %s\n" % gate.name)
+    # Two chunks in the history: the one with the NUL, written while the task waits, and the rest.
+    wait_until(lambda: stored_output_length(db, task_id) == len(live),
+               what="the output so far to reach the history file")
+
+    def read_back(client, length):
+        return {offset: (client.get("/task/%d?offset=%d" % (task_id, offset)),
+                         client.get("/task/%d/output?offset=%d" % (task_id, offset)))
+                for offset in range(length + 1)}
+
+    while_live = read_back(client, len(live))
+    gate.release()
+    client.wait_ended(task_id)
+    whole = live + "out 1\n"
+    ended = read_back(client, len(whole))
+    first.stop_cleanly()
+    restarted = read_back(start_server("--db", db).client(), len(whole))
+
+    for text, replies in ((live, while_live), (whole, ended), (whole, restarted)):
+        for offset, (as_json, as_text) in replies.items():
+            assert as_json.status == 200 and as_text.status == 200, (offset, as_json, as_text)
+            assert as_json.json["output"] == text[offset:], offset
+            assert as_text.body.decode("utf-8") == text[offset:], offset
+            assert as_json.json["outputLength"] == len(text)
+
+
+REFUSED_ALIASES = ["shell:", "shell::", "invoke:", "rake:shell", "rake:rake:invoke", "SHELL:",
+                   "rake::Invoke"]
+
+
+def test_actions_that_resolve_to_shell_or_invoke_are_refused_but_a_namespaced_shell_runs(
+        api, shared_fake):
+    env = unique("env")
+
+    refused = [api.request("POST", "/%s/%s?action=%s" % (unique("app"), env, action))
+               for action in REFUSED_ALIASES]
+    refused_runs = [run for run in shared_fake.invocations() if env in run["argv"]]
+    app = unique("app")
+    namespaced = api.request("POST", "/%s/prod?action=deploy:shell" % app)
+    task = api.wait_ended(namespaced.json["taskId"]) if namespaced.status == 200 else None
+
+    for action, reply in zip(REFUSED_ALIASES, refused):
+        assert_json_error(reply, 400)
+        assert "refused" in reply.json["error"], (action, reply)
+    assert refused_runs == []
+    assert namespaced.status == 200, namespaced
+    assert (task["action"], task["status"]) == ("deploy:shell", "finished")
+    assert shared_fake.invocation_for(app)["argv"][1:] == [app, "prod", "deploy:shell"]
+
+
+def test_percent_encoded_task_path_is_the_task_route_and_never_an_app_named_task(api,
+                                                                                 shared_fake):
+    action = unique("x")
+
+    reply = api.request("POST", "/%%74ask/prod?action=%s" % action)
+
+    assert_json_error(reply, 405)
+    assert reply.headers["Allow"] == "GET"
+    assert [run for run in shared_fake.invocations() if action in run["argv"]] == []
+
+
+def test_sighup_is_logged_as_ignored_and_the_server_goes_on_serving(start_server):
+    server = start_server()
+
+    server.proc.send_signal(signal.SIGHUP)
+    ignored = wait_until(lambda: log_lines(server, r"SIGHUP ignored"), what="the SIGHUP log line")
+    health = server.client().get("/health")
+
+    assert len(ignored) == 1, ignored
+    assert server.proc.poll() is None
+    assert (health.status, health.json["status"]) == (200, "ok")
+
+
+def test_client_silent_after_the_tls_handshake_is_dropped_after_the_request_timeout(start_server):
+    server = start_server("--request-timeout", "1")
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as raw:
+        with server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            handshaken = time.monotonic()
+            closed = closed_by_peer(tls, timeout=5)
+            dropped_after = time.monotonic() - handshaken
+
+    assert closed, "the server never dropped a client that sent nothing after the handshake"
+    assert 0.8 <= dropped_after < 3, dropped_after
+
+
+def test_control_characters_in_the_request_method_are_escaped_in_the_log(shared_server):
+    reply = raw_exchange(shared_server, b"G\x1bET /task/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                        b"Connection: close\r\n\r\n")
+    logged = wait_until(lambda: log_lines(shared_server, r"G\\x1bET"),
+                        what="the request in the log")
+
+    assert 400 <= reply.status < 600 and reply.status != 500, reply
+    assert list(reply.json) == ["error"]
+    assert len(logged) == 1, logged
+    assert "\x1b" not in shared_server.log()
