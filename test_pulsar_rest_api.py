@@ -1381,15 +1381,24 @@ def test_invalid_utf8_bytes_become_replacement_characters(api):
 
 # --- Killing ----------------------------------------------------------------------------------
 
-def test_kill_ends_the_whole_process_tree_and_a_second_kill_is_409(api, shared_fake):
+def start_process_tree(api, fake, steps=""):
+    """A task whose fake pulsar has started a grandchild; (task id, {role: pid})."""
     name = unique("tree")
-    task_id = api.create(unique("app"), unique("env"), "child-" + name)
+    task_id = api.create(unique("app"), unique("env"), steps + "child-" + name)
     api.wait_output(task_id, "child %s\n" % name)
-    pids = shared_fake.pids(name)
+    return task_id, fake.pids(name)
 
+
+def timed_kill(api, task_id, method):
     started = time.monotonic()
-    killed = api.kill(task_id, method="POST")
-    took = time.monotonic() - started
+    reply = api.kill(task_id, method=method)
+    return reply, time.monotonic() - started
+
+
+def test_kill_ends_the_whole_process_tree_and_a_second_kill_is_409(api, shared_fake):
+    task_id, pids = start_process_tree(api, shared_fake)
+
+    killed, took = timed_kill(api, task_id, "POST")
     gone = {role: is_gone(pid) for role, pid in pids.items()}
     again = api.kill(task_id, method="GET")
 
@@ -1404,14 +1413,9 @@ def test_kill_ends_the_whole_process_tree_and_a_second_kill_is_409(api, shared_f
 
 
 def test_kill_escalates_to_sigkill_when_sigterm_is_ignored(api, shared_fake):
-    name = unique("stubborn")
-    task_id = api.create(unique("app"), unique("env"), "ignoreterm.child-" + name)
-    api.wait_output(task_id, "child %s\n" % name)
-    pids = shared_fake.pids(name)
+    task_id, pids = start_process_tree(api, shared_fake, "ignoreterm.")
 
-    started = time.monotonic()
-    killed = api.kill(task_id, method="GET")
-    took = time.monotonic() - started
+    killed, took = timed_kill(api, task_id, "GET")
 
     assert killed.status == 200, killed
     assert (killed.json["status"], killed.json["exitCode"]) == ("killed", None)
