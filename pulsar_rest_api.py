@@ -76,6 +76,7 @@ import fcntl
 import fnmatch
 import hashlib
 import hmac
+import http.client
 import io
 import json
 import logging
@@ -136,6 +137,7 @@ LINGER_BYTES = 8192        # ... or for this many characters, to send fewer, ful
 CHATTY_GAP = 0.005         # seconds between two outputs that make a task chatty
 MAX_TAIL = 100000          # lines GET /task/:id/output?tail= may ask for
 REFUSERS = 8               # threads that may answer 503 to connections over the limit at once
+REFUSAL_LOG_EVERY = 10     # seconds between log lines about connections over the limit
 REFUSE_TIMEOUT = 2.0       # seconds such a 503 may take, handshake included
 AUTH_FAILURES = 10         # failed logins from one address within AUTH_WINDOW ...
 AUTH_WINDOW = 60           # ... seconds, before it is refused (429) for AUTH_WINDOW seconds
@@ -1105,13 +1107,13 @@ class TaskRunner:
         else:
             status = FAILED
         exit_code = returncode if returncode >= 0 else None
-        self._store.end(task, status, exit_code)
+        with self._lock:    # the freed slot goes to the line, not to a newcomer in between
+            self._store.end(task, status, exit_code)
+            self._start_from_line()
         duration = task.finished_at - task.created_at
         self._metrics.task_finished(status, duration)
         how = "signal %d" % -returncode if returncode < 0 else "exit code %d" % returncode
         logger.info("task %d %s (%s) after %.1f s", task.id, status, how, duration)
-        with self._lock:
-            self._start_from_line()
 
 
 def child_environment(environ):
@@ -1134,26 +1136,36 @@ class Access:
         self._lock = threading.Lock()
         self._failures = {}             # address -> times of recent failures
         self._cooling = {}              # address -> when it may try again
+        self._in_flight = {}            # address -> attempts being checked now
 
     def login(self, authorization, address):
         """The client's login ("-" when the API is open), or HTTPError 401/403/429/503."""
-        self._check_not_cooling(address)
+        self._begin_attempt(address)
         try:
             return self.authenticator.login(authorization)
         except HTTPError as error:
             if error.status == 401 and authorization:
                 self._failed(address)
             raise
+        finally:
+            with self._lock:
+                self._in_flight[address] -= 1
+                if not self._in_flight[address]:
+                    del self._in_flight[address]
 
-    def _check_not_cooling(self, address):
+    def _begin_attempt(self, address):
+        """429 while an address cools down, or when its recent failures and its attempts still
+        being checked (a slow GitHub) reach the limit: parallel guesses count too."""
         with self._lock:
-            until = self._cooling.get(address)
-            if until is None:
-                return
-            wait = until - self._clock()
+            wait = self._cooling.get(address, 0) - self._clock()
             if wait <= 0:
-                del self._cooling[address]
-                return
+                self._cooling.pop(address, None)
+                recent = [t for t in self._failures.get(address, [])
+                          if t > self._clock() - self._window]
+                if len(recent) + self._in_flight.get(address, 0) < self._failures_allowed:
+                    self._in_flight[address] = self._in_flight.get(address, 0) + 1
+                    return
+                wait = self._window
         raise HTTPError(429, "too many failed logins from %s; try again in %d s"
                         % (address, wait + 1), headers=[("Retry-After", "%d" % (wait + 1))])
 
@@ -1247,8 +1259,8 @@ class GitHubLogin:
         login = user["login"]
         if self._method == "user":
             return (200 if login.lower() in (name.lower() for name in self._names) else 403), login
-        status, _ = self._get("/orgs/%s/members/%s" % (urllib.parse.quote(self._names[0]),
-                                                       urllib.parse.quote(login)),
+        status, _ = self._get("/orgs/%s/members/%s" % (urllib.parse.quote(self._names[0], safe=""),
+                                                       urllib.parse.quote(login, safe="")),
                               self._server_token or token)
         if status == 204:
             return 200, login
@@ -1261,14 +1273,26 @@ class GitHubLogin:
             "Authorization": "token " + token, "Accept": "application/vnd.github+json",
             "User-Agent": "pulsar-rest-api/" + __version__})
         try:
-            with urllib.request.urlopen(request, timeout=GITHUB_TIMEOUT) as response:
+            with GITHUB_OPENER.open(request, timeout=GITHUB_TIMEOUT) as response:
                 body = response.read(MAX_BODY)
                 return response.status, json.loads(body) if body else None
         except urllib.error.HTTPError as error:
             error.close()
             return error.code, None
-        except (urllib.error.URLError, OSError, ValueError) as error:
+        except (urllib.error.URLError, OSError, ValueError, RecursionError,
+                http.client.HTTPException) as error:
             raise github_unavailable(str(getattr(error, "reason", error)))
+
+
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect from the GitHub API is answered as it is: following it would hand the token
+    to wherever it points."""
+
+    def redirect_request(self, *args):
+        return None
+
+
+GITHUB_OPENER = urllib.request.build_opener(NoRedirects)
 
 
 def parse_authorization(header):
@@ -1323,6 +1347,7 @@ class Metrics:
         self._duration_sum = 0.0
         self._requests = {}             # HTTP status -> count
         self.connections = 0
+        self._refused = 0
 
     def task_started(self):
         with self._lock:
@@ -1351,6 +1376,10 @@ class Metrics:
     def close_connection(self):
         with self._lock:
             self.connections -= 1
+
+    def connection_refused(self):
+        with self._lock:
+            self._refused += 1
 
     def render(self, running, waiters):
         with self._lock:
@@ -1385,7 +1414,11 @@ class Metrics:
                 "pulsar_rest_api_long_poll_waiters %d" % waiters,
                 "# HELP pulsar_rest_api_open_connections Client connections open now.",
                 "# TYPE pulsar_rest_api_open_connections gauge",
-                "pulsar_rest_api_open_connections %d" % self.connections]
+                "pulsar_rest_api_open_connections %d" % self.connections,
+                "# HELP pulsar_rest_api_refused_connections_total Connections refused over "
+                "--max-connections.",
+                "# TYPE pulsar_rest_api_refused_connections_total counter",
+                "pulsar_rest_api_refused_connections_total %d" % self._refused]
         return "\n".join(lines) + "\n"
 
 
@@ -1526,6 +1559,14 @@ def certificate_fingerprint(cert_file):
 
 # ---------------------------------------------------------------- transport: the request handler
 
+def netloc_of(url):
+    """host[:port] of a URL, lowercased; '' when it has none or is malformed."""
+    try:
+        return urllib.parse.urlsplit(url.strip()).netloc.lower()
+    except ValueError:
+        return ""
+
+
 def describe_socket_error(error):
     """A short reason for a dropped connection, for one log line."""
     if isinstance(error, socket.timeout):
@@ -1608,7 +1649,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         body = b"This server speaks HTTPS: use https:// (curl -k https://HOST:PORT/...).\n"
         socket.socket.sendall(     # beneath TLS, as plain bytes
             self.connection, b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            b"Content-Length: %d\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff"
+            b"\r\nConnection: close\r\n\r\n%s" % (len(body), body))
         logger.info("%s: plain HTTP on the TLS port; answered 400", self.peer)
 
     def handle_one_request(self):
@@ -1674,15 +1716,19 @@ class RequestHandler(BaseHTTPRequestHandler):
                                 % (quoted(name, 40), MAX_HEADER_LINE), close=True)
 
     def _check_same_site(self):
-        """Refuse a state change that a browser sends for a page of another site: browsers add
-        Basic credentials by themselves (curl and bots send neither header)."""
-        if self.headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site":
-            raise HTTPError(403, "cross-site requests may not start or kill tasks")
-        origin = self.headers.get("Origin")
-        if origin is not None and urllib.parse.urlsplit(origin.strip()).netloc.lower() != \
-                self.headers.get("Host", "").strip().lower():
-            raise HTTPError(403, "requests from origin %s may not start or kill tasks here"
-                            % quoted(origin))
+        """Refuse a state change that a browser sends for another page than this server's:
+        browsers add Basic credentials by themselves, so an <img> on any other page (another
+        site, or another port or subdomain of this one) could kill a task.  curl and bots send
+        none of these headers."""
+        fetched_from = self.headers.get("Sec-Fetch-Site", "").strip().lower()
+        if fetched_from not in ("", "same-origin", "none"):
+            raise HTTPError(403, "requests from another page (%s) may not start or kill tasks"
+                            % quoted(fetched_from, 20))
+        for header in ("Origin", "Referer"):    # older browsers send no Sec-Fetch-Site
+            value = self.headers.get(header)
+            if value is not None and netloc_of(value) != self.headers.get("Host", "").lower():
+                raise HTTPError(403, "requests from %s %s may not start or kill tasks here"
+                                % (header.lower(), quoted(value)))
 
     def _content_length(self):
         """The declared body length; 411, 400 or 413 for a body this server will not read."""
@@ -1727,7 +1773,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     def rerun_task(self, task_id):
         self._allow_fields("queue", "wait")
         old = self.server.store.view(task_id)
-        self._start(old["app"], old["env"], old["action"])
+        self._start(old["app"], old["env"], check_action(old["action"]))
 
     def _start(self, app, env, action):
         """Start (or queue) a task; with wait=true answer once it has ended, with all of it."""
@@ -1942,13 +1988,20 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._log_request(status, len(body))
 
     def start_chunked(self, content_type):
-        """Send the head of a streamed (chunked) 200 response; send_chunk() sends the rest."""
-        self.wfile.write(self._head(200, content_type, [("Transfer-Encoding", "chunked")]))
+        """Send the head of a streamed 200 response; send_chunk() sends the rest.  HTTP/1.0
+        has no chunks: its stream ends when the connection closes."""
+        self._chunked = self.request_version != "HTTP/1.0"
+        self.close_connection = self.close_connection or not self._chunked
+        framing = [("Transfer-Encoding", "chunked")] if self._chunked else []
+        self.wfile.write(self._head(200, content_type, framing))
         self._streamed = 0
 
     def send_chunk(self, data):
         """One chunk of a streamed response; an empty one ends it."""
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        if self._chunked:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        elif data:
+            self.wfile.write(data)
         self._streamed += len(data)
         if not data:
             self.server.metrics.request_answered(200)
@@ -2189,6 +2242,7 @@ class PulsarServer(ThreadingHTTPServer):
         self.access = access or Access()
         self.max_connections = max_connections
         self._refusing = threading.BoundedSemaphore(REFUSERS)
+        self._refusal_logged = -REFUSAL_LOG_EVERY
         self.tls = tls
         self.poll_timeout = poll_timeout
         self.request_timeout = request_timeout
@@ -2233,8 +2287,13 @@ class PulsarServer(ThreadingHTTPServer):
     def _refuse(self, request, client_address):
         """Over --max-connections: answer 503 and close, in a thread of a few kept for this, so
         that the accept loop goes on; when those are busy too, just close."""
-        logger.warning("%s:%s: %d connections open, the most allowed (--max-connections); "
-                       "refused", client_address[0], client_address[1], self.max_connections)
+        self.metrics.connection_refused()
+        now = time.monotonic()
+        if now - self._refusal_logged >= REFUSAL_LOG_EVERY:
+            self._refusal_logged = now
+            logger.warning("%s:%s: %d connections open, the most allowed (--max-connections); "
+                           "refusing more (next note in %d s at the earliest)", client_address[0],
+                           client_address[1], self.max_connections, REFUSAL_LOG_EVERY)
         if not self._refusing.acquire(blocking=False):
             self.shutdown_request(request)
             return
@@ -2475,6 +2534,11 @@ async function followTask(id) {
       if (following !== me) return;
       $("task-error").textContent = error.message;
       if (error.message.startsWith("no task")) return;
+      if (error.message.startsWith("offset")) {   // the output was cut short by a crash: reread
+        me.version = 0;
+        me.offset = 0;
+        $("output").replaceChildren(document.createTextNode(""));
+      }
       await pause(2000);
     }
   }

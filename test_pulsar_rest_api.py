@@ -379,12 +379,17 @@ class FakeGitHub:
     (org, login) pairs) and 404 for anyone else.  Every request is recorded as (path,
     Authorization header) before it is answered.  Setting `failing` to a status makes every
     answer that status; stop() closes the port, so that GitHub cannot be reached at all.
+    `hold` (an Event) keeps every answer back until it is set; `redirect_to` answers 302 to that
+    URL; `garbage` answers bytes that are not HTTP.
     """
 
     def __init__(self, logins, members):
         self.logins = dict(logins)
         self.members = set(members)
         self.failing = None
+        self.hold = None
+        self.redirect_to = None
+        self.garbage = False
         self._requests = []
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeGitHubHandler)
@@ -425,7 +430,16 @@ class FakeGitHubHandler(BaseHTTPRequestHandler):
         scheme, _, token = (authorization or "").partition(" ")
         caller = fake.logins.get(token) if scheme.lower() == "token" else None
         membership = self.MEMBERSHIP.fullmatch(self.path)
-        if fake.failing:
+        if fake.hold is not None:
+            fake.hold.wait(TIMEOUT)
+        if fake.garbage:
+            self.wfile.write(b"NOT HTTP AT ALL\r\n\r\n")
+        elif fake.redirect_to:
+            self.send_response(302)
+            self.send_header("Location", fake.redirect_to + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif fake.failing:
             self.answer(fake.failing, {"message": "Server Error"})
         elif caller is None:
             self.answer(401, {"message": "Bad credentials"})
@@ -2901,8 +2915,9 @@ def test_connections_over_max_connections_get_503_and_a_flood_does_not_lock_out_
         busy, closed = unasked_reply(server)
         for _ in range(50):     # silent connections: no TLS hello, ever
             flood.append(socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT))
-        wait_until(lambda: len(log_lines(server, r"connections open, .*refused$")) == 51,
+        wait_until(lambda: refused_connections(held[0]) == 51,
                    what="the 5th connection and the flood to be refused")
+        refusal_notes = log_lines(server, r"connections open, the most allowed")
         for conn in held:
             conn.close()
         # The flood is still connected, yet it holds no slot: a well-behaved client gets in.
@@ -2917,7 +2932,16 @@ def test_connections_over_max_connections_get_503_and_a_flood_does_not_lock_out_
     assert busy.headers["Retry-After"], busy.headers
     assert closed, "the server kept a refused connection open"
     assert later.json["status"] == "ok"
+    assert len(refusal_notes) == 1, refusal_notes     # a flood is one log line, not fifty
     server.assert_no_traceback()
+
+
+def refused_connections(conn):
+    """pulsar_rest_api_refused_connections_total, asked on a connection already let in."""
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    text = response.read().decode()
+    return int(re.search(r"^pulsar_rest_api_refused_connections_total (\d+)$", text, re.M).group(1))
 
 
 def test_busy_503_over_max_connections_is_not_cached_or_sniffed_like_every_other_answer(
@@ -3756,3 +3780,116 @@ def test_control_characters_in_the_request_method_are_escaped_in_the_log(shared_
     assert list(reply.json) == ["error"]
     assert len(logged) == 1, logged
     assert "\x1b" not in shared_server.log()
+
+
+# --- Fixes from the second hostile review -------------------------------------------------------
+
+def test_state_changes_from_another_page_of_the_same_site_or_a_bad_origin_are_refused(
+        api, shared_server, shared_fake):
+    gate = shared_fake.gate()
+    holder = api.create(unique("app"), unique("env"), "gate-" + gate.name)
+    api.wait_output(holder, "gate %s\n" % gate.name)
+    own = "https://127.0.0.1:%d" % shared_server.port
+    app, env = unique("app"), unique("env")
+
+    refused = [     # an <img> on another port of this host is "same-site" and sends no Origin
+        api.request("GET", "/task/%d/kill" % holder, headers={"Sec-Fetch-Site": "same-site"}),
+        api.request("GET", "/task/%d/kill" % holder, headers={"Referer": "https://other.example/"}),
+        api.request("POST", "/%s/%s?action=out-1" % (app, env), headers={"Origin": "http://["}),
+        api.request("POST", "/%s/%s?action=out-1" % (app, env),
+                    headers={"Referer": "https://127.0.0.1:1/page"}),
+    ]
+    typed = api.request("POST", "/%s/%s?action=out-1" % (app, unique("env")),
+                        headers={"Sec-Fetch-Site": "none"})     # a URL typed in the address bar
+    from_page = api.request("GET", "/task/%d/kill" % holder,
+                            headers={"Sec-Fetch-Site": "same-origin", "Referer": own + "/"})
+    api.wait_ended(typed.json["taskId"])
+
+    for reply in refused:
+        assert_json_error(reply, 403)
+    assert [run for run in shared_fake.invocations() if env in run["argv"]] == []
+    assert typed.status == 200, typed
+    assert (from_page.status, from_page.json["status"]) == (200, "killed"), from_page
+    assert "Traceback" not in shared_server.log()
+
+
+def test_parallel_wrong_tokens_count_against_the_brake_while_github_is_slow(start_server, github):
+    server = start_github_server(start_server, github, "--auth-username", "alice")
+    github.hold = threading.Event()
+    client = server.client(headers=bearer_auth(UNKNOWN_TOKEN))
+    replies = []
+
+    def guess():
+        replies.append(client.get("/tasks"))
+
+    guessers = [threading.Thread(target=guess) for _ in range(20)]
+    for guesser in guessers:
+        guesser.start()
+    try:
+        wait_until(lambda: len(replies) == 10, what="the guesses over the limit to be refused")
+        asked_meanwhile = len(github.requests)
+    finally:
+        github.hold.set()
+        for guesser in guessers:
+            guesser.join(TIMEOUT)
+
+    assert asked_meanwhile == 10
+    assert sorted(reply.status for reply in replies) == [401] * 10 + [429] * 10
+    assert len(github.requests) == 10
+
+
+@pytest.mark.parametrize("odd", ["redirect", "garbage"])
+def test_github_redirect_or_garbage_is_503_and_the_token_goes_nowhere_else(start_server, github,
+                                                                            odd):
+    elsewhere = FakeGitHub(GITHUB_LOGINS, GITHUB_MEMBERS)
+    try:
+        server = start_github_server(start_server, github, "--auth-username", "alice")
+        if odd == "redirect":
+            github.redirect_to = elsewhere.url
+        else:
+            github.garbage = True
+
+        reply = server.client(headers=bearer_auth(ALICE_TOKEN)).get("/tasks")
+    finally:
+        elsewhere.stop()
+
+    assert_json_error(reply, 503)
+    assert elsewhere.requests == []
+    server.assert_no_traceback()
+
+
+def test_rerun_refuses_an_action_that_a_create_would_refuse(start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    start_server("--db", db).stop_cleanly()
+    with contextlib.closing(sqlite3.connect(str(db))) as conn:
+        with conn:      # as a server before the fix for `rake:shell` could have recorded it
+            old = conn.execute(
+                "INSERT INTO tasks (app, env, action, status, exit_code, pid, process_start, "
+                "created_at, finished_at, started_by, version, output_length) "
+                "VALUES ('shop', 'prod', 'rake:shell', 'finished', 0, NULL, NULL, ?, ?, "
+                "'127.0.0.1:40000', 2, 0)", (time.time(), time.time())).lastrowid
+    server = start_server("--db", db, "--allow-action", "rake:*")
+
+    reply = server.client().request("POST", "/task/%d/rerun" % old)
+
+    assert_json_error(reply, 400)
+    assert fake.invocations() == []
+
+
+def test_http_1_0_stream_comes_unchunked_and_ends_with_the_connection(api, shared_server,
+                                                                      ended_task):
+    with socket.create_connection(("127.0.0.1", shared_server.port), timeout=TIMEOUT) as raw:
+        with shared_server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"GET /task/%d/stream HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" % ended_task)
+            received = b""
+            while True:
+                data = tls.recv(65536)
+                if not data:
+                    break
+                received += data
+    head, _, body = received.partition(b"\r\n\r\n")
+
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"transfer-encoding" not in head.lower()
+    assert body == (api.task(ended_task)["output"] + "[pulsar-rest-api: task %d finished, "
+                    "exit code 0]\n" % ended_task).encode()
