@@ -59,7 +59,7 @@ and `invoke` are refused; pulsar runs from an argument list, never a shell.  TLS
 Slow or silent clients are dropped after --request-timeout and never hold up anyone else.
 --auth-provider basic|github requires credentials on every endpoint but /health (401, 403; 429
 for an address after 10 failed logins in a minute; 503 when GitHub cannot answer, never open).
-Starts and kills that a browser marks cross-site, or from another Origin, are refused (403).
+Starts, reruns and kills that a browser sends from another page are refused (403).
 One task per app and environment (409, or queue=true to wait in line: status `queued`), at most
 --max-tasks running (429), at most --max-connections connections (503).
 """
