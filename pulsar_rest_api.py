@@ -504,11 +504,6 @@ class TaskStore:
         with self._lock:
             return [task for task in self._tasks.values() if task.status == RUNNING]
 
-    def live(self):
-        """Tasks that have not ended: running or waiting in line."""
-        with self._lock:
-            return [task for task in self._tasks.values() if not task.ended]
-
     def task_of_pair(self, app, env, statuses):
         """The oldest task of an app and environment in one of `statuses`, as JSON without
         output, or None."""
@@ -1187,8 +1182,8 @@ class Access:
 class OpenAccess:
     """No authentication: anyone who reaches the port may use the API."""
 
-    description = "OPEN: no authentication (--auth-provider is not set); anyone who reaches " \
-                  "the port can start and kill tasks"
+    description = ("OPEN: no authentication (--auth-provider is not set); anyone who reaches "
+                   "the port can start and kill tasks")
 
     def login(self, authorization):
         return "-"
@@ -1822,8 +1817,9 @@ class RequestHandler(BaseHTTPRequestHandler):
             text = "".join(task["output"].splitlines(True)[-tail:])
         else:
             offset = offset or 0
-            task = store.wait_for_change(task_id, None, offset, self.server.poll_timeout) \
-                if wait else None
+            task = None
+            if wait:
+                task = store.wait_for_change(task_id, None, offset, self.server.poll_timeout)
             task = task or store.view(task_id, offset)
             text = task["output"]
         self.send_bytes(200, text.encode("utf-8"), "text/plain; charset=utf-8", [
