@@ -285,10 +285,6 @@ class Output:
         self.size += size
         return True
 
-    def since(self, offset):
-        """The text from character `offset` to the end."""
-        return "".join(text for _, text in self.pieces_since(offset))
-
     def pieces_since(self, offset):
         """(start, text) pieces from character `offset` to the end, without joining them."""
         if offset >= self.length:
@@ -318,10 +314,11 @@ class Task:
     `persisted` is how much of the output is already in the history.
     """
 
-    def __init__(self, task_id, app, env, action, created_at, started_by="-", output=None):
+    def __init__(self, task_id, app, env, action, created_at, started_by="-", output=None,
+                 status=RUNNING):
         self.id = task_id
         self.app, self.env, self.action = app, env, action
-        self.status = RUNNING
+        self.status = status
         self.exit_code = None
         self.pid = None
         self.process_start = None   # identifies pulsar's process across a server restart
@@ -331,7 +328,9 @@ class Task:
         self.output = output if output is not None else Output()
         self.version = 1
         self.process = None
-        self.persisted = 0
+        self.persisted = 0          # output characters already in the history ...
+        self.persisted_version = 0  # ... and the version written there last
+        self.changed = None         # the store's Condition for this task, while it is live
         self.last_output_at = 0.0
         self.chatty = False         # output arrives in quick succession: followers batch it
 
@@ -413,8 +412,8 @@ class TaskStore:
         except sqlite3.Error as error:
             logger.error("cannot record a new task in the history: %s", error)
             raise HTTPError(503, "the task history cannot be written, so no task was started")
-        task = Task(task_id, app, env, action, created_at, started_by, Output(self._max_output))
-        task.status = status
+        task = Task(task_id, app, env, action, created_at, started_by, Output(self._max_output),
+                    status)
         task.changed = threading.Condition(self._lock)
         with self._lock:
             self._tasks[task.id] = task
@@ -482,7 +481,8 @@ class TaskStore:
             task = self._tasks.get(task_id)
             if task is not None:
                 task.changed.wait_for(lambda: task.ended, timeout)
-        return task.to_json() if task is not None else self.view(task_id)
+                snapshot = task.snapshot()
+        return joined(snapshot) if task is not None else self.view(task_id)
 
     def wait_until_idle(self, timeout):
         """True once no task is live, False if some still are after `timeout`."""
@@ -545,6 +545,8 @@ class TaskStore:
             task.process = process
             task.pid = process.pid
             task.process_start = process_start_token(process.pid)
+            task.version += 1           # the pid is news to a follower of a queued task
+            task.changed.notify_all()
         self.persist(task)
 
     def end(self, task, status, exit_code):
@@ -568,11 +570,14 @@ class TaskStore:
         with self._persisting:
             with self._lock:
                 tasks = [task] if task is not None else list(self._tasks.values())
+                tasks = [task for task in tasks if task.version != task.persisted_version]
                 changes = [(task.record(), task.output.pieces_since(task.persisted))
                            for task in tasks]
                 for task in tasks:
                     task.persisted = task.output.length
-            self._history.save(changes)
+                    task.persisted_version = task.version
+            if changes:
+                self._history.save(changes)
 
     def _stored(self, task_id, offset):
         task = self._history.load(task_id, offset or 0)
@@ -706,10 +711,10 @@ class TaskHistory:
     def _task(row, output):
         (task_id, app, env, action, status, exit_code, pid, process_start, created_at,
          finished_at, started_by, version, _) = row
-        task = Task(task_id, app, env, action, created_at, started_by, output)
-        task.status, task.exit_code, task.pid = status, exit_code, pid
-        task.process_start, task.finished_at, task.version = process_start, finished_at, version
-        task.persisted = output.length
+        task = Task(task_id, app, env, action, created_at, started_by, output, status)
+        task.exit_code, task.pid, task.process_start = exit_code, pid, process_start
+        task.finished_at, task.version = finished_at, version
+        task.persisted, task.persisted_version = output.length, version
         return task
 
 
@@ -880,15 +885,8 @@ def group_has_live_members(pgid):
     except OSError:
         return False
     for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry, "rb") as source:
-                stat = source.read()
-        except OSError:
-            continue                    # gone while we looked
-        fields = stat[stat.rindex(b")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+        fields = process_status(entry) if entry.isdigit() else None
+        if fields and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
             return True
     return False
 
@@ -896,14 +894,24 @@ def group_has_live_members(pgid):
 def process_start_token(pid):
     """Boot id and start time of a process: the same pid names the same process only if these
     match too (Linux /proc; None elsewhere)."""
+    fields = process_status(pid)
     try:
         with open("/proc/sys/kernel/random/boot_id") as source:
             boot = source.read().strip()
-        with open("/proc/%d/stat" % pid, "rb") as source:
+    except OSError:
+        return None
+    return None if fields is None else "%s:%s" % (boot, fields[19].decode())
+
+
+def process_status(pid):
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...), or None
+    when the process is gone or there is no /proc."""
+    try:
+        with open("/proc/%s/stat" % pid, "rb") as source:
             stat = source.read()
     except OSError:
         return None
-    return "%s:%s" % (boot, stat[stat.rindex(b")") + 2:].split()[19].decode())
+    return stat[stat.rindex(b")") + 2:].split()
 
 
 def recover_lost_tasks(history, kill_grace):
