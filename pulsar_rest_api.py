@@ -1781,8 +1781,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def _start(self, app, env, action):
         """Start (or queue) a task; with wait=true answer once it has ended, with all of it."""
-        queue = parse_flag("queue", self.fields.get("queue", []))
-        wait = parse_flag("wait", self.fields.get("wait", []))
+        queue, wait = self._flag_field("queue"), self._flag_field("wait")
         task = self.server.runner.start(app, env, action, self.who, queue)
         reply = {"taskId": task.id, "url": self._absolute_url("/task/%d" % task.id),
                  "status": task.status}
@@ -1817,7 +1816,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         X-More-Data as Jenkins' progressive text has them; wait=1 waits for more."""
         self._allow_fields("offset", "wait", "tail")
         offset, tail = self._count_field("offset"), self._count_field("tail")
-        wait = parse_flag("wait", self.fields.get("wait", []))
+        wait = self._flag_field("wait")
         store = self.server.store
         if tail is not None:
             if offset is not None or wait or not 0 < tail <= MAX_TAIL:
@@ -1895,7 +1894,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def list_tasks(self):
         self._allow_fields("app", "env", "status", "limit", "before", "version")
-        app, env, status = (self._single_field(name) for name in ("app", "env", "status"))
+        app, env, status = (self._text_field(name) for name in ("app", "env", "status"))
         if status is not None and status not in ALL_STATUSES:
             raise HTTPError(400, "status must be one of %s" % ", ".join(sorted(ALL_STATUSES)))
         limit = self._count_field("limit")
@@ -1954,17 +1953,31 @@ class RequestHandler(BaseHTTPRequestHandler):
                             % (name, " or ".join((name,) + aliases)))
         return values[0]
 
-    def _single_field(self, name):
+    def _field(self, name):
+        """The value given for `name`, or None; 400 when it is given twice."""
         values = self.fields.get(name, [])
         if len(values) > 1:
             raise HTTPError(400, "give %s once" % name)
-        if values and not isinstance(values[0], str):
-            raise HTTPError(400, "%s must be a string" % name)
         return values[0] if values else None
 
+    def _text_field(self, name):
+        value = self._field(name)
+        if value is not None and not isinstance(value, str):
+            raise HTTPError(400, "%s must be a string" % name)
+        return value
+
     def _count_field(self, name):
-        value = self._single_field(name)
+        value = self._text_field(name)
         return None if value is None else parse_count(name, value)
+
+    def _flag_field(self, name):
+        """A yes/no field: JSON true/false, or true, false, 1, 0 as text; absent is false."""
+        value = self._field(name)
+        if isinstance(value, str):
+            value = {"true": True, "1": True, "false": False, "0": False}.get(value.lower(), value)
+        if value is not None and not isinstance(value, bool):
+            raise HTTPError(400, "%s must be true or false" % name)
+        return bool(value)
 
     def _absolute_url(self, path):
         scheme = "https" if self.server.tls else "http"
@@ -2154,18 +2167,6 @@ def path_segment(raw):
         return urllib.parse.unquote(raw, errors="strict")
     except UnicodeDecodeError:
         raise HTTPError(400, "the path is not valid UTF-8 once percent-decoded: %s" % quoted(raw))
-
-
-def parse_flag(name, values):
-    """A yes/no field: JSON true/false, or true, false, 1, 0 as text; absent is false."""
-    if len(values) > 1:
-        raise HTTPError(400, "give %s once" % name)
-    value = values[0] if values else False
-    if isinstance(value, str):
-        value = {"true": True, "1": True, "false": False, "0": False}.get(value.lower(), value)
-    if not isinstance(value, bool):
-        raise HTTPError(400, "%s must be true or false" % name)
-    return value
 
 
 def parse_task_id(text):
