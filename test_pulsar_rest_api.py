@@ -725,6 +725,19 @@ def raw_exchange(server, data):
             return Reply(response, response.read())
 
 
+def exchange_until_closed(server, data):
+    """Send raw bytes over TLS and return everything received until the server closes."""
+    received = b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as raw:
+        with server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(data)
+            while True:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    return received
+                received += chunk
+
+
 def served_certificate(port, context):
     """(DER certificate, TLS version) the server presents to a client with this context."""
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
@@ -1171,15 +1184,7 @@ def test_known_path_with_wrong_method_answers_405_with_allow(api, ended_task, me
 def test_head_is_answered_405_without_a_body(shared_server, ended_task):
     request = ("HEAD /task/{0} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
                "GET /task/{0} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-    received = b""
-    with socket.create_connection(("127.0.0.1", shared_server.port), timeout=TIMEOUT) as raw:
-        with shared_server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            tls.sendall(request.format(ended_task).encode())
-            while True:
-                chunk = tls.recv(65536)
-                if not chunk:
-                    break
-                received += chunk
+    received = exchange_until_closed(shared_server, request.format(ended_task).encode())
 
     head, _, rest = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 405 "), head
@@ -3300,15 +3305,22 @@ def created_task_of(client, app):
     return ids[0] if ids else None
 
 
+def send_waiting_create(api, app, gate, action):
+    """Send POST /APP/prod?action=...&wait=true on a connection of its own and wait until its
+    task has reached the gate; (connection, task id), the reply still to come."""
+    conn = api.connection()
+    conn.request("POST", "/%s/prod?action=%s&wait=true" % (app, action))
+    task_id = wait_until(lambda: created_task_of(api, app), what="the task to be created")
+    api.wait_output(task_id, "gate %s\n" % gate.name)
+    return conn, task_id
+
+
 def test_create_with_wait_true_answers_when_the_task_ends_with_the_whole_task(
         api, shared_server, shared_fake):
     gate = shared_fake.gate()
     app = unique("app")
-    conn = api.connection()
+    conn, task_id = send_waiting_create(api, app, gate, "out-1.gate-%s.out-2" % gate.name)
     try:
-        conn.request("POST", "/%s/prod?action=out-1.gate-%s.out-2&wait=true" % (app, gate.name))
-        task_id = wait_until(lambda: created_task_of(api, app), what="the task to be created")
-        api.wait_output(task_id, "gate %s\n" % gate.name)
         answered_early = log_lines(shared_server, r" POST '/%s/prod" % app)    # logged once sent
         gate.release()
         response = conn.getresponse()
@@ -3332,11 +3344,8 @@ def test_client_leaving_while_waiting_for_its_task_leaves_the_task_running_to_it
         api, shared_server, shared_fake):
     gate = shared_fake.gate()
     app = unique("app")
-    conn = api.connection()
+    conn, task_id = send_waiting_create(api, app, gate, "gate-%s.out-1" % gate.name)
     try:
-        conn.request("POST", "/%s/prod?action=gate-%s.out-1&wait=1" % (app, gate.name))
-        task_id = wait_until(lambda: created_task_of(api, app), what="the task to be created")
-        api.wait_output(task_id, "gate %s\n" % gate.name)
         port = conn.sock.getsockname()[1]
     finally:
         conn.close()
@@ -3878,15 +3887,8 @@ def test_rerun_refuses_an_action_that_a_create_would_refuse(start_server, fake, 
 
 def test_http_1_0_stream_comes_unchunked_and_ends_with_the_connection(api, shared_server,
                                                                       ended_task):
-    with socket.create_connection(("127.0.0.1", shared_server.port), timeout=TIMEOUT) as raw:
-        with shared_server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            tls.sendall(b"GET /task/%d/stream HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" % ended_task)
-            received = b""
-            while True:
-                data = tls.recv(65536)
-                if not data:
-                    break
-                received += data
+    received = exchange_until_closed(
+        shared_server, b"GET /task/%d/stream HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" % ended_task)
     head, _, body = received.partition(b"\r\n\r\n")
 
     assert head.startswith(b"HTTP/1.1 200 ")
