@@ -1388,41 +1388,33 @@ class Metrics:
     def render(self, running, waiters):
         with self._lock:
             finished = sum(self._finished.values())
-            lines = [
-                "# HELP pulsar_rest_api_tasks_started_total Tasks started since the server started.",
-                "# TYPE pulsar_rest_api_tasks_started_total counter",
-                "pulsar_rest_api_tasks_started_total %d" % self._started,
-                "# HELP pulsar_rest_api_tasks_finished_total Tasks ended, by status.",
-                "# TYPE pulsar_rest_api_tasks_finished_total counter"]
-            lines += ['pulsar_rest_api_tasks_finished_total{status="%s"} %d' % (status, count)
-                      for status, count in sorted(self._finished.items())]
-            lines += [
-                "# HELP pulsar_rest_api_tasks_running Tasks running now.",
-                "# TYPE pulsar_rest_api_tasks_running gauge",
-                "pulsar_rest_api_tasks_running %d" % running,
-                "# HELP pulsar_rest_api_task_duration_seconds How long tasks ran.",
-                "# TYPE pulsar_rest_api_task_duration_seconds histogram"]
-            lines += ['pulsar_rest_api_task_duration_seconds_bucket{le="%s"} %d' % (bound, count)
-                      for bound, count in zip(self.DURATION_BUCKETS, self._buckets)]
-            lines += [
-                'pulsar_rest_api_task_duration_seconds_bucket{le="+Inf"} %d' % finished,
-                "pulsar_rest_api_task_duration_seconds_sum %.3f" % self._duration_sum,
-                "pulsar_rest_api_task_duration_seconds_count %d" % finished,
-                "# HELP pulsar_rest_api_http_requests_total HTTP requests answered, by status.",
-                "# TYPE pulsar_rest_api_http_requests_total counter"]
-            lines += ['pulsar_rest_api_http_requests_total{code="%d"} %d' % (code, count)
-                      for code, count in sorted(self._requests.items())]
-            lines += [
-                "# HELP pulsar_rest_api_long_poll_waiters Long polls waiting for a change now.",
-                "# TYPE pulsar_rest_api_long_poll_waiters gauge",
-                "pulsar_rest_api_long_poll_waiters %d" % waiters,
-                "# HELP pulsar_rest_api_open_connections Client connections open now.",
-                "# TYPE pulsar_rest_api_open_connections gauge",
-                "pulsar_rest_api_open_connections %d" % self.connections,
-                "# HELP pulsar_rest_api_refused_connections_total Connections refused over "
-                "--max-connections.",
-                "# TYPE pulsar_rest_api_refused_connections_total counter",
-                "pulsar_rest_api_refused_connections_total %d" % self._refused]
+            buckets = [('{le="%s"}' % bound, count)
+                       for bound, count in zip(self.DURATION_BUCKETS, self._buckets)]
+            families = [
+                ("tasks_started_total", "counter", "Tasks started since the server started.",
+                 [("", self._started)]),
+                ("tasks_finished_total", "counter", "Tasks ended, by status.",
+                 [('{status="%s"}' % status, count)
+                  for status, count in sorted(self._finished.items())]),
+                ("tasks_running", "gauge", "Tasks running now.", [("", running)]),
+                ("task_duration_seconds", "histogram", "How long tasks ran.",
+                 [("_bucket" + le, count) for le, count in buckets]
+                 + [('_bucket{le="+Inf"}', finished), ("_sum", round(self._duration_sum, 3)),
+                    ("_count", finished)]),
+                ("http_requests_total", "counter", "HTTP requests answered, by status.",
+                 [('{code="%d"}' % code, count) for code, count in sorted(self._requests.items())]),
+                ("long_poll_waiters", "gauge", "Long polls waiting for a change now.",
+                 [("", waiters)]),
+                ("open_connections", "gauge", "Client connections open now.",
+                 [("", self.connections)]),
+                ("refused_connections_total", "counter",
+                 "Connections refused over --max-connections.", [("", self._refused)]),
+            ]
+        lines = []
+        for name, kind, description, samples in families:
+            name = "pulsar_rest_api_" + name
+            lines += ["# HELP %s %s" % (name, description), "# TYPE %s %s" % (name, kind)]
+            lines += ["%s%s %s" % (name, suffix, value) for suffix, value in samples]
         return "\n".join(lines) + "\n"
 
 
