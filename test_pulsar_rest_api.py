@@ -974,9 +974,11 @@ def health_once_stopping(client):
     return reply if reply.status == 503 else None
 
 
-def log_lines(server, pattern):
-    """Lines of the server's log in which the regular expression pattern is found."""
-    return [line for line in server.log().splitlines() if re.search(pattern, line)]
+def log_lines(server, pattern, since=0):
+    """Lines of the server's log (from character `since` on) in which the regular expression
+    pattern is found.  A long-lived server reuses client ports: pass the log's length at the
+    start of a test to see only that test's lines."""
+    return [line for line in server.log()[since:].splitlines() if re.search(pattern, line)]
 
 
 def logged_version(server):
@@ -3273,6 +3275,7 @@ def test_client_that_leaves_mid_stream_costs_nothing_afterwards(api, shared_serv
     gate = shared_fake.gate()
     task_id = api.create(unique("app"), unique("env"), "out-1.gate-%s.out-1" % gate.name)
     api.wait_output(task_id, "gate %s\n" % gate.name)
+    log_start = len(shared_server.log())
 
     with socket.create_connection(("127.0.0.1", shared_server.port), timeout=TIMEOUT) as raw:
         with shared_server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
@@ -3286,7 +3289,7 @@ def test_client_that_leaves_mid_stream_costs_nothing_afterwards(api, shared_serv
     settled = wait_until(lambda: metrics_when(api, lambda m: m[CONNECTIONS] == 1
                                               and m[WAITERS] == 0),
                          timeout=5, what="the stream's connection to be closed and forgotten")
-    about_it = log_lines(shared_server, r"127\.0\.0\.1:%d\b" % port)
+    about_it = log_lines(shared_server, r"127\.0\.0\.1:%d\b" % port, since=log_start)
     gate.release()
     ended = api.wait_ended(task_id)
 
@@ -3344,12 +3347,14 @@ def test_client_leaving_while_waiting_for_its_task_leaves_the_task_running_to_it
         api, shared_server, shared_fake):
     gate = shared_fake.gate()
     app = unique("app")
+    log_start = len(shared_server.log())
     conn, task_id = send_waiting_create(api, app, gate, "gate-%s.out-1" % gate.name)
     try:
         port = conn.sock.getsockname()[1]
     finally:
         conn.close()
-    noticed = wait_until(lambda: log_lines(shared_server, r"INFO 127\.0\.0\.1:%d: " % port),
+    noticed = wait_until(lambda: log_lines(shared_server, r"INFO 127\.0\.0\.1:%d: " % port,
+                                           since=log_start),
                          timeout=5, what="the server to notice the client left")
     running = api.task(task_id)
     gate.release()
@@ -3835,7 +3840,8 @@ def test_parallel_wrong_tokens_count_against_the_brake_while_github_is_slow(star
     for guesser in guessers:
         guesser.start()
     try:
-        wait_until(lambda: len(replies) == 10, what="the guesses over the limit to be refused")
+        wait_until(lambda: len(replies) == 10 and len(github.requests) >= 10,
+                   what="10 guesses refused and 10 asking GitHub")
         asked_meanwhile = len(github.requests)
     finally:
         github.hold.set()
