@@ -68,6 +68,7 @@ import argparse
 import base64
 import binascii
 import codecs
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -179,7 +180,8 @@ class HTTPError(Exception):
         self.close = close          # the connection cannot be reused (e.g. an unread body)
         self.details = details or {}    # more fields for the JSON reply
 
-    def to_json(self):
+    def reply(self):
+        """The JSON body of the answer."""
         return dict({"error": self.message}, **self.details)
 
 
@@ -350,12 +352,12 @@ class Task:
                             % (offset, self.output.length))
 
     def record(self):
-        """The fields that change, as TaskHistory stores them."""
-        return (self.status, self.exit_code, self.pid, self.process_start, self.finished_at,
-                self.version, self.output.length, self.id)
+        """What changes in a task, as the history stores it."""
+        return TaskRecord(self.id, self.status, self.exit_code, self.pid, self.process_start,
+                          self.finished_at, self.version, self.output.length)
 
-    def summary(self):
-        """The task's fields without its output, as GET /tasks lists them."""
+    def list_entry(self):
+        """The task without its output, as GET /tasks lists it."""
         return {
             "id": self.id, "app": self.app, "env": self.env, "action": self.action,
             "status": self.status, "exitCode": self.exit_code, "pid": self.pid,
@@ -364,22 +366,24 @@ class Task:
         }
 
     def snapshot(self, offset=0):
-        """The task's fields and its output pieces from `offset`, cheap enough to take under the
-        lock; joined outside it by joined()."""
+        """The task as it is now, with its output from `offset`: cheap enough to take under the
+        store's lock, and turned into the API's reply outside it."""
         self.check_offset(offset)
-        view = self.summary()
-        view["outputOffset"] = offset
-        return view, self.output.pieces_since(offset)
-
-    def to_json(self, offset=0):
-        return joined(self.snapshot(offset))
+        return TaskSnapshot(dict(self.list_entry(), outputOffset=offset),
+                            self.output.pieces_since(offset))
 
 
-def joined(snapshot):
-    """A task snapshot as JSON, its output pieces joined into one string."""
-    view, pieces = snapshot
-    view["output"] = "".join(text for _, text in pieces)
-    return view
+# What the history stores of a task that changes: written by TaskHistory.save.
+TaskRecord = collections.namedtuple(
+    "TaskRecord", "id status exit_code pid process_start finished_at version output_length")
+
+
+class TaskSnapshot(collections.namedtuple("TaskSnapshot", "fields pieces")):
+    """A task's fields and output pieces, taken together; reply() joins the pieces."""
+
+    def reply(self):
+        """The task as the API answers it: its fields and "output"."""
+        return dict(self.fields, output="".join(text for _, text in self.pieces))
 
 
 class TaskStore:
@@ -420,15 +424,13 @@ class TaskStore:
             self._list_changed()
         return task
 
-    def view(self, task_id, offset=0):
-        """The task as JSON; its fields are taken together under the lock, its output joined
-        after, so that reading a long output does not hold up everyone else."""
+    def read(self, task_id, offset=0):
+        """The task as the API answers it; its fields are taken together under the lock, its
+        output joined after, so that reading a long output does not hold up everyone else."""
         with self._lock:
             task = self._tasks.get(task_id)
             snapshot = task.snapshot(offset) if task is not None else None
-        if snapshot is not None:
-            return joined(snapshot)
-        return self._stored(task_id, offset).to_json(offset)
+        return (snapshot or self._stored_snapshot(task_id, offset)).reply()
 
     def wait_for_change(self, task_id, version, offset, timeout):
         """The task as JSON once it has moved past (version, offset), or None after `timeout`.
@@ -451,9 +453,9 @@ class TaskStore:
                 if not moved:
                     return None
                 snapshot = task.snapshot(offset or 0)
-        if task is not None:
-            return joined(snapshot)
-        return self._stored(task_id, offset).to_json(offset or 0)
+        if task is None:
+            snapshot = self._stored_snapshot(task_id, offset or 0)
+        return snapshot.reply()
 
     def _wait_and_linger(self, task, version, offset, timeout):
         """Wait (the lock held) for the task to move; if it is chatty, wait a moment more so
@@ -476,13 +478,13 @@ class TaskStore:
         self._comings_and_goings.notify_all()
 
     def wait_until_ended(self, task_id, timeout):
-        """The task as JSON once it has ended, or as it is after `timeout`."""
+        """The task as the API answers it once it has ended, or as it is after `timeout`."""
         with self._lock:
             task = self._tasks.get(task_id)
             if task is not None:
                 task.changed.wait_for(lambda: task.ended, timeout)
-                snapshot = task.snapshot()
-        return joined(snapshot) if task is not None else self.view(task_id)
+                return task.snapshot().reply()
+        return self.read(task_id)
 
     def wait_until_idle(self, timeout):
         """True once no task is live, False if some still are after `timeout`."""
@@ -495,7 +497,7 @@ class TaskStore:
             task = self._tasks.get(task_id)
             if task is not None and not task.ended and task.process is not None:
                 return task.process
-        ended = self.view(task_id)
+        ended = self.read(task_id)
         raise HTTPError(409, "task %d has already ended (%s); there is nothing to kill"
                         % (task_id, ended["status"]))
 
@@ -505,12 +507,12 @@ class TaskStore:
             return [task for task in self._tasks.values() if task.status == RUNNING]
 
     def task_of_pair(self, app, env, statuses):
-        """The oldest task of an app and environment in one of `statuses`, as JSON without
-        output, or None."""
+        """The oldest task of an app and environment in one of `statuses`, as a list entry with
+        who started it, or None."""
         with self._lock:
             for task in self._tasks.values():
                 if (task.app, task.env) == (app, env) and task.status in statuses:
-                    return dict(task.summary(), startedBy=task.started_by)
+                    return dict(task.list_entry(), startedBy=task.started_by)
         return None
 
     def mark_running(self, task):
@@ -525,7 +527,7 @@ class TaskStore:
         """Task summaries, newest first; live tasks as they are now, the rest from the history."""
         rows = self._history.summaries(app, env, status, before, limit)
         with self._lock:
-            tasks = [self._tasks.get(row.id, row).summary() for row in rows]
+            tasks = [self._tasks.get(row.id, row).list_entry() for row in rows]
         # A task that has just ended may still be running on disk: filter its live state.
         return [task for task in tasks if status is None or task["status"] == status]
 
@@ -579,11 +581,11 @@ class TaskStore:
             if changes:
                 self._history.save(changes)
 
-    def _stored(self, task_id, offset):
-        task = self._history.load(task_id, offset or 0)
+    def _stored_snapshot(self, task_id, offset):
+        task = self._history.load(task_id, offset)
         if task is None:
             raise HTTPError(404, "no task %d" % task_id)
-        return task
+        return task.snapshot(offset)
 
 
 class TaskHistory:
@@ -644,14 +646,16 @@ class TaskHistory:
             return cursor.lastrowid
 
     def save(self, changes):
-        """Write (Task.record(), new output pieces) for each changed task, in one transaction."""
+        """Write (TaskRecord, new output pieces) for each changed task, in one transaction."""
         with self._transaction():
             for record, pieces in changes:
                 self._db.executemany("INSERT INTO output (task_id, start, text) VALUES (?, ?, ?)",
-                                     [(record[-1], start, text) for start, text in pieces])
+                                     [(record.id, start, text) for start, text in pieces])
                 self._db.execute(
-                    "UPDATE tasks SET status = ?, exit_code = ?, pid = ?, process_start = ?, "
-                    "finished_at = ?, version = ?, output_length = ? WHERE id = ?", record)
+                    "UPDATE tasks SET status = :status, exit_code = :exit_code, pid = :pid, "
+                    "process_start = :process_start, finished_at = :finished_at, "
+                    "version = :version, output_length = :output_length WHERE id = :id",
+                    record._asdict())
 
     @contextlib.contextmanager
     def _transaction(self):
@@ -1007,7 +1011,7 @@ class TaskRunner:
             queued = self._take_from_line(task_id)
         if queued is not None:
             self._drop(queued, "removed from the line by %s" % requested_by)
-            return self._store.view(task_id)
+            return self._store.read(task_id)
         process = self._store.process_to_kill(task_id)
         process.terminate()
         return self._store.wait_until_ended(task_id, self._kill_grace + OUTPUT_DRAIN + 2)
@@ -1694,7 +1698,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             handler(self, **arguments)
         except HTTPError as error:
             self.close_connection = self.close_connection or error.close
-            self.send_json(error.status, error.to_json(), error.headers)
+            self.send_json(error.status, error.reply(), error.headers)
         except (ConnectionError, socket.timeout, ssl.SSLError):
             raise                       # the client went away: handle() logs one line
         except Exception:
@@ -1768,7 +1772,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def rerun_task(self, task_id):
         self._allow_fields("queue", "wait")
-        old = self.server.store.view(task_id)
+        old = self.server.store.read(task_id)
         self._start(old["app"], old["env"], check_action(old["action"]))
 
     def _start(self, app, env, action):
@@ -1794,7 +1798,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def read_task(self, task_id):
         self._allow_fields("offset")
-        self.send_json(200, self.server.store.view(task_id, self._count_field("offset") or 0))
+        self.send_json(200, self.server.store.read(task_id, self._count_field("offset") or 0))
 
     def poll_task(self, task_id):
         self._allow_fields("version", "offset")
@@ -1813,14 +1817,14 @@ class RequestHandler(BaseHTTPRequestHandler):
         if tail is not None:
             if offset is not None or wait or not 0 < tail <= MAX_TAIL:
                 raise HTTPError(400, "tail takes 1 to %d lines, without offset or wait" % MAX_TAIL)
-            task = store.view(task_id)
+            task = store.read(task_id)
             text = "".join(task["output"].splitlines(True)[-tail:])
         else:
             offset = offset or 0
             task = None
             if wait:
                 task = store.wait_for_change(task_id, None, offset, self.server.poll_timeout)
-            task = task or store.view(task_id, offset)
+            task = task or store.read(task_id, offset)
             text = task["output"]
         self.send_bytes(200, text.encode("utf-8"), "text/plain; charset=utf-8", [
             ("X-Text-Size", str(task["outputLength"])),
@@ -1837,11 +1841,11 @@ class RequestHandler(BaseHTTPRequestHandler):
         if resume:
             offset = parse_count("Last-Event-ID", resume.strip())
         offset = offset or 0
-        first = self.server.store.view(task_id, offset)     # a 404 or 400 comes before the stream
+        first = self.server.store.read(task_id, offset)     # a 404 or 400 comes before the stream
         if events:
             stream = EventStream(self)
         else:
-            before = self.server.store.view(task_id, offset - 1)["output"][:1] if offset else "\n"
+            before = self.server.store.read(task_id, offset - 1)["output"][:1] if offset else "\n"
             stream = TextStream(self, before)
         for task in self._follow(task_id, first):
             if task is None:
