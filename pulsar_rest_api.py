@@ -72,11 +72,13 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import email.utils
 import errno
 import fcntl
 import fnmatch
 import hashlib
 import hmac
+import http
 import http.client
 import io
 import json
@@ -103,6 +105,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "0.1.0"
+SERVER_NAME = "pulsar-rest-api/" + __version__
 
 # ---------------------------------------------------------------- constants and defaults
 
@@ -1279,7 +1282,7 @@ class GitHubLogin:
     def _get(self, path, token):
         request = urllib.request.Request(self._api + path, headers={
             "Authorization": "token " + token, "Accept": "application/vnd.github+json",
-            "User-Agent": "pulsar-rest-api/" + __version__})
+            "User-Agent": SERVER_NAME})
         try:
             with GITHUB_OPENER.open(request, timeout=GITHUB_TIMEOUT) as response:
                 body = response.read(MAX_BODY)
@@ -1557,7 +1560,211 @@ def certificate_fingerprint(cert_file):
     return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
 
 
-# ---------------------------------------------------------------- transport: the request handler
+# ---------------------------------------------------------------- HTTP: routes, fields, responses
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One endpoint, with every rule about it; RequestHandler._dispatch applies them all."""
+
+    method: str
+    path: str                   # as the manual writes it; :id, :app and :env match one segment
+    handler: str                # the RequestHandler method that answers
+    fields: tuple = ()          # the request fields (query, form or JSON) it accepts
+    public: bool = False        # answered without credentials
+    changes_state: bool = None  # refused when a browser sends it from another page; by default
+                                # true for every method but GET and HEAD
+
+    pattern: object = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.changes_state is None:
+            object.__setattr__(self, "changes_state", self.method not in ("GET", "HEAD"))
+        pattern = re.sub(r":(id|app|env)\b", lambda match: "(?P<%s>[^/]*)" % {
+            "id": "task_id"}.get(match.group(1), match.group(1)), re.escape(self.path))
+        object.__setattr__(self, "pattern", re.compile(pattern))
+
+
+# Every endpoint.  For a path, the first row whose pattern matches decides which rows apply; a
+# method none of them has gets 405 with Allow.  /task/... comes first: it is never an app name.
+ROUTES = (
+    Route("GET", "/", "send_page"),
+    Route("GET", "/app.js", "send_script"),
+    Route("GET", "/app.css", "send_style"),
+    Route("GET", "/tasks", "list_tasks",
+          fields=("app", "env", "status", "limit", "before", "version")),
+    Route("GET", "/health", "health", public=True),
+    Route("GET", "/metrics", "metrics"),
+    Route("GET", "/task/:id", "read_task", fields=("offset",)),
+    Route("GET", "/task/:id/state", "poll_task", fields=("version", "offset")),
+    Route("GET", "/task/:id/kill", "kill_task", changes_state=True),
+    Route("POST", "/task/:id/kill", "kill_task"),
+    Route("GET", "/task/:id/output", "read_output", fields=("offset", "wait", "tail")),
+    Route("GET", "/task/:id/stream", "stream_task", fields=("offset",)),
+    Route("POST", "/task/:id/rerun", "rerun_task", fields=("queue", "wait")),
+    Route("POST", "/:app/:env", "create_task", fields=("action", "task", "queue", "wait")),
+)
+
+
+def find_route(method, raw_path):
+    """(Route, keyword arguments) for a request, or HTTPError 404/405.  Routes match the
+    percent-decoded path, so that /%74ask/... is /task/... and never an app named task."""
+    segments = [path_segment(segment) for segment in raw_path.split("/")]
+    if any("/" in segment for segment in segments):
+        raise HTTPError(400, "a path segment may not contain an encoded '/': %s" % quoted(raw_path))
+    path = "/".join(segments)
+    first = next((route for route in ROUTES if route.pattern.fullmatch(path)), None)
+    if first is None:
+        raise HTTPError(404, "no such endpoint: %s %s" % (quoted(method, 20), quoted(raw_path)))
+    routes = [route for route in ROUTES if route.path == first.path]
+    route = next((route for route in routes if route.method == method), None)
+    if route is None:
+        allowed = ", ".join(sorted(route.method for route in routes))
+        raise HTTPError(405, "%s is not allowed here; use %s" % (method, allowed),
+                        headers=[("Allow", allowed)])
+    arguments = route.pattern.fullmatch(path).groupdict()
+    if "task_id" in arguments:
+        arguments["task_id"] = parse_task_id(arguments["task_id"])
+    return route, arguments
+
+
+def path_segment(raw):
+    try:
+        return urllib.parse.unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise HTTPError(400, "the path is not valid UTF-8 once percent-decoded: %s" % quoted(raw))
+
+
+def parse_task_id(text):
+    if not COUNT_PATTERN.fullmatch(text) or int(text) == 0:
+        raise HTTPError(404, "no task %s (task ids are whole numbers from 1)" % quoted(text))
+    return int(text)
+
+
+class Fields:
+    """A request's fields from the query string and a form or JSON body, each name at most once
+    (an endpoint takes only the names its Route lists)."""
+
+    def __init__(self, values=None):
+        self._values = values or {}         # name -> [values], in the order given
+
+    @classmethod
+    def parse(cls, query, body, content_type, accepted):
+        """The fields of a request, or HTTPError 400/415 naming what is wrong."""
+        values = {}
+        sources = [parse_form(query, "the query string")]
+        if body:
+            if content_type in (None, "application/x-www-form-urlencoded"):
+                sources.append(parse_form(decode_utf8(body, "the body"), "the body"))
+            elif content_type == "application/json":
+                sources.append(parse_json_object(body))
+            else:
+                raise HTTPError(415, "the body must be a form (curl -d action=deploy) or JSON "
+                                     "({\"action\": \"deploy\"}); got %s" % quoted(content_type))
+        for source in sources:
+            for name, value in source:
+                values.setdefault(name, []).append(value)
+        for name in values:
+            if name not in accepted:
+                raise HTTPError(400, "unknown parameter %s (this endpoint takes: %s)"
+                                % (quoted(name), ", ".join(accepted) or "none"))
+        return cls(values)
+
+    def one(self, name, *aliases, example=""):
+        """The one value given under `name` or an alias; 400 when absent or given twice."""
+        values = [value for key in (name,) + aliases for value in self._values.get(key, [])]
+        if not values:
+            raise HTTPError(400, "%s is required, e.g. curl -k -d %s=deploy %s"
+                            % (name, name, example))
+        if len(values) > 1:
+            raise HTTPError(400, "give %s once (as %s, in the query string or the body)"
+                            % (name, " or ".join((name,) + aliases)))
+        return values[0]
+
+    def value(self, name):
+        """The value given for `name`, or None; 400 when it is given twice."""
+        values = self._values.get(name, [])
+        if len(values) > 1:
+            raise HTTPError(400, "give %s once" % name)
+        return values[0] if values else None
+
+    def text(self, name):
+        value = self.value(name)
+        if value is not None and not isinstance(value, str):
+            raise HTTPError(400, "%s must be a string" % name)
+        return value
+
+    def count(self, name):
+        value = self.text(name)
+        return None if value is None else parse_count(name, value)
+
+    def flag(self, name):
+        """A yes/no field: JSON true/false, or true, false, 1, 0 as text; absent is false."""
+        value = self.value(name)
+        if isinstance(value, str):
+            value = {"true": True, "1": True, "false": False, "0": False}.get(value.lower(), value)
+        if value is not None and not isinstance(value, bool):
+            raise HTTPError(400, "%s must be true or false" % name)
+        return bool(value)
+
+
+def parse_form(text, where):
+    try:
+        return urllib.parse.parse_qsl(text, keep_blank_values=True, errors="strict",
+                                      max_num_fields=MAX_FIELDS)
+    except UnicodeDecodeError:
+        raise HTTPError(400, "%s is not valid UTF-8 once percent-decoded" % where)
+    except ValueError:
+        raise HTTPError(400, "%s has more than %d fields" % (where, MAX_FIELDS))
+
+
+def parse_json_object(body):
+    def no_duplicates(pairs):
+        names = [name for name, _ in pairs]
+        if len(set(names)) != len(names):
+            raise ValueError("a name appears twice in one object")
+        return dict(pairs)
+
+    try:
+        value = json.loads(decode_utf8(body, "the body"), object_pairs_hook=no_duplicates)
+    except (ValueError, RecursionError) as error:
+        raise HTTPError(400, "the body is not valid JSON: %s" % error)
+    if not isinstance(value, dict):
+        raise HTTPError(400, "the JSON body must be an object, e.g. {\"action\": \"deploy\"}")
+    if len(value) > MAX_FIELDS:
+        raise HTTPError(400, "the body has more than %d fields" % MAX_FIELDS)
+    return list(value.items())
+
+
+def decode_utf8(data, where):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPError(400, "%s is not valid UTF-8" % where)
+
+
+def response_head(status, content_type, headers=(), close=False):
+    """The status line and headers of every answer this server sends, as bytes."""
+    lines = ["HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase),
+             "Server: " + SERVER_NAME,
+             "Date: " + email.utils.formatdate(usegmt=True),
+             "Content-Type: " + content_type,
+             "Cache-Control: no-store",
+             "X-Content-Type-Options: nosniff"]
+    lines += ["%s: %s" % header for header in headers]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def whole_response(status, body, content_type, headers=(), close=False):
+    """A complete answer with its Content-Length, as bytes."""
+    headers = [("Content-Length", str(len(body)))] + list(headers)
+    return response_head(status, content_type, headers, close) + body
+
+
+def json_body(payload):
+    return (json.dumps(payload, ensure_ascii=False) + "\n").encode("utf-8")
+
 
 def netloc_of(url):
     """host[:port] of a URL, lowercased; '' when it has none or is malformed."""
@@ -1597,21 +1804,47 @@ class DeadlineReader(io.RawIOBase):
         return self._sock.recv_into(buffer)
 
 
+# ---------------------------------------------------------------- HTTP: the request handler
+
+class Exchange:
+    """One request and its answer: what was asked, by whom, and how far the answer has got."""
+
+    def __init__(self, started):
+        self.started = started          # time.monotonic() of the request's first byte
+        self.method = "-"
+        self.target = "-"               # the request target as sent: path and query string
+        self.route = None
+        self.fields = Fields()
+        self.login = "-"                # who the credentials say sent it; "-" for nobody
+        self.head_sent = False          # from then on an error can only close the connection
+
+    @property
+    def path(self):
+        return self.target.partition("?")[0]
+
+    @property
+    def query(self):
+        return self.target.partition("?")[2]
+
+
 class RequestHandler(BaseHTTPRequestHandler):
-    """One connection: TLS handshake, then requests routed through ROUTES, errors as JSON."""
+    """One connection: its TLS handshake, then each request routed through ROUTES, every error
+    answered as JSON by _dispatch, every answer written through response_head()."""
 
     protocol_version = "HTTP/1.1"
-    server_version = "pulsar-rest-api/" + __version__
+    server_version = SERVER_NAME
     sys_version = ""
     disable_nagle_algorithm = True      # headers and body leave in one write, without a 40 ms stall
 
-    # -- connection
+    # -- the connection
 
     def setup(self):
         super().setup()
         self.rfile.close()              # replaced by a reader that enforces a whole-request deadline
         self._reader = DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self._reader, SOCKET_BUFFER)
+        self.exchange = None            # the request being answered; None before the first
+        self._chunked = False           # the streamed answer being sent is chunked
 
     def handle(self):
         try:
@@ -1647,27 +1880,26 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _answer_plain_http(self):
         """A plain-HTTP request on the TLS port gets a hint instead of a silent close."""
         body = b"This server speaks HTTPS: use https:// (curl -k https://HOST:PORT/...).\n"
-        socket.socket.sendall(     # beneath TLS, as plain bytes
-            self.connection, b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
-            b"Content-Length: %d\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff"
-            b"\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        socket.socket.sendall(self.connection, whole_response(     # beneath TLS, as plain bytes
+            400, body, "text/plain; charset=utf-8", close=True))
         logger.info("%s: plain HTTP on the TLS port; answered 400", self.peer)
 
     def handle_one_request(self):
-        waiting = IDLE_TIMEOUT if getattr(self, "_started", None) else self.server.request_timeout
-        self._reader.deadline = time.monotonic() + waiting
+        first = self.exchange is None
+        self._reader.deadline = time.monotonic() + (
+            self.server.request_timeout if first else IDLE_TIMEOUT)
         if not self.rfile.peek(1):      # the client closed a keep-alive connection
             self.close_connection = True
             return
         self._reader.deadline = time.monotonic() + self.server.request_timeout
-        self._started = time.monotonic()
-        self.login = "-"                # until this request's credentials say otherwise
+        self.exchange = Exchange(time.monotonic())
+        self.command = self.path = None     # set by parse_request once it has read them
         super().handle_one_request()
 
     @property
     def who(self):
         """Who sent the request, for the log and the task: login and address."""
-        login = getattr(self, "login", "-")
+        login = self.exchange.login if self.exchange else "-"
         return self.peer if login == "-" else "%s (%s)" % (login, self.peer)
 
     @property
@@ -1675,7 +1907,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         host, port = self.client_address[:2]
         return "%s:%s" % (host, port)
 
-    # -- requests: every method goes through the route table
+    # -- every request: route, credentials, same-site check, fields; one error boundary
 
     def do_GET(self):
         self._dispatch()
@@ -1683,29 +1915,37 @@ class RequestHandler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
 
     def _dispatch(self):
+        exchange = self.exchange
+        exchange.method, exchange.target = self.command, self.path
         try:
-            path, _, query = self.path.partition("?")
             body = self._read_body()
             self._check_header_limits()
-            handler, arguments = find_route(self.command, path)
-            if handler not in PUBLIC:
-                self.login = self.server.access.login(self.headers.get("Authorization"),
-                                                      self.client_address[0])
-            if handler in CHANGES_STATE:
+            exchange.route, arguments = find_route(self.command, exchange.path)
+            if not exchange.route.public:
+                exchange.login = self.server.access.login(self.headers.get("Authorization"),
+                                                          self.client_address[0])
+            if exchange.route.changes_state:
                 self._check_same_site()
-            self.fields = request_fields(query, body, self.headers.get_content_type()
-                                         if self.headers.get("Content-Type") else None)
-            handler(self, **arguments)
+            content_type = None
+            if self.headers.get("Content-Type"):
+                content_type = self.headers.get_content_type()
+            exchange.fields = Fields.parse(exchange.query, body, content_type,
+                                           exchange.route.fields)
+            getattr(self, exchange.route.handler)(**arguments)
         except HTTPError as error:
-            self.close_connection = self.close_connection or error.close
-            self.send_json(error.status, error.reply(), error.headers)
+            self._answer_error(error)
         except (ConnectionError, socket.timeout, ssl.SSLError):
             raise                       # the client went away: handle() logs one line
         except Exception:
             incident = uuid.uuid4().hex[:12]
-            logger.exception("internal error %s in %s %s", incident, self.command, quoted(self.path))
+            logger.exception("internal error %s in %s %s", incident, self.command,
+                             quoted(self.path))
             self.close_connection = True
             self.send_json(500, {"error": "internal error", "id": incident})
+
+    def _answer_error(self, error):
+        self.close_connection = self.close_connection or error.close
+        self.send_json(error.status, error.reply(), error.headers)
 
     def _check_header_limits(self):
         if len(self.headers) > MAX_HEADERS:
@@ -1758,26 +1998,31 @@ class RequestHandler(BaseHTTPRequestHandler):
         try:
             self._content_length()
         except HTTPError as error:
-            self.close_connection = True
-            self.send_json(error.status, {"error": error.message})
+            self._answer_error(error)
             return False
         return super().handle_expect_100()
 
-    # -- the endpoints (ROUTES, below the class, says which path and method reach each)
+    def send_error(self, code, message=None, explain=None):
+        # http.server's own errors (bad request line, headers too long, unknown method).
+        self.exchange.method = self.command or "-"
+        self.exchange.target = self.path or "-"
+        self._answer_error(HTTPError(code, message or http.HTTPStatus(code).phrase, close=True))
+
+    # -- the endpoints (ROUTES says which method and path reach each, and what they accept)
 
     def create_task(self, app, env):
-        self._allow_fields("action", "task", "queue", "wait")
-        action = self._one_field("action", "task")
+        fields = self.exchange.fields
+        action = fields.one("action", "task", example=self._absolute_url(self.exchange.path))
         self._start(check_name("app", app), check_name("env", env), check_action(action))
 
     def rerun_task(self, task_id):
-        self._allow_fields("queue", "wait")
         old = self.server.store.read(task_id)
         self._start(old["app"], old["env"], check_action(old["action"]))
 
     def _start(self, app, env, action):
         """Start (or queue) a task; with wait=true answer once it has ended, with all of it."""
-        queue, wait = self._flag_field("queue"), self._flag_field("wait")
+        fields = self.exchange.fields
+        queue, wait = fields.flag("queue"), fields.flag("wait")
         task = self.server.runner.start(app, env, action, self.who, queue)
         reply = {"taskId": task.id, "url": self._absolute_url("/task/%d" % task.id),
                  "status": task.status}
@@ -1797,22 +2042,20 @@ class RequestHandler(BaseHTTPRequestHandler):
                                              % task_id)
 
     def read_task(self, task_id):
-        self._allow_fields("offset")
-        self.send_json(200, self.server.store.read(task_id, self._count_field("offset") or 0))
+        self.send_json(200, self.server.store.read(task_id, self.exchange.fields.count("offset")
+                                                   or 0))
 
     def poll_task(self, task_id):
-        self._allow_fields("version", "offset")
-        task = self.server.store.wait_for_change(task_id, self._count_field("version"),
-                                                 self._count_field("offset"),
-                                                 self.server.poll_timeout)
+        fields = self.exchange.fields
+        task = self.server.store.wait_for_change(task_id, fields.count("version"),
+                                                 fields.count("offset"), self.server.poll_timeout)
         self.send_json(200, {"changed": True, "task": task} if task else {"changed": False})
 
     def read_output(self, task_id):
         """The output as plain text from an offset (or its last lines), with X-Text-Size and
         X-More-Data as Jenkins' progressive text has them; wait=1 waits for more."""
-        self._allow_fields("offset", "wait", "tail")
-        offset, tail = self._count_field("offset"), self._count_field("tail")
-        wait = self._flag_field("wait")
+        fields = self.exchange.fields
+        offset, tail, wait = fields.count("offset"), fields.count("tail"), fields.flag("wait")
         store = self.server.store
         if tail is not None:
             if offset is not None or wait or not 0 < tail <= MAX_TAIL:
@@ -1834,9 +2077,8 @@ class RequestHandler(BaseHTTPRequestHandler):
     def stream_task(self, task_id):
         """The output as it comes, in one chunked response that ends with the task: plain text
         ending with a status line, or Server-Sent Events (output, status, end)."""
-        self._allow_fields("offset")
         events = "text/event-stream" in self.headers.get("Accept", "")
-        offset = self._count_field("offset")
+        offset = self.exchange.fields.count("offset")
         resume = self.headers.get("Last-Event-ID") if events else None
         if resume:
             offset = parse_count("Last-Event-ID", resume.strip())
@@ -1885,22 +2127,21 @@ class RequestHandler(BaseHTTPRequestHandler):
         return bool(readable)
 
     def kill_task(self, task_id):
-        self._allow_fields()
         self.send_json(200, self.server.runner.kill(task_id, requested_by=self.who))
 
     def list_tasks(self):
-        self._allow_fields("app", "env", "status", "limit", "before", "version")
-        app, env, status = (self._text_field(name) for name in ("app", "env", "status"))
+        fields = self.exchange.fields
+        app, env, status = (fields.text(name) for name in ("app", "env", "status"))
         if status is not None and status not in ALL_STATUSES:
             raise HTTPError(400, "status must be one of %s" % ", ".join(sorted(ALL_STATUSES)))
-        limit = self._count_field("limit")
+        limit = fields.count("limit")
         limit = LIST_LIMIT if limit is None else limit
         if not 1 <= limit <= LIST_MAX:
             raise HTTPError(400, "limit must be from 1 to %d" % LIST_MAX)
         for kind, name in (("app", app), ("env", env)):
             if name is not None:
                 check_name(kind, name)
-        before, version = self._count_field("before"), self._count_field("version")
+        before, version = fields.count("before"), fields.count("version")
         if version is not None:     # a long poll: answer when a task comes, changes status or goes
             self.server.store.wait_for_list_change(version, self.server.poll_timeout)
         tasks = self.server.store.listing(app, env, status, before, limit)
@@ -1913,67 +2154,28 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.send_json(200, {"tasks": tasks, "next": following,
                              "version": self.server.store.list_version})
 
-    def send_asset(self, asset):
-        self._allow_fields()
-        text, content_type = ASSETS[asset]
+    def send_page(self):
+        self._send_asset(PAGE_HTML, "text/html; charset=utf-8")
+
+    def send_script(self):
+        self._send_asset(PAGE_JS, "text/javascript; charset=utf-8")
+
+    def send_style(self):
+        self._send_asset(PAGE_CSS, "text/css; charset=utf-8")
+
+    def _send_asset(self, text, content_type):
         self.send_bytes(200, text.encode("utf-8"), content_type, PAGE_SECURITY)
 
     def health(self):
-        self._allow_fields()
         stopping = self.server.runner.stopping
         self.send_json(503 if stopping else 200, {
             "status": "stopping" if stopping else "ok",
             "running": len(self.server.store.running()), "version": __version__})
 
     def metrics(self):
-        self._allow_fields()
         text = self.server.metrics.render(len(self.server.store.running()),
                                           self.server.store.waiters)
         self.send_bytes(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
-
-    # -- request fields: from the query string and a form or JSON body, each name once
-
-    def _allow_fields(self, *allowed):
-        for name in self.fields:
-            if name not in allowed:
-                raise HTTPError(400, "unknown parameter %s (this endpoint takes: %s)"
-                                % (quoted(name), ", ".join(allowed) or "none"))
-
-    def _one_field(self, name, *aliases):
-        values = [value for key in (name,) + aliases for value in self.fields.get(key, [])]
-        if not values:
-            raise HTTPError(400, "%s is required, e.g. curl -k -d %s=deploy %s"
-                            % (name, name, self._absolute_url(self.path.partition("?")[0])))
-        if len(values) > 1:
-            raise HTTPError(400, "give %s once (as %s, in the query string or the body)"
-                            % (name, " or ".join((name,) + aliases)))
-        return values[0]
-
-    def _field(self, name):
-        """The value given for `name`, or None; 400 when it is given twice."""
-        values = self.fields.get(name, [])
-        if len(values) > 1:
-            raise HTTPError(400, "give %s once" % name)
-        return values[0] if values else None
-
-    def _text_field(self, name):
-        value = self._field(name)
-        if value is not None and not isinstance(value, str):
-            raise HTTPError(400, "%s must be a string" % name)
-        return value
-
-    def _count_field(self, name):
-        value = self._text_field(name)
-        return None if value is None else parse_count(name, value)
-
-    def _flag_field(self, name):
-        """A yes/no field: JSON true/false, or true, false, 1, 0 as text; absent is false."""
-        value = self._field(name)
-        if isinstance(value, str):
-            value = {"true": True, "1": True, "false": False, "0": False}.get(value.lower(), value)
-        if value is not None and not isinstance(value, bool):
-            raise HTTPError(400, "%s must be true or false" % name)
-        return bool(value)
 
     def _absolute_url(self, path):
         scheme = "https" if self.server.tls else "http"
@@ -1983,14 +2185,14 @@ class RequestHandler(BaseHTTPRequestHandler):
             host = ("[%s]:%d" if ":" in address[0] else "%s:%d") % address[:2]
         return "%s://%s%s" % (scheme, host, path)
 
-    # -- responses: every one goes through send_bytes
+    # -- answers: every one starts with _begin_answer()
 
     def send_json(self, status, payload, headers=()):
-        body = (json.dumps(payload, ensure_ascii=False) + "\n").encode("utf-8")
-        self.send_bytes(status, body, "application/json", headers)
+        self.send_bytes(status, json_body(payload), "application/json", headers)
 
     def send_bytes(self, status, body, content_type, headers=()):
-        head = self._head(status, content_type, [("Content-Length", str(len(body)))] + list(headers))
+        head = self._begin_answer(status, content_type,
+                                  [("Content-Length", str(len(body)))] + list(headers))
         if self.command == "HEAD":
             self.wfile.write(head)
         elif len(body) > SOCKET_BUFFER:     # a long output: no extra copy just to join the two
@@ -1998,8 +2200,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         else:
             self.wfile.write(head + body)
-        self.server.metrics.request_answered(status)
-        self._log_request(status, len(body))
+        self._answered(status, len(body))
 
     def start_chunked(self, content_type):
         """Send the head of a streamed 200 response; send_chunk() sends the rest.  HTTP/1.0
@@ -2007,7 +2208,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._chunked = self.request_version != "HTTP/1.0"
         self.close_connection = self.close_connection or not self._chunked
         framing = [("Transfer-Encoding", "chunked")] if self._chunked else []
-        self.wfile.write(self._head(200, content_type, framing))
+        self.wfile.write(self._begin_answer(200, content_type, framing))
         self._streamed = 0
 
     def send_chunk(self, data):
@@ -2018,42 +2219,28 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         self._streamed += len(data)
         if not data:
-            self.server.metrics.request_answered(200)
-            self._log_request(200, self._streamed)
+            self._answered(200, self._streamed)
 
-    def _head(self, status, content_type, headers):
-        lines = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
-                 "Server: " + self.version_string(),
-                 "Date: " + self.date_time_string(),
-                 "Content-Type: " + content_type,
-                 "Cache-Control: no-store",
-                 "X-Content-Type-Options: nosniff"]
-        lines += ["%s: %s" % header for header in headers]
-        if self.close_connection:
-            lines.append("Connection: close")
+    def _begin_answer(self, status, content_type, headers):
+        """The head of the answer, as bytes.  The request's deadline ends here: from now on each
+        write to a client that has stopped reading may take SEND_TIMEOUT."""
         self._reader.deadline = None
         self.connection.settimeout(SEND_TIMEOUT)
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if self.exchange is not None:
+            self.exchange.head_sent = True
+        return response_head(status, content_type, headers, self.close_connection)
 
-    def send_error(self, code, message=None, explain=None):
-        # http.server's own errors (bad request line, headers too long, unknown method) as JSON.
-        self.close_connection = True
-        self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
-
-    def _log_request(self, status, size):
-        started = getattr(self, "_started", None)
-        elapsed = (time.monotonic() - started) * 1000 if started else 0
-        login = getattr(self, "login", "-")
-        logger.info("%s %s %s %d %d %.0fms%s", self.peer, quoted(self.command or "-", 20)[1:-1],
-                    quoted(getattr(self, "path", "-"), 200), status, size, elapsed,
-                    "" if login == "-" else " user=%s" % quoted(login))
-
-    def version_string(self):
-        return self.server_version
+    def _answered(self, status, size):
+        """Count and log an answer that has been written whole."""
+        self.server.metrics.request_answered(status)
+        exchange = self.exchange
+        logger.info("%s %s %s %d %d %.0fms%s", self.peer, quoted(exchange.method, 20)[1:-1],
+                    quoted(exchange.target, 200), status, size,
+                    (time.monotonic() - exchange.started) * 1000,
+                    "" if exchange.login == "-" else " user=%s" % quoted(exchange.login))
 
     def log_message(self, format, *args):
         logger.info("%s: %s", self.peer, format % args)
-
 
 
 class TextStream:
@@ -2111,117 +2298,6 @@ class EventStream:
 
     def close(self):
         self._handler.send_chunk(b"")
-
-
-# The route table: (path pattern, {method: handler}).  The first pattern that matches the path
-# decides; a method it does not list gets 405 with Allow.  /task/... is never an app name.
-ROUTES = (
-    (re.compile(r"/(?P<asset>|app\.js|app\.css)"), {"GET": RequestHandler.send_asset}),
-    (re.compile(r"/tasks"), {"GET": RequestHandler.list_tasks}),
-    (re.compile(r"/health"), {"GET": RequestHandler.health}),
-    (re.compile(r"/metrics"), {"GET": RequestHandler.metrics}),
-    (re.compile(r"/task/(?P<task_id>[^/]*)"), {"GET": RequestHandler.read_task}),
-    (re.compile(r"/task/(?P<task_id>[^/]*)/state"), {"GET": RequestHandler.poll_task}),
-    (re.compile(r"/task/(?P<task_id>[^/]*)/kill"), {"GET": RequestHandler.kill_task,
-                                                    "POST": RequestHandler.kill_task}),
-    (re.compile(r"/task/(?P<task_id>[^/]*)/output"), {"GET": RequestHandler.read_output}),
-    (re.compile(r"/task/(?P<task_id>[^/]*)/stream"), {"GET": RequestHandler.stream_task}),
-    (re.compile(r"/task/(?P<task_id>[^/]*)/rerun"), {"POST": RequestHandler.rerun_task}),
-    (re.compile(r"/(?P<app>[^/]*)/(?P<env>[^/]*)"), {"POST": RequestHandler.create_task}),
-)
-
-
-PUBLIC = {RequestHandler.health}                  # answered without credentials
-CHANGES_STATE = {RequestHandler.create_task, RequestHandler.kill_task,    # refused cross-site
-                 RequestHandler.rerun_task}
-
-
-def find_route(method, raw_path):
-    """(handler, keyword arguments) for a request, or HTTPError 404/405.  Routes match the
-    percent-decoded path, so that /%74ask/... is /task/... and never an app named task."""
-    segments = [path_segment(segment) for segment in raw_path.split("/")]
-    if any("/" in segment for segment in segments):
-        raise HTTPError(400, "a path segment may not contain an encoded '/': %s" % quoted(raw_path))
-    path = "/".join(segments)
-    for pattern, handlers in ROUTES:
-        match = pattern.fullmatch(path)
-        if match is None:
-            continue
-        if method not in handlers:
-            allowed = ", ".join(sorted(handlers))
-            raise HTTPError(405, "%s is not allowed here; use %s" % (method, allowed),
-                            headers=[("Allow", allowed)])
-        arguments = match.groupdict()
-        if "task_id" in arguments:
-            arguments["task_id"] = parse_task_id(arguments["task_id"])
-        return handlers[method], arguments
-    raise HTTPError(404, "no such endpoint: %s %s" % (quoted(method, 20), quoted(raw_path)))
-
-
-def path_segment(raw):
-    try:
-        return urllib.parse.unquote(raw, errors="strict")
-    except UnicodeDecodeError:
-        raise HTTPError(400, "the path is not valid UTF-8 once percent-decoded: %s" % quoted(raw))
-
-
-def parse_task_id(text):
-    if not COUNT_PATTERN.fullmatch(text) or int(text) == 0:
-        raise HTTPError(404, "no task %s (task ids are whole numbers from 1)" % quoted(text))
-    return int(text)
-
-
-def request_fields(query, body, content_type):
-    """{name: [values]} from the query string and a form or JSON body."""
-    fields = {}
-    sources = [parse_form(query, "the query string")]
-    if body:
-        if content_type in (None, "application/x-www-form-urlencoded"):
-            sources.append(parse_form(decode_utf8(body, "the body"), "the body"))
-        elif content_type == "application/json":
-            sources.append(parse_json_object(body))
-        else:
-            raise HTTPError(415, "the body must be a form (curl -d action=deploy) or JSON "
-                                 "({\"action\": \"deploy\"}); got %s" % quoted(content_type))
-    for source in sources:
-        for name, value in source:
-            fields.setdefault(name, []).append(value)
-    return fields
-
-
-def parse_form(text, where):
-    try:
-        return urllib.parse.parse_qsl(text, keep_blank_values=True, errors="strict",
-                                      max_num_fields=MAX_FIELDS)
-    except UnicodeDecodeError:
-        raise HTTPError(400, "%s is not valid UTF-8 once percent-decoded" % where)
-    except ValueError:
-        raise HTTPError(400, "%s has more than %d fields" % (where, MAX_FIELDS))
-
-
-def parse_json_object(body):
-    def no_duplicates(pairs):
-        names = [name for name, _ in pairs]
-        if len(set(names)) != len(names):
-            raise ValueError("a name appears twice in one object")
-        return dict(pairs)
-
-    try:
-        value = json.loads(decode_utf8(body, "the body"), object_pairs_hook=no_duplicates)
-    except (ValueError, RecursionError) as error:
-        raise HTTPError(400, "the body is not valid JSON: %s" % error)
-    if not isinstance(value, dict):
-        raise HTTPError(400, "the JSON body must be an object, e.g. {\"action\": \"deploy\"}")
-    if len(value) > MAX_FIELDS:
-        raise HTTPError(400, "the body has more than %d fields" % MAX_FIELDS)
-    return list(value.items())
-
-
-def decode_utf8(data, where):
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise HTTPError(400, "%s is not valid UTF-8" % where)
 
 
 # ---------------------------------------------------------------- transport: the server
@@ -2306,11 +2382,9 @@ class PulsarServer(ThreadingHTTPServer):
             request.settimeout(REFUSE_TIMEOUT)
             if isinstance(request, ssl.SSLSocket):
                 request.do_handshake()
-            body = b'{"error": "the server has too many connections; try again shortly"}\n'
-            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
-                            b"\r\nContent-Length: %d\r\nRetry-After: 1\r\nCache-Control: "
-                            b"no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: close"
-                            b"\r\n\r\n%s" % (len(body), body))
+            request.sendall(whole_response(
+                503, json_body({"error": "the server has too many connections; try again shortly"}),
+                "application/json", [("Retry-After", "1")], close=True))
         except (OSError, ssl.SSLError):
             pass
         finally:
@@ -2605,11 +2679,6 @@ PAGE_SECURITY = [
     ("Referrer-Policy", "no-referrer"),
 ]
 
-ASSETS = {
-    "": (PAGE_HTML, "text/html; charset=utf-8"),
-    "app.js": (PAGE_JS, "text/javascript; charset=utf-8"),
-    "app.css": (PAGE_CSS, "text/css; charset=utf-8"),
-}
 
 
 # ---------------------------------------------------------------- the command line
