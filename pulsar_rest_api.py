@@ -8,17 +8,19 @@ follow it with a long poll, and kill it.  One file, Python 3.8+ standard library
 Run:   python3 pulsar_rest_api.py --port 8001          (then: curl -k https://HOST:8001/...)
 Try:   python3 pulsar_rest_api.py --pulsar-bin echo    (tasks just echo their arguments)
 
-Endpoints (JSON everywhere; every error is {"error": "..."}):
+Endpoints (JSON everywhere; every error is {"error": "..."}; ROUTES holds the same rows):
 
   POST /:app/:env           action (form field, JSON {"action": ...} or query string; `task` is an
                             alias), queue=true to wait in line, wait=true to answer when it ends
                             -> 200 {"taskId": N, "url": ".../task/N", "status": "running"}
-                            400 bad input, 409 app/env busy, 411 chunked body, 413 body over 64 KiB,
-                            415 body type, 429 too many tasks
+                            400 bad input, 403 action outside --allow-action or cross-site,
+                            409 app/env busy, 411 chunked body, 413 body over 64 KiB, 415 body
+                            type, 429 too many tasks, 503 stopping or history not writable
   GET  /task/:id            -> 200 the task (below); ?offset=N keeps only output from character N
   GET  /task/:id/state      long poll -> 200 {"changed": true, "task": {...}} or {"changed": false}
                             after the poll timeout.  ?version=V and ?offset=N: see "Following" below.
-  GET|POST /task/:id/kill   -> 200 the task once its process group is gone; 409 if it already ended
+  GET  /task/:id/kill       -> 200 the task once its process group is gone; 409 if it already ended
+  POST /task/:id/kill       the same
   GET  /task/:id/output     -> 200 text/plain from ?offset=N (X-Text-Size, X-More-Data); wait=1
                             waits for more; ?tail=N gives the last N lines
   GET  /task/:id/stream     -> 200 chunked text/plain, the output as it comes, then a status line;
@@ -27,10 +29,12 @@ Endpoints (JSON everywhere; every error is {"error": "..."}):
   GET  /tasks               -> 200 {"tasks": [...], "next": path or null, "version": V}: newest
                             first, without output; ?app= &env= &status= &limit= (50, max 500)
                             &before=ID; ?version=V waits until the list changes
-  GET  /  (/app.js, /app.css) the web page
+  GET  /                    the web page, with its script GET /app.js and style GET /app.css
   GET  /health              -> 200 {"status": "ok", "running": N, "version": "..."}; 503 "stopping"
   GET  /metrics             -> 200 Prometheus text: tasks, durations, requests, waiters, connections
   anything else             404 unknown path, 405 (with Allow) wrong method, 404 unknown task
+  with --auth-provider      401 no or wrong credentials, 403 not allowed, 429 too many failed
+                            logins, 503 GitHub cannot answer; every endpoint but /health
 
   A task: {"id", "app", "env", "action", "status", "exitCode", "pid", "createdAt", "finishedAt",
            "version", "outputOffset", "outputLength", "output"}
@@ -52,6 +56,12 @@ its group.  A persist thread writes new output to SQLite every second; ended tas
 History: tasks and their output are kept in SQLite (--db).  A task found running when the server
 starts (the server died during it) is marked lost, and its process group is killed if it still
 runs, since nobody can follow it any more.  Tasks are never re-queued after a restart.
+
+The file reads top to bottom in the order a request's data flows: constants, errors, input
+checks, the task model, the store and the history, running pulsar, access, metrics, TLS, HTTP
+(routes, fields, responses), the request handler, the endpoints, the server, the lifecycle, the
+command line and main; the web page's HTML, CSS and script are an appendix at the end.  Each part starts with a
+banner line: search for "# ----" to jump between them.
 
 Security: every name is checked against a strict pattern before anything runs (pulsar 1.x passes
 the action through a shell; pulsar 0.3 expands globs in app names); the Capistrano tasks `shell`
@@ -106,6 +116,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "0.1.0"
 SERVER_NAME = "pulsar-rest-api/" + __version__
+
 
 # ---------------------------------------------------------------- constants and defaults
 
@@ -168,6 +179,14 @@ ENDED = frozenset({FINISHED, FAILED, KILLED, LOST})
 ALL_STATUSES = ENDED | {QUEUED, RUNNING}
 
 logger = logging.getLogger("pulsar-rest-api")
+
+
+def state_dir(environ=os.environ):
+    """Where this server keeps per-user state: $XDG_STATE_HOME/pulsar-rest-api, or ~/.local/state/..."""
+    base = environ.get("XDG_STATE_HOME")
+    if not base or not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "pulsar-rest-api")
 
 
 # ---------------------------------------------------------------- errors
@@ -246,7 +265,7 @@ def utc_iso(timestamp):
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-# ---------------------------------------------------------------- the domain: tasks
+# ---------------------------------------------------------------- the task model
 
 class Output:
     """A task's output: text that only grows, kept in chunks so that reading from an offset costs
@@ -389,6 +408,8 @@ class TaskSnapshot(collections.namedtuple("TaskSnapshot", "fields pieces")):
         return dict(self.fields, output="".join(text for _, text in self.pieces))
 
 
+# ---------------------------------------------------------------- the store and the history
+
 class TaskStore:
     """Live tasks by id, the lock and Conditions that guard them, and the history behind them.
 
@@ -401,7 +422,7 @@ class TaskStore:
     history.  Lock order: _persisting, then the lock; the history locks itself.
     """
 
-    def __init__(self, history, max_output=MAX_OUTPUT, clock=time.time):
+    def __init__(self, history, *, max_output, clock=time.time):
         self._lock = threading.Lock()
         self._comings_and_goings = threading.Condition(self._lock)
         self._persisting = threading.Lock()     # one writer at a time, so writes land in order
@@ -725,7 +746,7 @@ class TaskHistory:
         return task
 
 
-# ---------------------------------------------------------------- the domain: running pulsar
+# ---------------------------------------------------------------- running pulsar
 
 @dataclasses.dataclass(frozen=True)
 class PulsarCommand:
@@ -973,16 +994,15 @@ class TaskRunner:
     queue=true waits in line and starts, in order, when the pair is free.  At most max_tasks run.
     """
 
-    def __init__(self, store, command, kill_grace=KILL_GRACE, env=None, metrics=None,
-                 max_tasks=MAX_TASKS, one_per_pair=True, allowed_actions=()):
+    def __init__(self, *, store, metrics, settings, environ):
         self._store = store
-        self._command = command
-        self._kill_grace = kill_grace
-        self._metrics = metrics or Metrics()
-        self._env = child_environment(os.environ if env is None else env)
-        self._max_tasks = max_tasks
-        self._one_per_pair = one_per_pair
-        self._allowed_actions = tuple(allowed_actions)
+        self._metrics = metrics
+        self._command = settings.command
+        self._kill_grace = settings.kill_grace
+        self._env = child_environment(environ)
+        self._max_tasks = settings.max_tasks
+        self._one_per_pair = not settings.allow_concurrent
+        self._allowed_actions = tuple(settings.allow_action)
         self._lock = threading.Lock()     # guards the line and starts: check, create and attach
         self._line = []                   # queued tasks, oldest first
         self._stopping = False
@@ -1132,15 +1152,15 @@ def child_environment(environ):
     return {name: value for name, value in environ.items() if name not in SERVER_SECRETS}
 
 
-# ---------------------------------------------------------------- security: who may use the API
+# ---------------------------------------------------------------- access: who may use the API
 
 class Access:
     """Decides who a request comes from: an authenticator, and a brake on addresses that keep
     sending wrong credentials (429 for a cooling period, other addresses unaffected)."""
 
-    def __init__(self, authenticator=None, failures_allowed=AUTH_FAILURES, window=AUTH_WINDOW,
+    def __init__(self, authenticator, *, failures_allowed=AUTH_FAILURES, window=AUTH_WINDOW,
                  clock=time.monotonic):
-        self.authenticator = authenticator or OpenAccess()
+        self.authenticator = authenticator
         self._failures_allowed = failures_allowed
         self._window = window
         self._clock = clock
@@ -1343,7 +1363,7 @@ def github_unavailable(reason):
                      headers=[("Retry-After", "30")])
 
 
-# ---------------------------------------------------------------- operations: metrics
+# ---------------------------------------------------------------- metrics
 
 class Metrics:
     """Counters for GET /metrics, in the Prometheus text format; gauges are read when scraped."""
@@ -1425,15 +1445,7 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------- transport: TLS helpers
-
-def state_dir(environ=os.environ):
-    """Where this server keeps per-user state: $XDG_STATE_HOME/pulsar-rest-api, or ~/.local/state/..."""
-    base = environ.get("XDG_STATE_HOME")
-    if not base or not os.path.isabs(base):
-        base = os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "pulsar-rest-api")
-
+# ---------------------------------------------------------------- TLS
 
 DEV_CERT_CONFIG = """\
 [req]
@@ -1558,6 +1570,21 @@ def certificate_fingerprint(cert_file):
         raise StartupError("cannot read a certificate from %s: %s" % (cert_file, error))
     digest = hashlib.sha256(der).hexdigest().upper()
     return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def load_tls(settings):
+    """(SSLContext, fingerprint) for the settings: pfx, cert/key, ssl/ beside us, or self-signed."""
+    if settings.ssl_pfx:
+        return pfx_tls_context(settings.ssl_pfx, settings.tls_passphrase)
+    if settings.ssl_cert:
+        cert, key = settings.ssl_cert, settings.ssl_key
+    else:
+        bundled = os.path.join(SCRIPT_DIR, "ssl")
+        if os.path.isfile(os.path.join(bundled, "cert.pem")):
+            cert, key = os.path.join(bundled, "cert.pem"), os.path.join(bundled, "key.pem")
+        else:
+            cert, key = self_signed_pair(state_dir())
+    return tls_context(cert, key, settings.tls_passphrase), certificate_fingerprint(cert)
 
 
 # ---------------------------------------------------------------- HTTP: routes, fields, responses
@@ -1829,7 +1856,8 @@ class Exchange:
 
 class RequestHandler(BaseHTTPRequestHandler):
     """One connection: its TLS handshake, then each request routed through ROUTES, every error
-    answered as JSON by _dispatch, every answer written through response_head()."""
+    answered as JSON by _dispatch, every answer written through response_head().  ApiHandler
+    adds the endpoints."""
 
     protocol_version = "HTTP/1.1"
     server_version = SERVER_NAME
@@ -2008,7 +2036,86 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.exchange.target = self.path or "-"
         self._answer_error(HTTPError(code, message or http.HTTPStatus(code).phrase, close=True))
 
-    # -- the endpoints (ROUTES says which method and path reach each, and what they accept)
+    # -- helpers of the endpoints
+
+    def _absolute_url(self, path):
+        scheme = "https" if self.server.tls else "http"
+        host = self.headers.get("Host", "")
+        if not HOST_PATTERN.fullmatch(host):
+            address = self.connection.getsockname()
+            host = ("[%s]:%d" if ":" in address[0] else "%s:%d") % address[:2]
+        return "%s://%s%s" % (scheme, host, path)
+
+    def _client_gone(self):
+        """True when the client has closed its end (or sent something it should not have)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    # -- answers: every one starts with _begin_answer()
+
+    def send_json(self, status, payload, headers=()):
+        self.send_bytes(status, json_body(payload), "application/json", headers)
+
+    def send_bytes(self, status, body, content_type, headers=()):
+        head = self._begin_answer(status, content_type,
+                                  [("Content-Length", str(len(body)))] + list(headers))
+        if self.command == "HEAD":
+            self.wfile.write(head)
+        elif len(body) > SOCKET_BUFFER:     # a long output: no extra copy just to join the two
+            self.wfile.write(head)
+            self.wfile.write(body)
+        else:
+            self.wfile.write(head + body)
+        self._answered(status, len(body))
+
+    def start_chunked(self, content_type):
+        """Send the head of a streamed 200 response; send_chunk() sends the rest.  HTTP/1.0
+        has no chunks: its stream ends when the connection closes."""
+        self._chunked = self.request_version != "HTTP/1.0"
+        self.close_connection = self.close_connection or not self._chunked
+        framing = [("Transfer-Encoding", "chunked")] if self._chunked else []
+        self.wfile.write(self._begin_answer(200, content_type, framing))
+        self._streamed = 0
+
+    def send_chunk(self, data):
+        """One chunk of a streamed response; an empty one ends it."""
+        if self._chunked:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        elif data:
+            self.wfile.write(data)
+        self._streamed += len(data)
+        if not data:
+            self._answered(200, self._streamed)
+
+    def _begin_answer(self, status, content_type, headers):
+        """The head of the answer, as bytes.  The request's deadline ends here: from now on each
+        write to a client that has stopped reading may take SEND_TIMEOUT."""
+        self._reader.deadline = None
+        self.connection.settimeout(SEND_TIMEOUT)
+        if self.exchange is not None:
+            self.exchange.head_sent = True
+        return response_head(status, content_type, headers, self.close_connection)
+
+    def _answered(self, status, size):
+        """Count and log an answer that has been written whole."""
+        self.server.metrics.request_answered(status)
+        exchange = self.exchange
+        logger.info("%s %s %s %d %d %.0fms%s", self.peer, quoted(exchange.method, 20)[1:-1],
+                    quoted(exchange.target, 200), status, size,
+                    (time.monotonic() - exchange.started) * 1000,
+                    "" if exchange.login == "-" else " user=%s" % quoted(exchange.login))
+
+    def log_message(self, format, *args):
+        logger.info("%s: %s", self.peer, format % args)
+
+
+# ---------------------------------------------------------------- HTTP: the endpoints
+
+class ApiHandler(RequestHandler):
+    """The endpoints: ROUTES says which method and path reach each, and what it accepts."""
 
     def create_task(self, app, env):
         fields = self.exchange.fields
@@ -2118,14 +2225,6 @@ class RequestHandler(BaseHTTPRequestHandler):
                     yield None
                     quiet_since = time.monotonic()
 
-    def _client_gone(self):
-        """True when the client has closed its end (or sent something it should not have)."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)
-
     def kill_task(self, task_id):
         self.send_json(200, self.server.runner.kill(task_id, requested_by=self.who))
 
@@ -2176,71 +2275,6 @@ class RequestHandler(BaseHTTPRequestHandler):
         text = self.server.metrics.render(len(self.server.store.running()),
                                           self.server.store.waiters)
         self.send_bytes(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
-
-    def _absolute_url(self, path):
-        scheme = "https" if self.server.tls else "http"
-        host = self.headers.get("Host", "")
-        if not HOST_PATTERN.fullmatch(host):
-            address = self.connection.getsockname()
-            host = ("[%s]:%d" if ":" in address[0] else "%s:%d") % address[:2]
-        return "%s://%s%s" % (scheme, host, path)
-
-    # -- answers: every one starts with _begin_answer()
-
-    def send_json(self, status, payload, headers=()):
-        self.send_bytes(status, json_body(payload), "application/json", headers)
-
-    def send_bytes(self, status, body, content_type, headers=()):
-        head = self._begin_answer(status, content_type,
-                                  [("Content-Length", str(len(body)))] + list(headers))
-        if self.command == "HEAD":
-            self.wfile.write(head)
-        elif len(body) > SOCKET_BUFFER:     # a long output: no extra copy just to join the two
-            self.wfile.write(head)
-            self.wfile.write(body)
-        else:
-            self.wfile.write(head + body)
-        self._answered(status, len(body))
-
-    def start_chunked(self, content_type):
-        """Send the head of a streamed 200 response; send_chunk() sends the rest.  HTTP/1.0
-        has no chunks: its stream ends when the connection closes."""
-        self._chunked = self.request_version != "HTTP/1.0"
-        self.close_connection = self.close_connection or not self._chunked
-        framing = [("Transfer-Encoding", "chunked")] if self._chunked else []
-        self.wfile.write(self._begin_answer(200, content_type, framing))
-        self._streamed = 0
-
-    def send_chunk(self, data):
-        """One chunk of a streamed response; an empty one ends it."""
-        if self._chunked:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        elif data:
-            self.wfile.write(data)
-        self._streamed += len(data)
-        if not data:
-            self._answered(200, self._streamed)
-
-    def _begin_answer(self, status, content_type, headers):
-        """The head of the answer, as bytes.  The request's deadline ends here: from now on each
-        write to a client that has stopped reading may take SEND_TIMEOUT."""
-        self._reader.deadline = None
-        self.connection.settimeout(SEND_TIMEOUT)
-        if self.exchange is not None:
-            self.exchange.head_sent = True
-        return response_head(status, content_type, headers, self.close_connection)
-
-    def _answered(self, status, size):
-        """Count and log an answer that has been written whole."""
-        self.server.metrics.request_answered(status)
-        exchange = self.exchange
-        logger.info("%s %s %s %d %d %.0fms%s", self.peer, quoted(exchange.method, 20)[1:-1],
-                    quoted(exchange.target, 200), status, size,
-                    (time.monotonic() - exchange.started) * 1000,
-                    "" if exchange.login == "-" else " user=%s" % quoted(exchange.login))
-
-    def log_message(self, format, *args):
-        logger.info("%s: %s", self.peer, format % args)
 
 
 class TextStream:
@@ -2300,7 +2334,7 @@ class EventStream:
         self._handler.send_chunk(b"")
 
 
-# ---------------------------------------------------------------- transport: the server
+# ---------------------------------------------------------------- the server
 
 class PulsarServer(ThreadingHTTPServer):
     """The HTTP(S) server: accepts in one thread, and hands each connection, still before its TLS
@@ -2309,22 +2343,20 @@ class PulsarServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address, store, runner, tls=None, poll_timeout=POLL_TIMEOUT,
-                 request_timeout=REQUEST_TIMEOUT, metrics=None, access=None,
-                 max_connections=MAX_CONNECTIONS):
-        if ":" in address[0]:
+    def __init__(self, *, settings, store, runner, metrics, access, tls):
+        if ":" in settings.host:
             self.address_family = socket.AF_INET6
         self.store = store
         self.runner = runner
-        self.metrics = metrics or Metrics()
-        self.access = access or Access()
-        self.max_connections = max_connections
+        self.metrics = metrics
+        self.access = access
+        self.tls = tls                  # an SSLContext, or None with --no-ssl
+        self.max_connections = settings.max_connections
+        self.poll_timeout = settings.poll_timeout
+        self.request_timeout = settings.request_timeout
         self._refusing = threading.BoundedSemaphore(REFUSERS)
         self._refusal_logged = -REFUSAL_LOG_EVERY
-        self.tls = tls
-        self.poll_timeout = poll_timeout
-        self.request_timeout = request_timeout
-        super().__init__(address, RequestHandler)
+        super().__init__((settings.host, settings.port), ApiHandler)
 
     def server_bind(self):
         # HTTPServer.server_bind also looks up our own name (getfqdn), which can stall on bad DNS.
@@ -2395,7 +2427,409 @@ class PulsarServer(ThreadingHTTPServer):
         logger.exception("unexpected error with %s:%s", *client_address[:2])
 
 
-# ---------------------------------------------------------------- the web page
+# ---------------------------------------------------------------- the lifecycle: start, serve, stop
+
+def configure_logging(log_dir):
+    if log_dir:
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+            # WatchedFileHandler reopens the file when logrotate moves it away.
+            handler = logging.handlers.WatchedFileHandler(os.path.join(log_dir, LOG_NAME))
+        except OSError as error:
+            raise StartupError("--log-dir: cannot write %s: %s" % (log_dir, error))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s %(message)s",
+                                  "%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def serve(settings):
+    """Run the server until SIGTERM or SIGINT; the exit code."""
+    tls, fingerprint = (None, None) if settings.no_ssl else load_tls(settings)
+    history = TaskHistory(settings.db)
+    signals = StopSignals()         # from here on a stop signal waits for its turn
+    recover_lost_tasks(history, settings.kill_grace)
+    metrics = Metrics()
+    store = TaskStore(history, max_output=settings.max_output)
+    runner = TaskRunner(store=store, metrics=metrics, settings=settings, environ=os.environ)
+    access = Access(settings.authenticator)
+    try:
+        server = PulsarServer(settings=settings, store=store, runner=runner, metrics=metrics,
+                              access=access, tls=tls)
+    except OSError as error:
+        raise StartupError("cannot listen on %s:%d: %s" % (settings.host, settings.port,
+                                                           error.strerror or error))
+    announce(settings, server, fingerprint, history)
+    threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL,), name="accept",
+                     daemon=True).start()
+    stopped = threading.Event()
+    threading.Thread(target=persist_periodically, args=(store, stopped), name="persist",
+                     daemon=True).start()
+    stop_gracefully(signals.wait(), signals, store, runner, settings.shutdown_timeout)
+    server.shutdown()
+    stopped.set()
+    store.persist()
+    history.close()
+    server.server_close()
+    logger.info("stopped")
+    return 0
+
+
+def stop_gracefully(signum, signals, store, runner, timeout):
+    """Refuse new tasks, let running ones finish (reads and polls still answered), then kill
+    what is left; a second signal skips the wait."""
+    runner.refuse_new()
+    running = len(store.running())
+    logger.info("%s: stopping%s", signal.Signals(signum).name, "" if not running else
+                ": new tasks are refused; waiting up to %g s for %d running task(s) (a second "
+                "signal stops at once)" % (timeout, running))
+    if running:
+        def note_when_idle():
+            store.wait_until_idle(timeout)
+            signals.note_drained()
+
+        threading.Thread(target=note_when_idle, name="drain", daemon=True).start()
+        again = signals.wait()
+        if again != StopSignals.DRAINED:
+            logger.info("%s again: stopping at once", signal.Signals(again).name)
+    left = store.running()
+    if left:
+        logger.info("killing %d task(s) still running: %s", len(left),
+                    ", ".join(str(task.id) for task in left))
+    runner.stop_all()
+
+
+def persist_periodically(store, stopped):
+    """Write running tasks' new output to the history every PERSIST_EVERY seconds, so that a
+    server that dies loses at most that much."""
+    while not stopped.wait(PERSIST_EVERY):
+        try:
+            store.persist()
+        except sqlite3.Error as error:
+            logger.error("cannot write the task history: %s", error)
+
+
+def announce(settings, server, fingerprint, history):
+    host, port = server.server_address[:2]
+    scheme = "http" if settings.no_ssl else "https"
+    shown = "[%s]" % host if ":" in host else host
+    logger.info("pulsar-rest-api %s listening on %s://%s:%d/", __version__, scheme, shown, port)
+    if host in ("0.0.0.0", "::"):
+        logger.info("reachable as %s://%s:%d/ on this host's addresses", scheme,
+                    socket.gethostname(), port)
+    if fingerprint:
+        logger.info("TLS certificate SHA-256 fingerprint %s", fingerprint)
+    else:
+        logger.warning("TLS IS OFF (--no-ssl): requests and answers travel in clear text; use "
+                       "this only behind a TLS-terminating proxy")
+    authenticator = settings.authenticator
+    if isinstance(authenticator, OpenAccess):
+        logger.warning("access: %s", authenticator.description)
+    else:
+        logger.info("access: %s", authenticator.description)
+    if settings.password_in_argv:
+        logger.warning("--auth-password shows in ps; prefer --auth-password-file or %s",
+                       PASSWORD_VARIABLE)
+    logger.info("task history: %s", history.path if history.path != ":memory:" else
+                "in memory only (--db :memory:): nothing is kept after a stop")
+    argv = settings.command.argv("APP", "ENV", "ACTION")
+    logger.info("tasks run: %s", " ".join(argv))
+    if shutil.which(settings.command.binary) is None:
+        logger.warning("%s is not an executable on PATH: tasks will fail until it is installed "
+                       "(try --pulsar-bin echo)", settings.command.binary)
+
+
+class StopSignals:
+    """SIGTERM and SIGINT as bytes in a pipe that the main thread reads, so that no Python code
+    runs inside a signal handler; other threads may write DRAINED to it too.
+
+    SIGHUP (a closed terminal, a logrotate script) does not stop the server: dying on it would
+    leave deploys running untracked, and the log file is reopened without it.
+    """
+
+    DRAINED = 0
+
+    def __init__(self):
+        self._read_end, self._write_end = os.pipe()
+        os.set_blocking(self._write_end, False)
+        signal.set_wakeup_fd(self._write_end)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda *_: None)      # the wakeup fd does the work
+
+    def wait(self):
+        """The next SIGTERM or SIGINT, or DRAINED."""
+        while True:
+            data = os.read(self._read_end, 1)
+            if data and data[0] == signal.SIGHUP:
+                logger.info("SIGHUP ignored; stop with SIGTERM or Ctrl-C (the log file is "
+                            "reopened by itself when it is moved)")
+            elif data and data[0] in (signal.SIGTERM, signal.SIGINT, self.DRAINED):
+                return data[0]
+
+    def note_drained(self):
+        os.write(self._write_end, bytes([self.DRAINED]))
+
+
+# ---------------------------------------------------------------- the command line
+
+class Settings(argparse.Namespace):
+    """Everything the command line decides, as one object handed to whatever needs it: each
+    flag's value under its argparse name (build_parser declares them all, with their defaults),
+    and what parse_args derives from them: `command` (how pulsar is run), `authenticator`,
+    `tls_passphrase` (read from the --ssl-passphrase file) and `password_in_argv`."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so that main decides the exit code."""
+
+    def error(self, message):
+        raise StartupError(message)
+
+
+def positive_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number of seconds" % text)
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds, got %s" % text)
+    return value
+
+
+def byte_count(text):
+    match = re.fullmatch(r"([0-9]{1,12})([KMG]?)(i?B)?", text.strip(), re.IGNORECASE)
+    if not match or int(match.group(1)) == 0:
+        raise argparse.ArgumentTypeError("%r is not a size in bytes (e.g. 32M)" % text)
+    return int(match.group(1)) * 1024 ** " KMG".index(match.group(2).upper() or " ")
+
+
+def positive_count(text):
+    if not COUNT_PATTERN.fullmatch(text) or int(text) == 0:
+        raise argparse.ArgumentTypeError("%r is not a whole number above 0" % text)
+    return int(text)
+
+
+def port_number(text):
+    if not COUNT_PATTERN.fullmatch(text) or int(text) > 65535:
+        raise argparse.ArgumentTypeError("%r is not a port number (0-65535)" % text)
+    return int(text)
+
+
+def build_parser():
+    parser = ArgumentParser(
+        prog="pulsar_rest_api.py",
+        description="An HTTPS REST API that runs pulsar deploy tasks: POST /APP/ENV with an "
+                    "action, then GET /task/ID, /task/ID/state (long poll) and /task/ID/kill.",
+        epilog="Without --ssl-* flags the certificate in ssl/ beside this script is used (a "
+               "development certificate), or one made once with openssl in "
+               "$XDG_STATE_HOME/pulsar-rest-api/.")
+    add = parser.add_argument
+    add("--config-repo", metavar="REPO",
+        help="pulsar configuration repository (pulsar --conf-repo); default: pulsar finds its "
+             "own (PULSAR_CONF_REPO, ~/.pulsar/config)")
+    add("--config-branch", metavar="BRANCH",
+        help="branch of the configuration repository (default: master); classic pulsar only")
+    add("--pulsar-cli", choices=("classic", "v1"), default="classic",
+        help="classic: pulsar [--conf-repo R --conf-branch B] APP ENV ACTION (pulsar 0.x); "
+             "v1: pulsar task [--conf-repo R] APP ENV ACTION (pulsar 1.x)")
+    add("--pulsar-bin", metavar="PATH", default="pulsar",
+        help="the pulsar executable (default: pulsar on PATH); 'echo' is a harmless way to try")
+    add("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)")
+    add("--port", type=port_number, default=DEFAULT_PORT,
+        help="port to listen on (default: %(default)s; 0 picks a free one)")
+    add("--log-dir", metavar="DIR",
+        help="write the log to DIR/%s, creating DIR (default: standard error)" % LOG_NAME)
+    add("--ssl-cert", metavar="FILE",
+        help="PEM certificate; a CA chain appended to it is sent as the chain")
+    add("--ssl-key", metavar="FILE", help="PEM private key of --ssl-cert")
+    add("--ssl-pfx", metavar="FILE",
+        help="PKCS#12 file with key and certificate (read with the openssl command); overrides "
+             "--ssl-cert/--ssl-key")
+    add("--ssl-passphrase", metavar="FILE", help="file holding the passphrase of the key or pfx")
+    add("--no-ssl", action="store_true",
+        help="plain HTTP, only behind a TLS-terminating proxy")
+    add("--poll-timeout", type=positive_seconds, default=POLL_TIMEOUT, metavar="SECONDS",
+        help="how long GET /task/ID/state waits for a change (default: %(default)g)")
+    add("--kill-grace", type=positive_seconds, default=KILL_GRACE, metavar="SECONDS",
+        help="time between SIGTERM and SIGKILL when a task is killed (default: %(default)g)")
+    add("--request-timeout", type=positive_seconds, default=REQUEST_TIMEOUT, metavar="SECONDS",
+        help="time allowed for a TLS handshake, and for a request from its first byte to its last; "
+             "slower clients are dropped (default: %(default)g)")
+    add("--db", metavar="PATH",
+        help="SQLite file holding the task history (default: tasks.sqlite3 in the state folder "
+             "above); ':memory:' keeps nothing after a stop")
+    add("--max-output", type=byte_count, default=MAX_OUTPUT, metavar="BYTES",
+        help="output kept per task; beyond it the rest is dropped after a marker line "
+             "(default: %(default)d, 32 MiB; suffixes K, M, G)")
+    add("--shutdown-timeout", type=positive_seconds, default=SHUTDOWN_TIMEOUT, metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long to wait for running tasks before killing them "
+             "(default: %(default)g); a second signal stops at once")
+    add("--auth-provider", choices=("basic", "github"),
+        help="require credentials: basic (one username and password) or github (GitHub "
+             "tokens); default: none, the API is open")
+    add("--auth-method", choices=("user", "org"),
+        help="github only: user (default) allows the logins in --auth-username; org allows the "
+             "members of the organisation named by --auth-username")
+    add("--auth-username", metavar="NAME",
+        help="basic: the username; github user: comma-separated GitHub logins; github org: the "
+             "organisation")
+    add("--auth-password", metavar="PASSWORD",
+        help="basic: the password; github org: the server's own GitHub token for the membership "
+             "check (default: the client's). Shows in ps: prefer --auth-password-file or the "
+             "%s environment variable" % PASSWORD_VARIABLE)
+    add("--auth-password-file", metavar="FILE", help="file holding --auth-password")
+    add("--github-api", metavar="URL", help="GitHub API (default: %s; GitHub Enterprise: "
+                                            "https://HOST/api/v3)" % GITHUB_API)
+    add("--max-connections", type=positive_count, default=MAX_CONNECTIONS, metavar="N",
+        help="client connections at once; more get 503 and are closed (default: %(default)d)")
+    add("--max-tasks", type=positive_count, default=MAX_TASKS, metavar="N",
+        help="tasks running at once; more are refused with 429, or wait with queue=true "
+             "(default: %(default)d)")
+    add("--allow-concurrent", action="store_true",
+        help="allow several tasks of one app and environment at once (default: one, since two "
+             "deploys at once corrupt releases)")
+    add("--allow-action", action="append", default=[], metavar="PATTERN",
+        help="only run actions matching this shell-style pattern (deploy, deploy:*); repeatable; "
+             "shell and invoke stay refused")
+    add("--version", action="version", version="%(prog)s " + __version__)
+    return parser
+
+
+def parse_args(argv):
+    """Settings from the command line, or StartupError saying what is wrong."""
+    settings = build_parser().parse_args(argv, namespace=Settings())
+    if settings.pulsar_cli == "v1" and settings.config_branch:
+        raise StartupError("--config-branch: pulsar 1.x (--pulsar-cli v1) has no branch option; "
+                           "leave --config-branch out")
+    if settings.config_branch and not settings.config_repo:
+        raise StartupError("--config-branch needs --config-repo")
+    if settings.no_ssl and (settings.ssl_cert or settings.ssl_key or settings.ssl_pfx):
+        raise StartupError("--no-ssl cannot be combined with --ssl-cert, --ssl-key or --ssl-pfx")
+    if not settings.ssl_pfx and bool(settings.ssl_cert) != bool(settings.ssl_key):
+        raise StartupError("--ssl-cert and --ssl-key go together: give both, or --ssl-pfx")
+    for flag in ("ssl_cert", "ssl_key", "ssl_pfx"):
+        check_readable("--" + flag.replace("_", "-"), getattr(settings, flag))
+    for pattern in settings.allow_action:
+        check_pattern(pattern)
+    settings.authenticator = authenticator_from(settings, os.environ)
+    settings.password_in_argv = settings.auth_password is not None
+    settings.tls_passphrase = None
+    if settings.ssl_passphrase:
+        settings.tls_passphrase = read_secret("--ssl-passphrase", settings.ssl_passphrase)
+    settings.command = PulsarCommand(settings.pulsar_bin, settings.pulsar_cli,
+                                     settings.config_repo, settings.config_branch)
+    settings.db = settings.db or default_db()
+    return settings
+
+
+def authenticator_from(settings, environ):
+    """OpenAccess, BasicLogin or GitHubLogin from the --auth-* flags; StartupError for a flag
+    that means nothing for the chosen provider and method, saying what was probably meant."""
+    provider, method = settings.auth_provider, settings.auth_method
+    given = [flag for flag, value in (
+        ("--auth-method", method), ("--auth-username", settings.auth_username),
+        ("--auth-password", settings.auth_password),
+        ("--auth-password-file", settings.auth_password_file),
+        ("--github-api", settings.github_api)) if value is not None]
+    if provider is None:
+        if given:
+            raise StartupError("%s mean(s) nothing without --auth-provider; did you mean "
+                               "--auth-provider basic (or github)?" % ", ".join(given))
+        return OpenAccess()
+    if settings.auth_password is not None and settings.auth_password_file is not None:
+        raise StartupError("give --auth-password or --auth-password-file, not both")
+    password = settings.auth_password
+    if settings.auth_password_file is not None:
+        password = read_secret("--auth-password-file", settings.auth_password_file)
+    from_flags = password is not None
+    if password is None:
+        password = environ.get(PASSWORD_VARIABLE) or None
+    if not settings.auth_username:
+        raise StartupError("--auth-provider %s needs --auth-username (%s)" % (provider, {
+            "basic": "the username", "github": "GitHub logins, or the organisation with "
+                                               "--auth-method org"}[provider]))
+    if provider == "basic":
+        for flag, value in (("--auth-method", method), ("--github-api", settings.github_api)):
+            if value is not None:
+                raise StartupError("%s is for --auth-provider github, not basic" % flag)
+        if not password:
+            raise StartupError("--auth-provider basic needs a password: --auth-password-file "
+                               "FILE, the %s environment variable, or --auth-password"
+                               % PASSWORD_VARIABLE)
+        return BasicLogin(settings.auth_username, password)
+    if (method or "user") == "user" and from_flags:
+        raise StartupError("--auth-password means nothing with --auth-provider github and "
+                           "--auth-method user; did you mean --auth-provider basic, or "
+                           "--auth-method org (where it is the server's own GitHub token)?")
+    api = settings.github_api or GITHUB_API
+    if urllib.parse.urlsplit(api).scheme not in ("http", "https"):
+        raise StartupError("--github-api must be an http:// or https:// URL, got %r" % api)
+    names = [name.strip() for name in settings.auth_username.split(",") if name.strip()]
+    if method == "org":
+        if len(names) != 1:
+            raise StartupError("--auth-method org takes one organisation in --auth-username")
+        return GitHubLogin(api, "org", names, server_token=password)
+    return GitHubLogin(api, "user", names)
+
+
+def check_pattern(pattern):
+    if not re.fullmatch(r"[A-Za-z0-9_:.*?\[\]!-]{1,128}", pattern):
+        raise StartupError("--allow-action %r: a pattern is a Capistrano task name with * ? [ ]"
+                           % pattern)
+    return pattern
+
+
+def default_db():
+    folder = state_dir()
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError as error:
+        raise StartupError("cannot create %s for the task history (or give --db): %s"
+                           % (folder, error.strerror or error))
+    return os.path.join(folder, "tasks.sqlite3")
+
+
+def check_readable(flag, path):
+    if path is None:
+        return
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise StartupError("%s: cannot read %s: %s" % (flag, path, error.strerror or error))
+
+
+def read_secret(flag, path):
+    """The first line of a file that holds a passphrase or a password."""
+    try:
+        with open(path, encoding="utf-8") as source:
+            return source.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise StartupError("%s: cannot read %s: %s" % (flag, path, error))
+
+
+def main(argv=None):
+    """Start the server from command-line arguments; the process exit code."""
+    settings = None
+    try:
+        settings = parse_args(sys.argv[1:] if argv is None else argv)
+        configure_logging(settings.log_dir)
+        return serve(settings)
+    except StartupError as error:
+        if settings and settings.log_dir and logger.handlers:
+            logger.error("cannot start: %s", error)
+        print("pulsar_rest_api.py: error: %s" % error, file=sys.stderr)
+        return 2
+    except SystemExit as done:          # --help and --version
+        return done.code
+
+
+# ---------------------------------------------------------------- appendix: the web page
 
 # GET / serves one page, with its script and style from this server only (no inline code, so
 # that the Content-Security-Policy can forbid everything else).  Everything the page shows is set
@@ -2678,452 +3112,6 @@ PAGE_SECURITY = [
     ("X-Frame-Options", "DENY"),
     ("Referrer-Policy", "no-referrer"),
 ]
-
-
-
-# ---------------------------------------------------------------- the command line
-
-@dataclasses.dataclass
-class Settings:
-    """Everything the command line decides."""
-
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    command: PulsarCommand = PulsarCommand()
-    log_dir: str = None
-    tls: bool = True
-    ssl_cert: str = None
-    ssl_key: str = None
-    ssl_pfx: str = None
-    ssl_passphrase: str = None
-    poll_timeout: float = POLL_TIMEOUT
-    kill_grace: float = KILL_GRACE
-    request_timeout: float = REQUEST_TIMEOUT
-    db: str = ":memory:"
-    max_output: int = MAX_OUTPUT
-    shutdown_timeout: float = SHUTDOWN_TIMEOUT
-    authenticator: object = None        # OpenAccess, BasicLogin or GitHubLogin
-    password_in_argv: bool = False
-    max_connections: int = MAX_CONNECTIONS
-    max_tasks: int = MAX_TASKS
-    one_per_pair: bool = True
-    allowed_actions: tuple = ()
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so that main decides the exit code."""
-
-    def error(self, message):
-        raise StartupError(message)
-
-
-def positive_seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a number of seconds" % text)
-    if not 0 < value < 1e6:
-        raise argparse.ArgumentTypeError("must be more than 0 seconds, got %s" % text)
-    return value
-
-
-def byte_count(text):
-    match = re.fullmatch(r"([0-9]{1,12})([KMG]?)(i?B)?", text.strip(), re.IGNORECASE)
-    if not match or int(match.group(1)) == 0:
-        raise argparse.ArgumentTypeError("%r is not a size in bytes (e.g. 32M)" % text)
-    return int(match.group(1)) * 1024 ** " KMG".index(match.group(2).upper() or " ")
-
-
-def positive_count(text):
-    if not COUNT_PATTERN.fullmatch(text) or int(text) == 0:
-        raise argparse.ArgumentTypeError("%r is not a whole number above 0" % text)
-    return int(text)
-
-
-def port_number(text):
-    if not COUNT_PATTERN.fullmatch(text) or int(text) > 65535:
-        raise argparse.ArgumentTypeError("%r is not a port number (0-65535)" % text)
-    return int(text)
-
-
-def build_parser():
-    parser = ArgumentParser(
-        prog="pulsar_rest_api.py",
-        description="An HTTPS REST API that runs pulsar deploy tasks: POST /APP/ENV with an "
-                    "action, then GET /task/ID, /task/ID/state (long poll) and /task/ID/kill.",
-        epilog="Without --ssl-* flags the certificate in ssl/ beside this script is used (a "
-               "development certificate), or one made once with openssl in "
-               "$XDG_STATE_HOME/pulsar-rest-api/.")
-    add = parser.add_argument
-    add("--config-repo", metavar="REPO",
-        help="pulsar configuration repository (pulsar --conf-repo); default: pulsar finds its "
-             "own (PULSAR_CONF_REPO, ~/.pulsar/config)")
-    add("--config-branch", metavar="BRANCH",
-        help="branch of the configuration repository (default: master); classic pulsar only")
-    add("--pulsar-cli", choices=("classic", "v1"), default="classic",
-        help="classic: pulsar [--conf-repo R --conf-branch B] APP ENV ACTION (pulsar 0.x); "
-             "v1: pulsar task [--conf-repo R] APP ENV ACTION (pulsar 1.x)")
-    add("--pulsar-bin", metavar="PATH", default="pulsar",
-        help="the pulsar executable (default: pulsar on PATH); 'echo' is a harmless way to try")
-    add("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)")
-    add("--port", type=port_number, default=DEFAULT_PORT,
-        help="port to listen on (default: %(default)s; 0 picks a free one)")
-    add("--log-dir", metavar="DIR",
-        help="write the log to DIR/%s, creating DIR (default: standard error)" % LOG_NAME)
-    add("--ssl-cert", metavar="FILE",
-        help="PEM certificate; a CA chain appended to it is sent as the chain")
-    add("--ssl-key", metavar="FILE", help="PEM private key of --ssl-cert")
-    add("--ssl-pfx", metavar="FILE",
-        help="PKCS#12 file with key and certificate (read with the openssl command); overrides "
-             "--ssl-cert/--ssl-key")
-    add("--ssl-passphrase", metavar="FILE", help="file holding the passphrase of the key or pfx")
-    add("--no-ssl", action="store_true",
-        help="plain HTTP, only behind a TLS-terminating proxy")
-    add("--poll-timeout", type=positive_seconds, default=POLL_TIMEOUT, metavar="SECONDS",
-        help="how long GET /task/ID/state waits for a change (default: %(default)g)")
-    add("--kill-grace", type=positive_seconds, default=KILL_GRACE, metavar="SECONDS",
-        help="time between SIGTERM and SIGKILL when a task is killed (default: %(default)g)")
-    add("--request-timeout", type=positive_seconds, default=REQUEST_TIMEOUT, metavar="SECONDS",
-        help="time allowed for a TLS handshake, and for a request from its first byte to its last; "
-             "slower clients are dropped (default: %(default)g)")
-    add("--db", metavar="PATH",
-        help="SQLite file holding the task history (default: tasks.sqlite3 in the state folder "
-             "above); ':memory:' keeps nothing after a stop")
-    add("--max-output", type=byte_count, default=MAX_OUTPUT, metavar="BYTES",
-        help="output kept per task; beyond it the rest is dropped after a marker line "
-             "(default: %(default)d, 32 MiB; suffixes K, M, G)")
-    add("--shutdown-timeout", type=positive_seconds, default=SHUTDOWN_TIMEOUT, metavar="SECONDS",
-        help="on SIGTERM/SIGINT, how long to wait for running tasks before killing them "
-             "(default: %(default)g); a second signal stops at once")
-    add("--auth-provider", choices=("basic", "github"),
-        help="require credentials: basic (one username and password) or github (GitHub "
-             "tokens); default: none, the API is open")
-    add("--auth-method", choices=("user", "org"),
-        help="github only: user (default) allows the logins in --auth-username; org allows the "
-             "members of the organisation named by --auth-username")
-    add("--auth-username", metavar="NAME",
-        help="basic: the username; github user: comma-separated GitHub logins; github org: the "
-             "organisation")
-    add("--auth-password", metavar="PASSWORD",
-        help="basic: the password; github org: the server's own GitHub token for the membership "
-             "check (default: the client's). Shows in ps: prefer --auth-password-file or the "
-             "%s environment variable" % PASSWORD_VARIABLE)
-    add("--auth-password-file", metavar="FILE", help="file holding --auth-password")
-    add("--github-api", metavar="URL", help="GitHub API (default: %s; GitHub Enterprise: "
-                                            "https://HOST/api/v3)" % GITHUB_API)
-    add("--max-connections", type=positive_count, default=MAX_CONNECTIONS, metavar="N",
-        help="client connections at once; more get 503 and are closed (default: %(default)d)")
-    add("--max-tasks", type=positive_count, default=MAX_TASKS, metavar="N",
-        help="tasks running at once; more are refused with 429, or wait with queue=true "
-             "(default: %(default)d)")
-    add("--allow-concurrent", action="store_true",
-        help="allow several tasks of one app and environment at once (default: one, since two "
-             "deploys at once corrupt releases)")
-    add("--allow-action", action="append", default=[], metavar="PATTERN",
-        help="only run actions matching this shell-style pattern (deploy, deploy:*); repeatable; "
-             "shell and invoke stay refused")
-    add("--version", action="version", version="%(prog)s " + __version__)
-    return parser
-
-
-def parse_args(argv):
-    """Settings from the command line, or StartupError saying what is wrong."""
-    options = build_parser().parse_args(argv)
-    if options.pulsar_cli == "v1" and options.config_branch:
-        raise StartupError("--config-branch: pulsar 1.x (--pulsar-cli v1) has no branch option; "
-                           "leave --config-branch out")
-    if options.config_branch and not options.config_repo:
-        raise StartupError("--config-branch needs --config-repo")
-    if options.no_ssl and (options.ssl_cert or options.ssl_key or options.ssl_pfx):
-        raise StartupError("--no-ssl cannot be combined with --ssl-cert, --ssl-key or --ssl-pfx")
-    if not options.ssl_pfx and bool(options.ssl_cert) != bool(options.ssl_key):
-        raise StartupError("--ssl-cert and --ssl-key go together: give both, or --ssl-pfx")
-    for flag in ("ssl_cert", "ssl_key", "ssl_pfx"):
-        check_readable("--" + flag.replace("_", "-"), getattr(options, flag))
-    authenticator = authenticator_from(options, os.environ)
-    passphrase = None
-    if options.ssl_passphrase:
-        passphrase = read_secret("--ssl-passphrase", options.ssl_passphrase)
-    return Settings(
-        host=options.host, port=options.port, log_dir=options.log_dir, tls=not options.no_ssl,
-        command=PulsarCommand(options.pulsar_bin, options.pulsar_cli, options.config_repo,
-                              options.config_branch),
-        ssl_cert=options.ssl_cert, ssl_key=options.ssl_key, ssl_pfx=options.ssl_pfx,
-        ssl_passphrase=passphrase, poll_timeout=options.poll_timeout,
-        kill_grace=options.kill_grace, request_timeout=options.request_timeout,
-        db=options.db or default_db(), max_output=options.max_output,
-        shutdown_timeout=options.shutdown_timeout,
-        authenticator=authenticator,
-        password_in_argv=options.auth_password is not None,
-        max_connections=options.max_connections, max_tasks=options.max_tasks,
-        one_per_pair=not options.allow_concurrent,
-        allowed_actions=tuple(check_pattern(pattern) for pattern in options.allow_action))
-
-
-def authenticator_from(options, environ):
-    """OpenAccess, BasicLogin or GitHubLogin from the --auth-* flags; StartupError for a flag
-    that means nothing for the chosen provider and method, saying what was probably meant."""
-    provider, method = options.auth_provider, options.auth_method
-    given = [flag for flag, value in (
-        ("--auth-method", method), ("--auth-username", options.auth_username),
-        ("--auth-password", options.auth_password),
-        ("--auth-password-file", options.auth_password_file),
-        ("--github-api", options.github_api)) if value is not None]
-    if provider is None:
-        if given:
-            raise StartupError("%s mean(s) nothing without --auth-provider; did you mean "
-                               "--auth-provider basic (or github)?" % ", ".join(given))
-        return OpenAccess()
-    if options.auth_password is not None and options.auth_password_file is not None:
-        raise StartupError("give --auth-password or --auth-password-file, not both")
-    password = options.auth_password
-    if options.auth_password_file is not None:
-        password = read_secret("--auth-password-file", options.auth_password_file)
-    from_flags = password is not None
-    if password is None:
-        password = environ.get(PASSWORD_VARIABLE) or None
-    if not options.auth_username:
-        raise StartupError("--auth-provider %s needs --auth-username (%s)" % (provider, {
-            "basic": "the username", "github": "GitHub logins, or the organisation with "
-                                               "--auth-method org"}[provider]))
-    if provider == "basic":
-        for flag, value in (("--auth-method", method), ("--github-api", options.github_api)):
-            if value is not None:
-                raise StartupError("%s is for --auth-provider github, not basic" % flag)
-        if not password:
-            raise StartupError("--auth-provider basic needs a password: --auth-password-file "
-                               "FILE, the %s environment variable, or --auth-password"
-                               % PASSWORD_VARIABLE)
-        return BasicLogin(options.auth_username, password)
-    if (method or "user") == "user" and from_flags:
-        raise StartupError("--auth-password means nothing with --auth-provider github and "
-                           "--auth-method user; did you mean --auth-provider basic, or "
-                           "--auth-method org (where it is the server's own GitHub token)?")
-    api = options.github_api or GITHUB_API
-    if urllib.parse.urlsplit(api).scheme not in ("http", "https"):
-        raise StartupError("--github-api must be an http:// or https:// URL, got %r" % api)
-    names = [name.strip() for name in options.auth_username.split(",") if name.strip()]
-    if method == "org":
-        if len(names) != 1:
-            raise StartupError("--auth-method org takes one organisation in --auth-username")
-        return GitHubLogin(api, "org", names, server_token=password)
-    return GitHubLogin(api, "user", names)
-
-
-def check_pattern(pattern):
-    if not re.fullmatch(r"[A-Za-z0-9_:.*?\[\]!-]{1,128}", pattern):
-        raise StartupError("--allow-action %r: a pattern is a Capistrano task name with * ? [ ]"
-                           % pattern)
-    return pattern
-
-
-def default_db():
-    folder = state_dir()
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-    except OSError as error:
-        raise StartupError("cannot create %s for the task history (or give --db): %s"
-                           % (folder, error.strerror or error))
-    return os.path.join(folder, "tasks.sqlite3")
-
-
-def check_readable(flag, path):
-    if path is None:
-        return
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as error:
-        raise StartupError("%s: cannot read %s: %s" % (flag, path, error.strerror or error))
-
-
-def read_secret(flag, path):
-    """The first line of a file that holds a passphrase or a password."""
-    try:
-        with open(path, encoding="utf-8") as source:
-            return source.read().rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as error:
-        raise StartupError("%s: cannot read %s: %s" % (flag, path, error))
-
-
-def load_tls(settings):
-    """(SSLContext, fingerprint) for the settings: pfx, cert/key, ssl/ beside us, or self-signed."""
-    if settings.ssl_pfx:
-        return pfx_tls_context(settings.ssl_pfx, settings.ssl_passphrase)
-    if settings.ssl_cert:
-        cert, key = settings.ssl_cert, settings.ssl_key
-    else:
-        bundled = os.path.join(SCRIPT_DIR, "ssl")
-        if os.path.isfile(os.path.join(bundled, "cert.pem")):
-            cert, key = os.path.join(bundled, "cert.pem"), os.path.join(bundled, "key.pem")
-        else:
-            cert, key = self_signed_pair(state_dir())
-    return tls_context(cert, key, settings.ssl_passphrase), certificate_fingerprint(cert)
-
-
-def configure_logging(log_dir):
-    if log_dir:
-        try:
-            os.makedirs(log_dir, exist_ok=True)
-            # WatchedFileHandler reopens the file when logrotate moves it away.
-            handler = logging.handlers.WatchedFileHandler(os.path.join(log_dir, LOG_NAME))
-        except OSError as error:
-            raise StartupError("--log-dir: cannot write %s: %s" % (log_dir, error))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s %(message)s",
-                                  "%Y-%m-%dT%H:%M:%S")
-    formatter.converter = time.gmtime
-    handler.setFormatter(formatter)
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-
-def serve(settings):
-    """Run the server until SIGTERM or SIGINT; the exit code."""
-    tls, fingerprint = load_tls(settings) if settings.tls else (None, None)
-    history = TaskHistory(settings.db)
-    signals = StopSignals()         # from here on a stop signal waits for its turn
-    recover_lost_tasks(history, settings.kill_grace)
-    metrics = Metrics()
-    store = TaskStore(history, settings.max_output)
-    runner = TaskRunner(store, settings.command, settings.kill_grace, metrics=metrics,
-                        max_tasks=settings.max_tasks, one_per_pair=settings.one_per_pair,
-                        allowed_actions=settings.allowed_actions)
-    access = Access(settings.authenticator)
-    try:
-        server = PulsarServer((settings.host, settings.port), store, runner, tls,
-                              settings.poll_timeout, settings.request_timeout, metrics, access,
-                              settings.max_connections)
-    except OSError as error:
-        raise StartupError("cannot listen on %s:%d: %s" % (settings.host, settings.port,
-                                                           error.strerror or error))
-    announce(settings, server, fingerprint, history)
-    threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL,), name="accept",
-                     daemon=True).start()
-    stopped = threading.Event()
-    threading.Thread(target=persist_periodically, args=(store, stopped), name="persist",
-                     daemon=True).start()
-    stop_gracefully(signals.wait(), signals, store, runner, settings.shutdown_timeout)
-    server.shutdown()
-    stopped.set()
-    store.persist()
-    history.close()
-    server.server_close()
-    logger.info("stopped")
-    return 0
-
-
-def stop_gracefully(signum, signals, store, runner, timeout):
-    """Refuse new tasks, let running ones finish (reads and polls still answered), then kill
-    what is left; a second signal skips the wait."""
-    runner.refuse_new()
-    running = len(store.running())
-    logger.info("%s: stopping%s", signal.Signals(signum).name, "" if not running else
-                ": new tasks are refused; waiting up to %g s for %d running task(s) (a second "
-                "signal stops at once)" % (timeout, running))
-    if running:
-        def note_when_idle():
-            store.wait_until_idle(timeout)
-            signals.note_drained()
-
-        threading.Thread(target=note_when_idle, name="drain", daemon=True).start()
-        again = signals.wait()
-        if again != StopSignals.DRAINED:
-            logger.info("%s again: stopping at once", signal.Signals(again).name)
-    left = store.running()
-    if left:
-        logger.info("killing %d task(s) still running: %s", len(left),
-                    ", ".join(str(task.id) for task in left))
-    runner.stop_all()
-
-
-def persist_periodically(store, stopped):
-    """Write running tasks' new output to the history every PERSIST_EVERY seconds, so that a
-    server that dies loses at most that much."""
-    while not stopped.wait(PERSIST_EVERY):
-        try:
-            store.persist()
-        except sqlite3.Error as error:
-            logger.error("cannot write the task history: %s", error)
-
-
-def announce(settings, server, fingerprint, history):
-    host, port = server.server_address[:2]
-    scheme = "https" if settings.tls else "http"
-    shown = "[%s]" % host if ":" in host else host
-    logger.info("pulsar-rest-api %s listening on %s://%s:%d/", __version__, scheme, shown, port)
-    if host in ("0.0.0.0", "::"):
-        logger.info("reachable as %s://%s:%d/ on this host's addresses", scheme,
-                    socket.gethostname(), port)
-    if fingerprint:
-        logger.info("TLS certificate SHA-256 fingerprint %s", fingerprint)
-    else:
-        logger.warning("TLS IS OFF (--no-ssl): requests and answers travel in clear text; use "
-                       "this only behind a TLS-terminating proxy")
-    authenticator = settings.authenticator or OpenAccess()
-    if isinstance(authenticator, OpenAccess):
-        logger.warning("access: %s", authenticator.description)
-    else:
-        logger.info("access: %s", authenticator.description)
-    if settings.password_in_argv:
-        logger.warning("--auth-password shows in ps; prefer --auth-password-file or %s",
-                       PASSWORD_VARIABLE)
-    logger.info("task history: %s", history.path if history.path != ":memory:" else
-                "in memory only (--db :memory:): nothing is kept after a stop")
-    argv = settings.command.argv("APP", "ENV", "ACTION")
-    logger.info("tasks run: %s", " ".join(argv))
-    if shutil.which(settings.command.binary) is None:
-        logger.warning("%s is not an executable on PATH: tasks will fail until it is installed "
-                       "(try --pulsar-bin echo)", settings.command.binary)
-
-
-class StopSignals:
-    """SIGTERM and SIGINT as bytes in a pipe that the main thread reads, so that no Python code
-    runs inside a signal handler; other threads may write DRAINED to it too.
-
-    SIGHUP (a closed terminal, a logrotate script) does not stop the server: dying on it would
-    leave deploys running untracked, and the log file is reopened without it.
-    """
-
-    DRAINED = 0
-
-    def __init__(self):
-        self._read_end, self._write_end = os.pipe()
-        os.set_blocking(self._write_end, False)
-        signal.set_wakeup_fd(self._write_end)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, lambda *_: None)      # the wakeup fd does the work
-
-    def wait(self):
-        """The next SIGTERM or SIGINT, or DRAINED."""
-        while True:
-            data = os.read(self._read_end, 1)
-            if data and data[0] == signal.SIGHUP:
-                logger.info("SIGHUP ignored; stop with SIGTERM or Ctrl-C (the log file is "
-                            "reopened by itself when it is moved)")
-            elif data and data[0] in (signal.SIGTERM, signal.SIGINT, self.DRAINED):
-                return data[0]
-
-    def note_drained(self):
-        os.write(self._write_end, bytes([self.DRAINED]))
-
-
-def main(argv=None):
-    """Start the server from command-line arguments; the process exit code."""
-    settings = None
-    try:
-        settings = parse_args(sys.argv[1:] if argv is None else argv)
-        configure_logging(settings.log_dir)
-        return serve(settings)
-    except StartupError as error:
-        if settings and settings.log_dir and logger.handlers:
-            logger.error("cannot start: %s", error)
-        print("pulsar_rest_api.py: error: %s" % error, file=sys.stderr)
-        return 2
-    except SystemExit as done:          # --help and --version
-        return done.code
 
 
 if __name__ == "__main__":
