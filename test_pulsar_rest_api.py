@@ -27,6 +27,7 @@ Run: python3 -m pytest -q
 """
 
 import base64
+import collections
 import contextlib
 import datetime
 import fcntl
@@ -117,6 +118,13 @@ def wait_until(predicate, timeout=TIMEOUT, what="condition"):
         time.sleep(RECHECK)  # the re-check interval of this helper, not a synchronisation
 
 
+def timed(call):
+    """(call(), the seconds it took)."""
+    started = time.monotonic()
+    result = call()
+    return result, time.monotonic() - started
+
+
 def unique(prefix="t"):
     """A fresh name valid as app, env, gate or pids name."""
     return prefix + uuid.uuid4().hex[:12]
@@ -153,6 +161,11 @@ def is_gone(pid):
     except OSError:
         return True
     return state in ("Z", "X")
+
+
+def are_gone(pids):
+    """{role: whether that process is gone} for {role: pid}."""
+    return {role: is_gone(pid) for role, pid in pids.items()}
 
 
 def processes_mentioning(marks, spared):
@@ -326,8 +339,16 @@ class FakePulsar:
             return []
         return [json.loads(line) for line in path.read_text().splitlines()]
 
+    def runs_for(self, word):
+        """The runs whose arguments include word (an app, env or action name), in start order."""
+        return [run for run in self.invocations() if word in run["argv"]]
+
+    def actions_run_for(self, word):
+        """The ACTION (last argument) of each run whose arguments include word, in start order."""
+        return [run["argv"][-1] for run in self.runs_for(word)]
+
     def invocation_for(self, app):
-        runs = [run for run in self.invocations() if app in run["argv"]]
+        runs = self.runs_for(app)
         assert len(runs) == 1, "expected one run of pulsar for %s, got %r" % (app, runs)
         return runs[0]
 
@@ -359,6 +380,11 @@ class Gate:
         self.path = directory / self.name
         os.mkfifo(str(self.path))
         self._fd = os.open(str(self.path), os.O_RDWR)
+
+    @property
+    def line(self):
+        """The line the fake prints when it reaches this gate, before it blocks."""
+        return "gate %s\n" % self.name
 
     def release(self):
         os.write(self._fd, b"go\n")
@@ -714,35 +740,86 @@ class Client:
         return self.wait_for(task_id, lambda task: text in task["output"], "output %r" % text,
                              timeout)
 
+    def wait_at_gate(self, task_id, gate, timeout=TIMEOUT):
+        """Wait until the task's fake has printed that it waits at gate; that state of the task."""
+        return self.wait_output(task_id, gate.line, timeout)
+
+
+def tcp_connection(server, timeout=TIMEOUT):
+    """A plain TCP socket connected to the server's port (no TLS handshake is started)."""
+    return socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+
+
+@contextlib.contextmanager
+def tls_connection(server, context=None, timeout=TIMEOUT):
+    """A TLS socket connected to the server, its handshake done; the server's own trust unless
+    another context is given.  Every raw exchange below opens its socket here."""
+    with tcp_connection(server, timeout) as raw:
+        with (context or server.context).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            yield tls
+
+
+def read_reply(tls):
+    """Parse one HTTP response from a TLS socket."""
+    response = http.client.HTTPResponse(tls)
+    response.begin()
+    return Reply(response, response.read())
+
+
+def read_until_closed(tls):
+    """Every byte received until the server closes the connection."""
+    received = b""
+    while True:
+        chunk = tls.recv(65536)
+        if not chunk:
+            return received
+        received += chunk
+
 
 def raw_exchange(server, data):
     """Send raw bytes over TLS and parse the one response that comes back."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as raw:
-        with server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            tls.sendall(data)
-            response = http.client.HTTPResponse(tls)
-            response.begin()
-            return Reply(response, response.read())
+    with tls_connection(server) as tls:
+        tls.sendall(data)
+        return read_reply(tls)
 
 
 def exchange_until_closed(server, data):
     """Send raw bytes over TLS and return everything received until the server closes."""
-    received = b""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as raw:
-        with server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            tls.sendall(data)
-            while True:
-                chunk = tls.recv(65536)
-                if not chunk:
-                    return received
-                received += chunk
+    with tls_connection(server) as tls:
+        tls.sendall(data)
+        return read_until_closed(tls)
 
 
-def served_certificate(port, context):
+def raw_get(server, path, headers=()):
+    """Every byte the server sends for GET path on a connection it is asked to close; for
+    replies whose framing itself is under test."""
+    request = ["GET %s HTTP/1.1" % path, "Host: 127.0.0.1", "Connection: close"] + list(headers)
+    return exchange_until_closed(server, ("\r\n".join(request) + "\r\n\r\n").encode("latin-1"))
+
+
+def unasked_reply(server, timeout=TIMEOUT):
+    """Connect over TLS, send nothing, and parse the one response the server sends anyway;
+    (the reply, whether the server then closed the connection)."""
+    with tls_connection(server, timeout=timeout) as tls:
+        return read_reply(tls), closed_by_peer(tls, timeout)
+
+
+def served_certificate(server, context=None):
     """(DER certificate, TLS version) the server presents to a client with this context."""
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
-        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            return tls.getpeercert(binary_form=True), tls.version()
+    with tls_connection(server, context) as tls:
+        return tls.getpeercert(binary_form=True), tls.version()
+
+
+def closed_by_peer(sock, timeout):
+    """Wait up to timeout for the peer to close sock (or send anything); True if it did."""
+    sock.settimeout(timeout)
+    try:
+        sock.recv(1024)
+    except socket.timeout:
+        return False
+    except (ConnectionError, ssl.SSLError):
+        pass
+    return True
 
 
 def unverified_context():
@@ -799,17 +876,6 @@ def process_environment(pid):
     return dict(entry.decode("utf-8", "replace").partition("=")[::2] for entry in entries if entry)
 
 
-def unasked_reply(server, timeout=TIMEOUT):
-    """Connect over TLS, send nothing, and parse the one response the server sends anyway;
-    (the reply, whether the server then closed the connection)."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as raw:
-        with server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            response = http.client.HTTPResponse(tls)
-            response.begin()
-            reply = Reply(response, response.read())
-            return reply, closed_by_peer(tls, timeout)
-
-
 def served(client, path="/health"):
     """The reply if the server answers 200 now, else None (refused or dropped): a predicate."""
     try:
@@ -817,18 +883,6 @@ def served(client, path="/health"):
     except (OSError, http.client.HTTPException):
         return None
     return reply if reply.status == 200 else None
-
-
-def closed_by_peer(sock, timeout):
-    """Wait up to timeout for the peer to close sock (or send anything); True if it did."""
-    sock.settimeout(timeout)
-    try:
-        sock.recv(1024)
-    except socket.timeout:
-        return False
-    except (ConnectionError, ssl.SSLError):
-        pass
-    return True
 
 
 # --- Fixtures ---------------------------------------------------------------------------------
@@ -960,6 +1014,30 @@ def run_cli(tmp_path, fake, args, env=None, script=SCRIPT):
         raise AssertionError("%s did not exit within 5 s (did it start serving?)" % (args,))
 
 
+def one_error_line(result):
+    """The one line a command line that cannot work prints, which must exit non-zero without a
+    traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode > 0, (result.returncode, result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    return lines[0]
+
+
+def insert_task(db, app, action, status, exit_code=None, finished=False, version=1):
+    """Write a task of app and env prod into the history file of a stopped server, as a crashed
+    or older server could have left it; its id."""
+    now = time.time()
+    with contextlib.closing(sqlite3.connect(str(db))) as conn:
+        with conn:
+            return conn.execute(
+                "INSERT INTO tasks (app, env, action, status, exit_code, pid, process_start, "
+                "created_at, finished_at, started_by, version, output_length) "
+                "VALUES (?, 'prod', ?, ?, ?, NULL, NULL, ?, ?, '127.0.0.1:40000', ?, 0)",
+                (app, action, status, exit_code, now, now if finished else None,
+                 version)).lastrowid
+
+
 def stored_output_length(db, task_id):
     """The output_length the server has written to its SQLite file for a task (read-only)."""
     uri = "file:%s?mode=ro" % urllib.parse.quote(str(db))
@@ -968,10 +1046,12 @@ def stored_output_length(db, task_id):
     return None if row is None else row[0]
 
 
-def health_once_stopping(client):
-    """The /health reply if it answers 503, else None: a predicate for wait_until."""
-    reply = client.get("/health")
-    return reply if reply.status == 503 else None
+def wait_until_stopping(client):
+    """The 503 reply of /health once the server says it is stopping."""
+    def stopping():
+        reply = client.get("/health")
+        return reply if reply.status == 503 else None
+    return wait_until(stopping, what="/health to say stopping")
 
 
 def log_lines(server, pattern, since=0):
@@ -1110,7 +1190,7 @@ def test_refused_create_answers_json_error_and_starts_nothing(api, shared_fake, 
     reply = send_refused(api, case, unique("app"), env)
 
     assert_json_error(reply, case[1])
-    assert [run for run in shared_fake.invocations() if env in run["argv"]] == []
+    assert shared_fake.actions_run_for(env) == []
 
 
 def test_ids_start_at_one_and_refused_requests_neither_use_an_id_nor_start_pulsar(
@@ -1141,7 +1221,7 @@ def test_task_paths_are_never_a_create(api, shared_fake, ended_task):
     assert posted.headers["Allow"] == "GET"
     assert after == before + 1
     api.wait_ended(after)
-    assert len([run for run in shared_fake.invocations() if env in run["argv"]]) == 2
+    assert shared_fake.actions_run_for(env) == ["deploy", "deploy"]
 
 
 # --- Routing and the shape of every response --------------------------------------------------
@@ -1314,14 +1394,14 @@ def test_running_task_shows_its_output_so_far(api, shared_fake):
     app = unique("app")
     task_id = api.create(app, unique("env"), "out-2.gate-%s.out-1" % gate.name)
 
-    api.wait_output(task_id, "gate %s\n" % gate.name)
+    api.wait_at_gate(task_id, gate)
     running = api.task(task_id)
     gate.release()
     ended = api.wait_ended(task_id)
 
     assert running["status"] == "running"
     assert (running["exitCode"], running["finishedAt"]) == (None, None)
-    assert running["output"] == "out 1\nout 2\ngate %s\n" % gate.name
+    assert running["output"] == "out 1\nout 2\n" + gate.line
     assert running["pid"] == shared_fake.invocation_for(app)["pid"]
     assert ended["status"] == "finished"
     assert ended["output"] == running["output"] + "out 1\n"
@@ -1402,25 +1482,24 @@ def test_invalid_utf8_bytes_become_replacement_characters(api):
 
 # --- Killing ----------------------------------------------------------------------------------
 
-def start_process_tree(api, fake, steps=""):
-    """A task whose fake pulsar has started a grandchild; (task id, {role: pid})."""
+ProcessTree = collections.namedtuple("ProcessTree", "task_id line pids")
+
+
+def start_process_tree(client, fake, steps="", env=None):
+    """A task whose fake pulsar runs steps, then starts a grandchild and waits for it: a
+    ProcessTree of the task id, the line the fake printed once both ran, and {role: pid}."""
     name = unique("tree")
-    task_id = api.create(unique("app"), unique("env"), steps + "child-" + name)
-    api.wait_output(task_id, "child %s\n" % name)
-    return task_id, fake.pids(name)
-
-
-def timed_kill(api, task_id, method):
-    started = time.monotonic()
-    reply = api.kill(task_id, method=method)
-    return reply, time.monotonic() - started
+    task_id = client.create(unique("app"), env or unique("env"), steps + "child-" + name)
+    line = "child %s\n" % name
+    client.wait_output(task_id, line)
+    return ProcessTree(task_id, line, fake.pids(name))
 
 
 def test_kill_ends_the_whole_process_tree_and_a_second_kill_is_409(api, shared_fake):
-    task_id, pids = start_process_tree(api, shared_fake)
+    task_id, _, pids = start_process_tree(api, shared_fake)
 
-    killed, took = timed_kill(api, task_id, "POST")
-    gone = {role: is_gone(pid) for role, pid in pids.items()}
+    killed, took = timed(lambda: api.kill(task_id, method="POST"))
+    gone = are_gone(pids)
     again = api.kill(task_id, method="GET")
 
     assert killed.status == 200, killed
@@ -1434,13 +1513,13 @@ def test_kill_ends_the_whole_process_tree_and_a_second_kill_is_409(api, shared_f
 
 
 def test_kill_escalates_to_sigkill_when_sigterm_is_ignored(api, shared_fake):
-    task_id, pids = start_process_tree(api, shared_fake, "ignoreterm.")
+    task_id, _, pids = start_process_tree(api, shared_fake, "ignoreterm.")
 
-    killed, took = timed_kill(api, task_id, "GET")
+    killed, took = timed(lambda: api.kill(task_id, method="GET"))
 
     assert killed.status == 200, killed
     assert (killed.json["status"], killed.json["exitCode"]) == ("killed", None)
-    assert {role: is_gone(pid) for role, pid in pids.items()} == {"fake": True, "child": True}
+    assert are_gone(pids) == {"fake": True, "child": True}
     assert SHARED_GRACE * 0.8 <= took < SHARED_GRACE + 2
 
 
@@ -1458,7 +1537,7 @@ def test_kill_of_an_ended_task_is_409_and_changes_nothing(api, ended_task):
 def test_poll_returns_new_output_when_the_task_changes(api, shared_fake):
     gate = shared_fake.gate()
     task_id = api.create(unique("app"), unique("env"), "out-1.gate-%s.out-2" % gate.name)
-    before = api.wait_output(task_id, "gate %s\n" % gate.name)
+    before = api.wait_at_gate(task_id, gate)
 
     conn = api.connection()
     try:
@@ -1482,12 +1561,11 @@ def test_poll_returns_new_output_when_the_task_changes(api, shared_fake):
 def test_poll_returns_at_once_when_the_task_has_ended(api, ended_task):
     final = api.task(ended_task)
 
-    started = time.monotonic()
-    replies = [api.get("/task/%d/state?version=%d" % (ended_task, final["version"])),
-               api.get("/task/%d/state?version=%d&offset=%d"
-                       % (ended_task, final["version"], final["outputLength"])),
-               api.get("/task/%d/state" % ended_task)]
-    took = time.monotonic() - started
+    replies, took = timed(lambda: [
+        api.get("/task/%d/state?version=%d" % (ended_task, final["version"])),
+        api.get("/task/%d/state?version=%d&offset=%d"
+                % (ended_task, final["version"], final["outputLength"])),
+        api.get("/task/%d/state" % ended_task)])
 
     assert [reply.status for reply in replies] == [200, 200, 200]
     assert [reply.json["changed"] for reply in replies] == [True, True, True]
@@ -1499,13 +1577,12 @@ def test_poll_returns_at_once_when_the_task_has_ended(api, ended_task):
 def test_poll_returns_at_once_when_version_or_offset_is_behind(api, shared_fake):
     gate = shared_fake.gate()
     task_id = api.create(unique("app"), unique("env"), "out-2.gate-" + gate.name)
-    now = api.wait_output(task_id, "gate %s\n" % gate.name)
+    now = api.wait_at_gate(task_id, gate)
     version, length = now["version"], now["outputLength"]
 
-    started = time.monotonic()
-    old_version = api.get("/task/%d/state?version=%d" % (task_id, version - 1))
-    old_offset = api.get("/task/%d/state?offset=%d" % (task_id, length - 2))
-    took = time.monotonic() - started
+    (old_version, old_offset), took = timed(lambda: (
+        api.get("/task/%d/state?version=%d" % (task_id, version - 1)),
+        api.get("/task/%d/state?offset=%d" % (task_id, length - 2))))
     gate.release()
     api.wait_ended(task_id)
 
@@ -1521,12 +1598,10 @@ def test_poll_answers_unchanged_after_the_poll_timeout(start_server, fake):
     client = start_server("--poll-timeout", "1").client()
     gate = fake.gate()
     task_id = client.create(unique("app"), unique("env"), "gate-" + gate.name)
-    now = client.wait_output(task_id, "gate %s\n" % gate.name)
+    now = client.wait_at_gate(task_id, gate)
 
-    started = time.monotonic()
-    reply = client.get("/task/%d/state?version=%d&offset=%d"
-                       % (task_id, now["version"], now["outputLength"]))
-    took = time.monotonic() - started
+    reply, took = timed(lambda: client.get("/task/%d/state?version=%d&offset=%d"
+                                           % (task_id, now["version"], now["outputLength"])))
     gate.release()
     client.wait_ended(task_id)
 
@@ -1540,7 +1615,7 @@ def test_follow_loop_misses_nothing_and_receives_only_new_output(api, shared_fak
     task_id = api.create(unique("app"), unique("env"),
                          "chatty-1000.gate-%s.chatty-1000" % gate.name)
     expected = ("".join("step 0 line %05d\n" % i for i in range(1, 1001))
-                + "gate %s\n" % gate.name
+                + gate.line
                 + "".join("step 2 line %05d\n" % i for i in range(1, 1001)))
 
     version, offset, pieces, released = 0, 0, [], False
@@ -1557,7 +1632,7 @@ def test_follow_loop_misses_nothing_and_receives_only_new_output(api, shared_fak
         assert task["version"] > version
         pieces.append(task["output"])
         version, offset = task["version"], task["outputLength"]
-        if not released and "gate %s\n" % gate.name in "".join(pieces):
+        if not released and gate.line in "".join(pieces):
             gate.release()
             released = True
         if task["status"] != "running":
@@ -1581,10 +1656,9 @@ def test_silent_client_does_not_delay_others_and_is_dropped_after_request_timeou
     server = start_server("--request-timeout", "1")
     client = server.client()
 
-    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as silent:
+    with tcp_connection(server) as silent:
         connected = time.monotonic()
-        reply = client.get("/task/1")
-        other_took = time.monotonic() - connected
+        reply, other_took = timed(lambda: client.get("/task/1"))
         closed = closed_by_peer(silent, timeout=5)
         dropped_after = time.monotonic() - connected
 
@@ -1600,25 +1674,22 @@ def test_trickled_request_does_not_delay_others_and_is_dropped_in_bounded_time(s
     request = (b"GET /task/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"p" * 150
                + b"\r\n\r\n")
 
-    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as raw:
-        with server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            first_byte = time.monotonic()
-            sent, closed, other, other_took = 0, False, None, None
-            for byte in request:
-                try:
-                    tls.sendall(bytes([byte]))
-                except (ConnectionError, ssl.SSLError):
-                    closed = True
-                    break
-                sent += 1
-                if sent == 5:
-                    started = time.monotonic()
-                    other = client.get("/task/1")
-                    other_took = time.monotonic() - started
-                if closed_by_peer(tls, timeout=0.05):  # paces the trickle, 1 byte per 50 ms
-                    closed = True
-                    break
-            dropped_after = time.monotonic() - first_byte
+    with tls_connection(server) as tls:
+        first_byte = time.monotonic()
+        sent, closed, other, other_took = 0, False, None, None
+        for byte in request:
+            try:
+                tls.sendall(bytes([byte]))
+            except (ConnectionError, ssl.SSLError):
+                closed = True
+                break
+            sent += 1
+            if sent == 5:
+                other, other_took = timed(lambda: client.get("/task/1"))
+            if closed_by_peer(tls, timeout=0.05):  # paces the trickle, 1 byte per 50 ms
+                closed = True
+                break
+        dropped_after = time.monotonic() - first_byte
 
     assert closed and sent < len(request), "the server waited for the whole trickled request"
     assert 0.8 <= dropped_after < 3
@@ -1627,7 +1698,7 @@ def test_trickled_request_does_not_delay_others_and_is_dropped_in_bounded_time(s
 
 
 def test_tls_is_version_1_2_or_newer_and_older_clients_are_refused(api, shared_server):
-    _, version = served_certificate(shared_server.port, shared_server.context)
+    _, version = served_certificate(shared_server)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         old = ssl.create_default_context(cafile=str(DEV_CERT))
@@ -1636,7 +1707,7 @@ def test_tls_is_version_1_2_or_newer_and_older_clients_are_refused(api, shared_s
         old.set_ciphers("DEFAULT:@SECLEVEL=0")  # so the client really offers TLS 1.1
 
     with pytest.raises(ssl.SSLError) as refused:
-        served_certificate(shared_server.port, old)
+        served_certificate(shared_server, old)
 
     assert version in ("TLSv1.2", "TLSv1.3")
     assert refused.value.reason not in ("NO_PROTOCOLS_AVAILABLE", "NO_CIPHERS_AVAILABLE")
@@ -1644,7 +1715,7 @@ def test_tls_is_version_1_2_or_newer_and_older_clients_are_refused(api, shared_s
 
 
 def test_logged_fingerprint_is_that_of_the_served_certificate(shared_server):
-    der, _ = served_certificate(shared_server.port, shared_server.context)
+    der, _ = served_certificate(shared_server)
 
     assert logged_fingerprint(shared_server.log()) == fingerprint_of(der)
     assert fingerprint_of(der) == pem_fingerprint(DEV_CERT)
@@ -1654,7 +1725,7 @@ def test_port_probe_is_logged_as_one_line_without_traceback(start_server):
     server = start_server()
     lines_before = len(server.log().splitlines())
 
-    socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT).close()
+    tcp_connection(server).close()
     wait_until(lambda: len(server.log().splitlines()) > lines_before, what="a log line")
     new_lines = server.log().splitlines()[lines_before:]
     still_serving = server.client().get("/task/1")
@@ -1719,18 +1790,15 @@ def test_task_running_when_the_server_is_killed_is_lost_and_its_processes_ended_
     db = tmp_path / "history.sqlite3"
     first = start_server("--db", db)
     client = first.client()
-    name = unique("tree")
-    task_id = client.create(unique("app"), "prod", "unicode.out-1.child-" + name)
-    printed = UNICODE_LINE + "out 1\nchild %s\n" % name
-    client.wait_output(task_id, "child %s\n" % name)
-    pids = fake.pids(name)
+    task_id, child_line, pids = start_process_tree(client, fake, "unicode.out-1.", env="prod")
+    printed = UNICODE_LINE + "out 1\n" + child_line
     wait_until(lambda: stored_output_length(db, task_id) == len(printed),
                what="the output printed so far to reach the history file")
 
     first.crash()
-    running_after_crash = {role: not is_gone(pid) for role, pid in pids.items()}
+    gone_after_crash = are_gone(pids)
     second = start_server("--db", db)
-    gone_after_restart = {role: is_gone(pid) for role, pid in pids.items()}
+    gone_after_restart = are_gone(pids)
     client = second.client()
     task = client.task(task_id)
     output = task["output"]
@@ -1738,7 +1806,7 @@ def test_task_running_when_the_server_is_killed_is_lost_and_its_processes_ended_
              for offset in [0, 5] + list(range(len(printed) - 2, len(printed) + 3))}
     warnings = log_lines(second, r"WARNING .*task %d\b" % task_id)
 
-    assert running_after_crash == {"fake": True, "child": True}
+    assert gone_after_crash == {"fake": False, "child": False}
     assert gone_after_restart == {"fake": True, "child": True}
     assert (task["status"], task["exitCode"]) == ("lost", None)
     parse_utc(task["finishedAt"])
@@ -1756,13 +1824,7 @@ def test_task_found_queued_at_start_is_marked_lost_and_never_run(start_server, f
     db = tmp_path / "history.sqlite3"
     start_server("--db", db).stop_cleanly()
     app = unique("app")
-    with contextlib.closing(sqlite3.connect(str(db))) as conn:
-        with conn:
-            queued = conn.execute(
-                "INSERT INTO tasks (app, env, action, status, exit_code, pid, process_start, "
-                "created_at, finished_at, started_by, version, output_length) "
-                "VALUES (?, 'prod', 'deploy', 'queued', NULL, NULL, NULL, ?, NULL, "
-                "'127.0.0.1:40000', 1, 0)", (app, time.time())).lastrowid
+    queued = insert_task(db, app, "deploy", "queued")
 
     server = start_server("--db", db)
     client = server.client()
@@ -1776,7 +1838,7 @@ def test_task_found_queued_at_start_is_marked_lost_and_never_run(start_server, f
     parse_utc(task["finishedAt"])
     assert task["version"] > 1
     assert (listed, running) == ([queued], [])
-    assert [run for run in fake.invocations() if app in run["argv"]] == []
+    assert fake.actions_run_for(app) == []
     assert next_id == queued + 1
     assert len(log_lines(server, r"WARNING .*task %d\b" % queued)) == 1, server.log()
 
@@ -1858,7 +1920,7 @@ def test_task_list_is_newest_first_without_output_and_filters_by_app_env_and_sta
     api.wait_ended(other_env)
     gate = shared_fake.gate()
     running = api.create(app, env_x, "gate-" + gate.name)
-    api.wait_output(running, "gate %s\n" % gate.name)
+    api.wait_at_gate(running, gate)
 
     everything = api.listing("app=" + app)
     by_env = api.listed_ids("env=" + env_x)
@@ -1877,7 +1939,7 @@ def test_task_list_is_newest_first_without_output_and_filters_by_app_env_and_sta
         assert set(task) == SUMMARY_KEYS, task
     live = everything["tasks"][0]
     assert (live["status"], live["exitCode"], live["finishedAt"]) == ("running", None, None)
-    assert live["outputLength"] == len("gate %s\n" % gate.name)
+    assert live["outputLength"] == len(gate.line)
     del ended["output"], ended["outputOffset"]
     assert everything["tasks"][2] == ended
     assert by_env == [running, failed, first]
@@ -1956,7 +2018,7 @@ def test_health_says_ok_with_the_running_count_and_version(start_server, fake):
 
     idle = client.get("/health")
     task_id = client.create(unique("app"), "prod", "gate-" + gate.name)
-    client.wait_output(task_id, "gate %s\n" % gate.name)
+    client.wait_at_gate(task_id, gate)
     busy = client.get("/health")
     gate.release()
     client.wait_ended(task_id)
@@ -1999,7 +2061,7 @@ def test_metrics_follow_tasks_requests_long_polls_and_connections(start_server, 
                       what="one open connection")
     gate = fake.gate()
     task_id = client.create(unique("app"), "prod", "gate-%s.out-1" % gate.name)
-    now = client.wait_output(task_id, "gate %s\n" % gate.name)
+    now = client.wait_at_gate(task_id, gate)
 
     poll = client.connection()
     try:
@@ -2042,10 +2104,10 @@ def test_sigterm_lets_a_running_task_finish_while_reads_are_still_answered(start
     gate = fake.gate()
     app = unique("app")
     task_id = client.create(app, "prod", "out-1.gate-%s.out-2" % gate.name)
-    before = client.wait_output(task_id, "gate %s\n" % gate.name)
+    before = client.wait_at_gate(task_id, gate)
 
     server.proc.send_signal(signal.SIGTERM)
-    health = wait_until(lambda: health_once_stopping(client), what="/health to say stopping")
+    health = wait_until_stopping(client)
     read = client.get("/task/%d" % task_id)
     polled = client.get("/task/%d/state?version=0&offset=0" % task_id)
     refused = client.request("POST", "/%s/prod?action=deploy" % app)
@@ -2064,7 +2126,7 @@ def test_sigterm_lets_a_running_task_finish_while_reads_are_still_answered(start
     assert status == 0, server.console()
     assert (after["status"], after["exitCode"]) == ("finished", 0)
     assert after["output"] == "out 1\ngate %s\nout 1\nout 2\n" % gate.name
-    assert len([run for run in fake.invocations() if app in run["argv"]]) == 1
+    assert fake.actions_run_for(app) == ["out-1.gate-%s.out-2" % gate.name]
     server.assert_no_traceback()
 
 
@@ -2073,22 +2135,17 @@ def test_sigterm_kills_a_task_still_running_after_the_shutdown_timeout(start_ser
     db = tmp_path / "history.sqlite3"
     server = start_server("--db", db, "--shutdown-timeout", "0.5")
     client = server.client()
-    name = unique("tree")
-    task_id = client.create(unique("app"), unique("env"), "child-" + name)
-    client.wait_output(task_id, "child %s\n" % name)
-    pids = fake.pids(name)
+    task_id, child_line, pids = start_process_tree(client, fake)
 
-    started = time.monotonic()
-    status = server.stop(signal.SIGTERM)
-    took = time.monotonic() - started
-    gone = {role: is_gone(pid) for role, pid in pids.items()}
+    status, took = timed(lambda: server.stop(signal.SIGTERM))
+    gone = are_gone(pids)
     after = start_server("--db", db).client().task(task_id)
 
     assert status == 0, server.console()
     assert 0.45 <= took < 3
     assert gone == {"fake": True, "child": True}
     assert (after["status"], after["exitCode"]) == ("killed", None)
-    assert after["output"] == "child %s\n" % name
+    assert after["output"] == child_line
     server.assert_no_traceback()
 
 
@@ -2097,18 +2154,15 @@ def test_second_sigint_stops_at_once_even_a_task_that_ignores_sigterm(start_serv
     db = tmp_path / "history.sqlite3"
     server = start_server("--db", db, "--shutdown-timeout", "60", "--kill-grace", "0.5")
     client = server.client()
-    name = unique("stubborn")
-    task_id = client.create(unique("app"), unique("env"), "ignoreterm.child-" + name)
-    client.wait_output(task_id, "child %s\n" % name)
-    pids = fake.pids(name)
+    task_id, _, pids = start_process_tree(client, fake, "ignoreterm.")
 
     started = time.monotonic()
     server.proc.send_signal(signal.SIGINT)
-    wait_until(lambda: health_once_stopping(client), what="/health to say stopping")
+    wait_until_stopping(client)
     server.proc.send_signal(signal.SIGINT)
     status = server.wait_exit()
     took = time.monotonic() - started
-    gone = {role: is_gone(pid) for role, pid in pids.items()}
+    gone = are_gone(pids)
     after = start_server("--db", db).client().task(task_id)
 
     assert status == 0, server.console()
@@ -2161,11 +2215,8 @@ def test_command_line_error_is_one_line_and_a_nonzero_exit(tmp_path, fake, tls_f
         files["busy-port"] = busy.getsockname()[1]
         result = run_cli(tmp_path, fake, make_args(files))
 
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode > 0
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(CLI_ERROR_PREFIX), lines[0]
-    assert "Traceback" not in result.stdout + result.stderr
+    line = one_error_line(result)
+    assert line.startswith(CLI_ERROR_PREFIX), line
 
 
 # Access and limit flags that cannot work: (id, flags, what the one line must mention).
@@ -2194,13 +2245,10 @@ def test_access_or_limit_flags_that_cannot_work_are_a_one_line_error_naming_the_
         tmp_path, fake, args, mentions):
     result = run_cli(tmp_path, fake, args, env={PASSWORD_VARIABLE: ""})
 
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode > 0
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(CLI_ERROR_PREFIX), lines[0]
+    line = one_error_line(result)
+    assert line.startswith(CLI_ERROR_PREFIX), line
     for mention in mentions:
-        assert mention in lines[0], lines[0]
-    assert "Traceback" not in result.stdout + result.stderr
+        assert mention in line, line
     assert PASSWORD not in result.stdout + result.stderr
 
 
@@ -2230,12 +2278,9 @@ def test_unusable_db_is_a_one_line_error_naming_db_and_leaves_the_file_alone(tmp
 
     result = run_cli(tmp_path, fake, ["--db", path])
 
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode > 0
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(CLI_ERROR_PREFIX), lines[0]
-    assert "--db" in lines[0], lines[0]
-    assert "Traceback" not in result.stdout + result.stderr
+    line = one_error_line(result)
+    assert line.startswith(CLI_ERROR_PREFIX), line
+    assert "--db" in line, line
     if before is not None:
         assert path.read_bytes() == before
     if kind == "missing-folder":
@@ -2271,11 +2316,11 @@ def test_script_alone_makes_a_self_signed_certificate_once_and_reuses_it(start_s
 
     first = start_server(script=script, env={"XDG_STATE_HOME": str(state)})
     first_logged = logged_fingerprint(first.log())
-    first_served, _ = served_certificate(first.port, unverified_context())
+    first_served, _ = served_certificate(first, unverified_context())
     cert_text = cert.read_text()
     first.stop_cleanly()
     second = start_server(script=script, env={"XDG_STATE_HOME": str(state)})
-    second_served, _ = served_certificate(second.port, unverified_context())
+    second_served, _ = served_certificate(second, unverified_context())
 
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert first_logged == fingerprint_of(first_served) == pem_fingerprint(cert)
@@ -2292,11 +2337,8 @@ def test_script_alone_without_openssl_exits_with_a_hint(tmp_path, fake):
     result = run_cli(tmp_path, fake, [], script=script,
                      env={"XDG_STATE_HOME": str(tmp_path / "state"), "PATH": str(empty_bin)})
 
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode > 0
-    assert len(lines) == 1, result.stderr
-    assert "--ssl-cert" in lines[0] and "--no-ssl" in lines[0]
-    assert "Traceback" not in result.stdout + result.stderr
+    line = one_error_line(result)
+    assert "--ssl-cert" in line and "--no-ssl" in line, line
 
 
 def test_pfx_is_served_and_leaves_no_temporary_pem_behind(start_server, tmp_path, tls_files):
@@ -2306,7 +2348,7 @@ def test_pfx_is_served_and_leaves_no_temporary_pem_behind(start_server, tmp_path
     server = start_server("--ssl-pfx", tls_files["bundle.p12"],
                           "--ssl-passphrase", tls_files["pfx-pass.txt"], env={"TMPDIR": str(temp)})
     context = ssl.create_default_context(cafile=str(tls_files["cert.pem"]))
-    served, _ = served_certificate(server.port, context)
+    served, _ = served_certificate(server, context)
     left_while_running = sorted(str(p) for p in temp.rglob("*"))
     reply = server.client(context).get("/task/1")
     server.stop_cleanly()
@@ -2323,7 +2365,7 @@ def test_encrypted_key_is_read_with_its_passphrase_file(start_server, tls_files)
                           "--ssl-passphrase", tls_files["key-pass.txt"])
     context = ssl.create_default_context(cafile=str(tls_files["cert.pem"]))
 
-    served, _ = served_certificate(server.port, context)
+    served, _ = served_certificate(server, context)
 
     assert fingerprint_of(served) == pem_fingerprint(tls_files["cert.pem"])
     assert logged_fingerprint(server.log()) == fingerprint_of(served)
@@ -2410,7 +2452,7 @@ def test_second_task_for_a_busy_pair_is_409_naming_the_task_that_holds_it(api, s
     app, env = unique("app"), unique("env")
     first = api.request("POST", "/%s/%s?action=gate-%s" % (app, env, gate.name))
     holder = first.json["taskId"]
-    held = api.wait_output(holder, "gate %s\n" % gate.name)
+    held = api.wait_at_gate(holder, gate)
 
     busy = api.request("POST", "/%s/%s" % (app, env), body="action=out-2", content_type=FORM)
     other_env = api.create(app, unique("env"), "out-1")       # the app alone is not the lock
@@ -2423,7 +2465,7 @@ def test_second_task_for_a_busy_pair_is_409_naming_the_task_that_holds_it(api, s
     assert {key: busy.json[key] for key in ("taskId", "action", "startedBy", "startedAt")} == {
         "taskId": holder, "action": "gate-" + gate.name,
         "startedBy": "127.0.0.1:%d" % first.local_port, "startedAt": held["createdAt"]}
-    assert [run["argv"][-1] for run in shared_fake.invocations() if env in run["argv"]] == [
+    assert shared_fake.actions_run_for(env) == [
         "gate-" + gate.name]
 
 
@@ -2432,7 +2474,7 @@ def test_queue_true_waits_in_line_and_starts_once_the_pair_is_free(api, shared_f
     gate = shared_fake.gate()
     app, env = unique("app"), unique("env")
     holder = api.create(app, env, "gate-" + gate.name)
-    api.wait_output(holder, "gate %s\n" % gate.name)
+    api.wait_at_gate(holder, gate)
     path, body, content_type = "/%s/%s" % (app, env), None, None
     if how == "form":
         body, content_type = "action=out-1&queue=true", FORM
@@ -2445,11 +2487,10 @@ def test_queue_true_waits_in_line_and_starts_once_the_pair_is_free(api, shared_f
     queued_id = queued.json["taskId"]
     waiting = api.task(queued_id)
     listed = api.listed_ids("app=%s&status=queued" % app)
-    runs_while_waiting = [run["argv"][-1] for run in shared_fake.invocations()
-                          if env in run["argv"]]
+    runs_while_waiting = shared_fake.actions_run_for(env)
     gate.release()
     ended = api.wait_ended(queued_id)
-    runs = [run["argv"][-1] for run in shared_fake.invocations() if env in run["argv"]]
+    runs = shared_fake.actions_run_for(env)
 
     assert queued.status == 200, queued
     assert queued.json == {"taskId": queued_id, "status": "queued",
@@ -2468,13 +2509,13 @@ def test_two_queued_tasks_of_a_pair_start_one_after_the_other_in_order(start_ser
     holder_gate, first_gate = fake.gate(), fake.gate()
     app = unique("app")
     holder = client.create(app, "prod", "gate-" + holder_gate.name)
-    client.wait_output(holder, "gate %s\n" % holder_gate.name)
+    client.wait_at_gate(holder, holder_gate)
     first = client.queue(app, "prod", "gate-" + first_gate.name)
     second = client.queue(app, "prod", "out-1")
 
     holder_gate.release()
     # Starting a task takes milliseconds: 3 s is plenty, and a line that is stuck fails fast.
-    first_running = client.wait_output(first, "gate %s\n" % first_gate.name, timeout=3)
+    first_running = client.wait_at_gate(first, first_gate, timeout=3)
     second_meanwhile = client.task(second)
     first_gate.release()
     second_ended = client.wait_ended(second, timeout=3)
@@ -2492,7 +2533,7 @@ def test_killing_a_queued_task_takes_it_out_of_the_line_and_it_never_runs(api, s
     gate = shared_fake.gate()
     app, env = unique("app"), unique("env")
     holder = api.create(app, env, "gate-" + gate.name)
-    api.wait_output(holder, "gate %s\n" % gate.name)
+    api.wait_at_gate(holder, gate)
     queued = api.queue(app, env, "out-1")
 
     killed = api.kill(queued)
@@ -2510,7 +2551,7 @@ def test_killing_a_queued_task_takes_it_out_of_the_line_and_it_never_runs(api, s
     assert killed.json["output"].endswith("\n")
     assert read["status"] == "killed"
     assert after["status"] == "finished"
-    assert [run["argv"][-1] for run in shared_fake.invocations() if env in run["argv"]] == [
+    assert shared_fake.actions_run_for(env) == [
         "gate-" + gate.name, "out-2"]
 
 
@@ -2520,7 +2561,7 @@ def test_allow_concurrent_lets_two_tasks_of_one_pair_run_at_once(start_server, f
     app = unique("app")
 
     ids = [client.create(app, "prod", "gate-" + gate.name) for gate in gates]
-    both = [client.wait_output(task_id, "gate %s\n" % gate.name)
+    both = [client.wait_at_gate(task_id, gate)
             for task_id, gate in zip(ids, gates)]
     for gate in gates:
         gate.release()
@@ -2536,11 +2577,11 @@ def test_a_queued_task_is_dropped_when_the_server_stops_and_never_runs(start_ser
     gate = fake.gate()
     app = unique("app")
     holder = client.create(app, "prod", "gate-" + gate.name)
-    client.wait_output(holder, "gate %s\n" % gate.name)
+    client.wait_at_gate(holder, gate)
     queued = client.queue(app, "prod", "out-1")
 
     server.proc.send_signal(signal.SIGTERM)
-    wait_until(lambda: health_once_stopping(client), what="/health to say stopping")
+    wait_until_stopping(client)
     dropped = client.task(queued)
     holder_meanwhile = client.task(holder)
     gate.release()
@@ -2559,13 +2600,13 @@ def test_max_tasks_refuses_one_more_with_429_or_queues_it_until_a_slot_frees(sta
     gates = [fake.gate(), fake.gate()]
     running = [client.create(unique("app"), "prod", "gate-" + gate.name) for gate in gates]
     for task_id, gate in zip(running, gates):
-        client.wait_output(task_id, "gate %s\n" % gate.name)
+        client.wait_at_gate(task_id, gate)
     app = unique("app")
 
     refused = client.request("POST", "/%s/prod?action=out-1" % app)
     queued = client.request("POST", "/%s/prod?action=out-1&queue=true" % app)
     waiting = client.task(queued.json["taskId"])
-    runs_while_full = [run for run in fake.invocations() if app in run["argv"]]
+    runs_while_full = fake.actions_run_for(app)
     gates[0].release()
     ended = client.wait_ended(queued.json["taskId"])
     still_held = client.task(running[1])
@@ -2625,7 +2666,7 @@ def test_basic_login_is_required_on_every_route_but_health(start_server, fake, t
     alice = server.client(headers=basic_auth("alice", PASSWORD))
     gate = fake.gate()
     task_id = alice.create(unique("app"), "prod", "gate-" + gate.name)
-    alice.wait_output(task_id, "gate %s\n" % gate.name)
+    alice.wait_at_gate(task_id, gate)
     refused_app, allowed_app = unique("app"), unique("app")
     routes = [("POST", "/%s/prod?action=out-1" % refused_app), ("GET", "/task/%d" % task_id),
               ("GET", "/task/%d/state?version=0" % task_id), ("GET", "/task/%d/kill" % task_id),
@@ -2646,7 +2687,7 @@ def test_basic_login_is_required_on_every_route_but_health(start_server, fake, t
         assert_refused_login(reply, 401)
         assert_not_cached_and_not_sniffed(reply)
     assert untouched["status"] == "running"
-    assert [run for run in fake.invocations() if refused_app in run["argv"]] == []
+    assert fake.actions_run_for(refused_app) == []
     assert health.status == 200, health
     assert set(health.json) == {"status", "running", "version"}
     assert leaked_secrets(reply_text(health)) == []
@@ -2663,7 +2704,7 @@ def test_log_names_who_made_each_request_start_and_kill_but_never_the_password(
     app = unique("app")
     started = alice.request("POST", "/%s/prod?action=gate-%s" % (app, gate.name))
     task_id = started.json["taskId"]
-    running = alice.wait_output(task_id, "gate %s\n" % gate.name)
+    running = alice.wait_at_gate(task_id, gate)
 
     pulsar_environment = process_environment(running["pid"])
     killed = alice.kill(task_id)
@@ -2781,7 +2822,7 @@ def test_github_failing_answers_503_and_never_lets_a_request_through(start_serve
         assert "GitHub" in reply.json["error"], reply
         assert reply.headers["Retry-After"], reply.headers
         assert_not_cached_and_not_sniffed(reply)
-    assert [run for run in fake.invocations() if app in run["argv"]] == []
+    assert fake.actions_run_for(app) == []
     if recovered is not None:       # a failure is not remembered as a refusal
         assert recovered.status == 200, recovered
     assert leaked_secrets(server.log() + server.console()) == []
@@ -2848,7 +2889,7 @@ def test_cross_site_requests_may_not_start_or_kill_tasks_but_may_read_them(api, 
     gate = shared_fake.gate()
     app = unique("app")
     holder = api.create(app, unique("env"), "gate-" + gate.name)
-    api.wait_output(holder, "gate %s\n" % gate.name)
+    api.wait_at_gate(holder, gate)
     own = "https://127.0.0.1:%d" % shared_server.port       # http.client's Host is 127.0.0.1:PORT
     cross_site = {"Sec-Fetch-Site": "cross-site"}
     evil = {"Origin": "https://evil.example"}
@@ -2871,7 +2912,7 @@ def test_cross_site_requests_may_not_start_or_kill_tasks_but_may_read_them(api, 
 
     for reply in refused:
         assert_json_error(reply, 403)
-    assert [run for run in shared_fake.invocations() if refused_env in run["argv"]] == []
+    assert shared_fake.actions_run_for(refused_env) == []
     assert (read.status, read.json["status"]) == (200, "running"), read
     assert (polled.status, polled.json["task"]["status"]) == (200, "running"), polled
     assert started.status == 200, started
@@ -2921,7 +2962,7 @@ def test_connections_over_max_connections_get_503_and_a_flood_does_not_lock_out_
             held.append(conn)
         busy, closed = unasked_reply(server)
         for _ in range(50):     # silent connections: no TLS hello, ever
-            flood.append(socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT))
+            flood.append(tcp_connection(server))
         wait_until(lambda: refused_connections(held[0]) == 51,
                    what="the 5th connection and the flood to be refused")
         refusal_notes = log_lines(server, r"connections open, the most allowed")
@@ -3069,8 +3110,8 @@ def test_output_is_plain_text_from_an_offset_with_its_size_more_data_and_status_
         api, shared_fake):
     gate = shared_fake.gate()
     task_id = api.create(unique("app"), unique("env"), "unicode.gate-%s.out-1" % gate.name)
-    running = UNICODE_LINE + "gate %s\n" % gate.name
-    api.wait_output(task_id, "gate %s\n" % gate.name)
+    running = UNICODE_LINE + gate.line
+    api.wait_at_gate(task_id, gate)
 
     whole = api.get("/task/%d/output" % task_id)
     from_offset = api.get("/task/%d/output?offset=3" % task_id)     # characters, not bytes
@@ -3089,7 +3130,7 @@ def test_output_wait_returns_once_new_output_arrives_and_at_once_for_an_ended_ta
         api, shared_fake, ended_task):
     gate = shared_fake.gate()
     task_id = api.create(unique("app"), unique("env"), "out-1.gate-%s.out-2" % gate.name)
-    now = api.wait_output(task_id, "gate %s\n" % gate.name)
+    now = api.wait_at_gate(task_id, gate)
     length = now["outputLength"]
 
     conn = api.connection()
@@ -3103,9 +3144,7 @@ def test_output_wait_returns_once_new_output_arrives_and_at_once_for_an_ended_ta
     finally:
         conn.close()
     api.wait_ended(task_id)
-    started = time.monotonic()
-    ended = api.get("/task/%d/output?offset=18&wait=1" % ended_task)
-    took = time.monotonic() - started
+    ended, took = timed(lambda: api.get("/task/%d/output?offset=18&wait=1" % ended_task))
 
     assert waiting[WAITERS] == 1
     assert arrived.status == 200, arrived
@@ -3174,21 +3213,6 @@ def test_stream_ends_with_the_exit_code_of_a_failed_task_on_a_line_of_its_own_fr
     assert failed_stream.body.decode() == "out 1\n" + end_line(failed, "failed", 3)
     assert partial_stream.body.decode() == "out 1\nno newline\n" + end_line(partial, "finished", 0)
     assert from_offset.body.decode() == "out 2\nout 3\n" + end_line(ended_task, "finished", 0)
-
-
-def raw_get(server, path, headers=()):
-    """Every byte the server sends for GET path on a connection it is asked to close; for
-    replies whose framing itself is under test."""
-    request = ["GET %s HTTP/1.1" % path, "Host: 127.0.0.1", "Connection: close"] + list(headers)
-    received = b""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as raw:
-        with server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            tls.sendall(("\r\n".join(request) + "\r\n\r\n").encode("latin-1"))
-            while True:
-                data = tls.recv(65536)
-                if not data:
-                    return received
-                received += data
 
 
 @pytest.mark.parametrize("accept", ["text", "events"])
@@ -3274,18 +3298,17 @@ def test_event_stream_sends_status_output_and_end_and_resumes_from_last_event_id
 def test_client_that_leaves_mid_stream_costs_nothing_afterwards(api, shared_server, shared_fake):
     gate = shared_fake.gate()
     task_id = api.create(unique("app"), unique("env"), "out-1.gate-%s.out-1" % gate.name)
-    api.wait_output(task_id, "gate %s\n" % gate.name)
+    api.wait_at_gate(task_id, gate)
     log_start = len(shared_server.log())
 
-    with socket.create_connection(("127.0.0.1", shared_server.port), timeout=TIMEOUT) as raw:
-        with shared_server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            port = tls.getsockname()[1]
-            tls.sendall(b"GET /task/%d/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % task_id)
-            received = b""
-            while b"out 1\n" not in received:
-                data = tls.recv(65536)
-                assert data, received
-                received += data
+    with tls_connection(shared_server) as tls:
+        port = tls.getsockname()[1]
+        tls.sendall(b"GET /task/%d/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % task_id)
+        received = b""
+        while b"out 1\n" not in received:
+            data = tls.recv(65536)
+            assert data, received
+            received += data
     settled = wait_until(lambda: metrics_when(api, lambda m: m[CONNECTIONS] == 1
                                               and m[WAITERS] == 0),
                          timeout=5, what="the stream's connection to be closed and forgotten")
@@ -3314,7 +3337,7 @@ def send_waiting_create(api, app, gate, action):
     conn = api.connection()
     conn.request("POST", "/%s/prod?action=%s&wait=true" % (app, action))
     task_id = wait_until(lambda: created_task_of(api, app), what="the task to be created")
-    api.wait_output(task_id, "gate %s\n" % gate.name)
+    api.wait_at_gate(task_id, gate)
     return conn, task_id
 
 
@@ -3363,7 +3386,7 @@ def test_client_leaving_while_waiting_for_its_task_leaves_the_task_running_to_it
     assert len(noticed) == 1 and "dropped" in noticed[0], noticed
     assert running["status"] == "running"
     assert (ended["status"], ended["output"]) == ("finished", "gate %s\nout 1\n" % gate.name)
-    assert len([run for run in shared_fake.invocations() if app in run["argv"]]) == 1
+    assert shared_fake.actions_run_for(app) == ["gate-%s.out-1" % gate.name]
 
 
 def test_rerun_starts_a_new_task_with_the_same_app_env_and_action(api, shared_server,
@@ -3382,8 +3405,7 @@ def test_rerun_starts_a_new_task_with_the_same_app_env_and_action(api, shared_se
                                                                   reply.json["taskId"])
     assert (rerun["app"], rerun["env"], rerun["action"]) == (app, env, "out-1")
     assert (rerun["status"], rerun["output"]) == ("finished", "out 1\n")
-    assert [run["argv"][1:] for run in shared_fake.invocations() if app in run["argv"]] == [
-        [app, env, "out-1"]] * 2
+    assert [run["argv"][1:] for run in shared_fake.runs_for(app)] == [[app, env, "out-1"]] * 2
 
 
 def test_rerun_is_refused_while_the_pair_is_busy_and_waits_in_line_with_queue_true(
@@ -3391,14 +3413,14 @@ def test_rerun_is_refused_while_the_pair_is_busy_and_waits_in_line_with_queue_tr
     gate = shared_fake.gate()
     app, env = unique("app"), unique("env")
     holder = api.create(app, env, "gate-%s.out-1" % gate.name)
-    api.wait_output(holder, "gate %s\n" % gate.name)
+    api.wait_at_gate(holder, gate)
 
     busy = api.request("POST", "/task/%d/rerun" % holder)
     queued = api.request("POST", "/task/%d/rerun?queue=true" % holder)
     gate.release()
     api.wait_ended(holder)
     rerun = queued.json["taskId"]
-    api.wait_output(rerun, "gate %s\n" % gate.name)     # it runs, and waits at the same gate
+    api.wait_at_gate(rerun, gate)     # it runs, and waits at the same gate
     gate.release()
     ended = api.wait_ended(rerun)
 
@@ -3407,7 +3429,7 @@ def test_rerun_is_refused_while_the_pair_is_busy_and_waits_in_line_with_queue_tr
     assert queued.status == 200, queued
     assert queued.json["status"] == "queued"
     assert (ended["status"], ended["action"]) == ("finished", "gate-%s.out-1" % gate.name)
-    assert len([run for run in shared_fake.invocations() if app in run["argv"]]) == 2
+    assert shared_fake.actions_run_for(app) == ["gate-%s.out-1" % gate.name] * 2
 
 
 def test_rerun_of_an_unknown_task_is_404_by_get_405_and_cross_site_403(api, shared_fake,
@@ -3423,7 +3445,7 @@ def test_rerun_of_an_unknown_task_is_404_by_get_405_and_cross_site_403(api, shar
     assert_json_error(by_get, 405)
     assert by_get.headers["Allow"] == "POST"
     assert_json_error(cross_site, 403)
-    assert len([run for run in shared_fake.invocations() if app in run["argv"]]) == 1
+    assert shared_fake.actions_run_for(app) == ["out-3"]      # the ended task's run alone
 
 
 def test_task_list_with_version_answers_at_once_if_behind_else_on_a_change_or_the_timeout(
@@ -3433,9 +3455,7 @@ def test_task_list_with_version_answers_at_once_if_behind_else_on_a_change_or_th
     app = unique("app")
     version = client.listing()["version"]
 
-    started = time.monotonic()
-    behind = client.listing("version=%d" % (version + 1000))
-    behind_took = time.monotonic() - started
+    behind, behind_took = timed(lambda: client.listing("version=%d" % (version + 1000)))
     conn = client.connection()
     try:
         conn.request("GET", "/tasks?version=%d" % version)
@@ -3446,9 +3466,7 @@ def test_task_list_with_version_answers_at_once_if_behind_else_on_a_change_or_th
         changed = json.loads(conn.getresponse().read().decode())
     finally:
         conn.close()
-    started = time.monotonic()
-    unchanged = client.listing("version=%d" % changed["version"])
-    unchanged_took = time.monotonic() - started
+    unchanged, unchanged_took = timed(lambda: client.listing("version=%d" % changed["version"]))
 
     assert behind["version"] == version and behind_took < 0.5
     assert created["version"] > version
@@ -3465,9 +3483,7 @@ def test_task_list_long_poll_refuses_a_bad_limit_at_once_not_after_the_poll_time
     client = start_server("--poll-timeout", "1").client()
     version = client.listing()["version"]
 
-    started = time.monotonic()
-    reply = client.get("/tasks?version=%d&limit=0" % version)
-    took = time.monotonic() - started
+    reply, took = timed(lambda: client.get("/tasks?version=%d&limit=0" % version))
 
     assert_json_error(reply, 400)
     assert took < 0.5, "a bad request was refused only after the poll timeout (%.1f s)" % took
@@ -3697,8 +3713,8 @@ def test_output_with_a_nul_character_reads_back_from_every_offset_live_and_after
     client = first.client()
     gate = fake.gate()
     task_id = client.create(unique("app"), "prod", "nul.gate-%s.out-1" % gate.name)
-    live = "a\0bcdef\ngate %s\n" % gate.name
-    client.wait_output(task_id, "gate %s\n" % gate.name)
+    live = "a\0bcdef\n" + gate.line
+    client.wait_at_gate(task_id, gate)
     # Two chunks in the history: the one with the NUL, written while the task waits, and the rest.
     wait_until(lambda: stored_output_length(db, task_id) == len(live),
                what="the output so far to reach the history file")
@@ -3734,7 +3750,7 @@ def test_actions_that_resolve_to_shell_or_invoke_are_refused_but_a_namespaced_sh
 
     refused = [api.request("POST", "/%s/%s?action=%s" % (unique("app"), env, action))
                for action in REFUSED_ALIASES]
-    refused_runs = [run for run in shared_fake.invocations() if env in run["argv"]]
+    refused_runs = shared_fake.actions_run_for(env)
     app = unique("app")
     namespaced = api.request("POST", "/%s/prod?action=deploy:shell" % app)
     task = api.wait_ended(namespaced.json["taskId"]) if namespaced.status == 200 else None
@@ -3756,7 +3772,7 @@ def test_percent_encoded_task_path_is_the_task_route_and_never_an_app_named_task
 
     assert_json_error(reply, 405)
     assert reply.headers["Allow"] == "GET"
-    assert [run for run in shared_fake.invocations() if action in run["argv"]] == []
+    assert shared_fake.actions_run_for(action) == []
 
 
 def test_sighup_is_logged_as_ignored_and_the_server_goes_on_serving(start_server):
@@ -3774,11 +3790,10 @@ def test_sighup_is_logged_as_ignored_and_the_server_goes_on_serving(start_server
 def test_client_silent_after_the_tls_handshake_is_dropped_after_the_request_timeout(start_server):
     server = start_server("--request-timeout", "1")
 
-    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as raw:
-        with server.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            handshaken = time.monotonic()
-            closed = closed_by_peer(tls, timeout=5)
-            dropped_after = time.monotonic() - handshaken
+    with tls_connection(server) as tls:
+        handshaken = time.monotonic()
+        closed = closed_by_peer(tls, timeout=5)
+        dropped_after = time.monotonic() - handshaken
 
     assert closed, "the server never dropped a client that sent nothing after the handshake"
     assert 0.8 <= dropped_after < 3, dropped_after
@@ -3802,7 +3817,7 @@ def test_state_changes_from_another_page_of_the_same_site_or_a_bad_origin_are_re
         api, shared_server, shared_fake):
     gate = shared_fake.gate()
     holder = api.create(unique("app"), unique("env"), "gate-" + gate.name)
-    api.wait_output(holder, "gate %s\n" % gate.name)
+    api.wait_at_gate(holder, gate)
     own = "https://127.0.0.1:%d" % shared_server.port
     app, env = unique("app"), unique("env")
 
@@ -3821,7 +3836,7 @@ def test_state_changes_from_another_page_of_the_same_site_or_a_bad_origin_are_re
 
     for reply in refused:
         assert_json_error(reply, 403)
-    assert [run for run in shared_fake.invocations() if env in run["argv"]] == []
+    assert shared_fake.actions_run_for(env) == []
     assert typed.status == 200, typed
     assert (from_page.status, from_page.json["status"]) == (200, "killed"), from_page
     assert "Traceback" not in shared_server.log()
@@ -3876,13 +3891,8 @@ def test_github_redirect_or_garbage_is_503_and_the_token_goes_nowhere_else(start
 def test_rerun_refuses_an_action_that_a_create_would_refuse(start_server, fake, tmp_path):
     db = tmp_path / "history.sqlite3"
     start_server("--db", db).stop_cleanly()
-    with contextlib.closing(sqlite3.connect(str(db))) as conn:
-        with conn:      # as a server before the fix for `rake:shell` could have recorded it
-            old = conn.execute(
-                "INSERT INTO tasks (app, env, action, status, exit_code, pid, process_start, "
-                "created_at, finished_at, started_by, version, output_length) "
-                "VALUES ('shop', 'prod', 'rake:shell', 'finished', 0, NULL, NULL, ?, ?, "
-                "'127.0.0.1:40000', 2, 0)", (time.time(), time.time())).lastrowid
+    # As a server before the fix for `rake:shell` could have recorded it.
+    old = insert_task(db, "shop", "rake:shell", "finished", exit_code=0, finished=True, version=2)
     server = start_server("--db", db, "--allow-action", "rake:*")
 
     reply = server.client().request("POST", "/task/%d/rerun" % old)
