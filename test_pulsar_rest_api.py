@@ -103,6 +103,21 @@ GITHUB_MEMBERS = {("acme", "alice"), ("acme", "deploy-bot")}
 SECRETS = (PASSWORD, ALICE_TOKEN, BOB_TOKEN, CAROL_TOKEN, UNKNOWN_TOKEN, SERVER_TOKEN)
 NO_PROXY = {"no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}     # the fake GitHub is local
 
+TEXT = "text/plain; charset=utf-8"
+EVENTS = {"Accept": "text/event-stream"}
+
+# Metrics read by the tests, as /metrics names them.
+TASKS_STARTED = "pulsar_rest_api_tasks_started_total"
+TASKS_FINISHED = 'pulsar_rest_api_tasks_finished_total{status="finished"}'
+TASKS_FAILED = 'pulsar_rest_api_tasks_finished_total{status="failed"}'
+TASKS_RUNNING = "pulsar_rest_api_tasks_running"
+DURATION_ALL = 'pulsar_rest_api_task_duration_seconds_bucket{le="+Inf"}'
+DURATION_COUNT = "pulsar_rest_api_task_duration_seconds_count"
+REQUESTS_200 = 'pulsar_rest_api_http_requests_total{code="200"}'
+REQUESTS_404 = 'pulsar_rest_api_http_requests_total{code="404"}'
+WAITERS = "pulsar_rest_api_long_poll_waiters"
+CONNECTIONS = "pulsar_rest_api_open_connections"
+
 
 # --- Small helpers ----------------------------------------------------------------------------
 
@@ -393,6 +408,19 @@ class Gate:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+ProcessTree = collections.namedtuple("ProcessTree", "task_id line pids")
+
+
+def start_process_tree(client, fake, steps="", env=None):
+    """A task whose fake pulsar runs steps, then starts a grandchild and waits for it: a
+    ProcessTree of the task id, the line the fake printed once both ran, and {role: pid}."""
+    name = unique("tree")
+    task_id = client.create(unique("app"), env or unique("env"), steps + "child-" + name)
+    line = "child %s\n" % name
+    client.wait_output(task_id, line)
+    return ProcessTree(task_id, line, fake.pids(name))
 
 
 # --- The fake GitHub API ----------------------------------------------------------------------
@@ -745,6 +773,141 @@ class Client:
         return self.wait_output(task_id, gate.line, timeout)
 
 
+def served(client, path="/health"):
+    """The reply if the server answers 200 now, else None (refused or dropped): a predicate."""
+    try:
+        reply = client.get(path)
+    except (OSError, http.client.HTTPException):
+        return None
+    return reply if reply.status == 200 else None
+
+
+def metrics_when(client, condition):
+    """The metrics if condition(metrics) holds, else None: a predicate for wait_until."""
+    values = client.metrics()
+    return values if condition(values) else None
+
+
+def created_task_of(client, app):
+    """The id of the one task of app, once it is listed: a predicate for wait_until."""
+    ids = client.listed_ids("app=" + app)
+    return ids[0] if ids else None
+
+
+def send_waiting_create(api, app, gate, action):
+    """Send POST /APP/prod?action=...&wait=true on a connection of its own and wait until its
+    task has reached the gate; (connection, task id), the reply still to come."""
+    conn = api.connection()
+    conn.request("POST", "/%s/prod?action=%s&wait=true" % (app, action))
+    task_id = wait_until(lambda: created_task_of(api, app), what="the task to be created")
+    api.wait_at_gate(task_id, gate)
+    return conn, task_id
+
+
+def send_refused(client, case, app, env):
+    """Send the request of a case of REFUSED (in the tests of refused requests), with app and
+    env in place of APP and ENV; the reply."""
+    _, _, path, content_type, body, options = case
+    path = path.replace("APP", app).replace("ENV", env)
+    return client.request("POST", path, body=body, content_type=content_type, **options)
+
+
+def wait_until_stopping(client):
+    """The 503 reply of /health once the server says it is stopping."""
+    def stopping():
+        reply = client.get("/health")
+        return reply if reply.status == 503 else None
+    return wait_until(stopping, what="/health to say stopping")
+
+
+def log_lines(server, pattern, since=0):
+    """Lines of the server's log (from character `since` on) in which the regular expression
+    pattern is found.  A long-lived server reuses client ports: pass the log's length at the
+    start of a test to see only that test's lines."""
+    return [line for line in server.log()[since:].splitlines() if re.search(pattern, line)]
+
+
+def logged_version(server):
+    match = VERSION_LINE.search(server.log())
+    assert match, server.log()
+    return match.group(1)
+
+
+def stored_output_length(db, task_id):
+    """The output_length the server has written to its SQLite file for a task (read-only)."""
+    uri = "file:%s?mode=ro" % urllib.parse.quote(str(db))
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+        row = conn.execute("SELECT output_length FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    return None if row is None else row[0]
+
+
+def insert_task(db, app, action, status, exit_code=None, finished=False, version=1):
+    """Write a task of app and env prod into the history file of a stopped server, as a crashed
+    or older server could have left it; its id."""
+    now = time.time()
+    with contextlib.closing(sqlite3.connect(str(db))) as conn:
+        with conn:
+            return conn.execute(
+                "INSERT INTO tasks (app, env, action, status, exit_code, pid, process_start, "
+                "created_at, finished_at, started_by, version, output_length) "
+                "VALUES (?, 'prod', ?, ?, ?, NULL, NULL, ?, ?, '127.0.0.1:40000', ?, 0)",
+                (app, action, status, exit_code, now, now if finished else None,
+                 version)).lastrowid
+
+
+def run_cli(tmp_path, fake, args, env=None, script=SCRIPT):
+    """Run the server's command line expected to end by itself; return the CompletedProcess."""
+    command = [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
+               "--pulsar-bin", str(fake.path), "--log-dir", str(tmp_path / "cli-log"),
+               "--db", str(tmp_path / "cli.sqlite3")]
+    full_env = dict(os.environ, FAKE_DIR=str(fake.dir))
+    full_env.update(env or {})
+    try:
+        return subprocess.run(command + [str(arg) for arg in args], cwd=str(tmp_path),
+                              env=full_env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=5)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("%s did not exit within 5 s (did it start serving?)" % (args,))
+
+
+def one_error_line(result):
+    """The one line a command line that cannot work prints, which must exit non-zero without a
+    traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode > 0, (result.returncode, result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    return lines[0]
+
+
+def make_bad_db(tmp_path, kind):
+    """A --db path the server cannot use, of the given kind."""
+    if kind == "missing-folder":
+        return tmp_path / "no-such-folder" / "tasks.sqlite3"
+    if kind == "directory":
+        path = tmp_path / "a-directory"
+        path.mkdir()
+        return path
+    path = tmp_path / "tasks.sqlite3"
+    if kind == "garbage-file":
+        path.write_bytes(b"this is not an SQLite database \xff\xfe\x00\n" * 100)
+    elif kind == "newer-schema":       # as a later version of the server would leave it
+        with contextlib.closing(sqlite3.connect(str(path))) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA user_version = 99")
+    return path
+
+
+def copy_script_alone(tmp_path):
+    """A copy of the server script in a folder of its own, without ssl/ beside it; its path."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(str(SCRIPT), str(alone / SCRIPT.name))
+    return alone / SCRIPT.name
+
+
+# --- Raw TLS exchanges ------------------------------------------------------------------------
+
 def tcp_connection(server, timeout=TIMEOUT):
     """A plain TCP socket connected to the server's port (no TLS handshake is started)."""
     return socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
@@ -797,6 +960,12 @@ def raw_get(server, path, headers=()):
     return exchange_until_closed(server, ("\r\n".join(request) + "\r\n\r\n").encode("latin-1"))
 
 
+def request_with_header_lines(lines):
+    """GET /health with exactly these header lines (Host and Connection: close included)."""
+    head = ["GET /health HTTP/1.1", "Host: 127.0.0.1", "Connection: close"] + lines
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+
+
 def unasked_reply(server, timeout=TIMEOUT):
     """Connect over TLS, send nothing, and parse the one response the server sends anyway;
     (the reply, whether the server then closed the connection)."""
@@ -829,22 +998,88 @@ def unverified_context():
     return context
 
 
+def refused_connections(conn):
+    """pulsar_rest_api_refused_connections_total, asked on a connection already let in."""
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    text = response.read().decode()
+    return int(re.search(r"^pulsar_rest_api_refused_connections_total (\d+)$", text, re.M).group(1))
+
+
+# --- Following a task live: plain text, streams, events ---------------------------------------
+
+def end_line(task_id, status, exit_code):
+    """The last line of a plain-text stream, saying how the task ended."""
+    return "[pulsar-rest-api: task %d %s, exit code %s]\n" % (task_id, status, exit_code)
+
+
+def open_stream(client, path, headers=None):
+    """(connection, response) of a GET whose headers have arrived and whose body is left to read
+    as it comes; the caller closes the connection."""
+    conn = client.connection()
+    try:
+        conn.request("GET", path, headers=dict(client.headers, **(headers or {})))
+        return conn, conn.getresponse()
+    except BaseException:
+        conn.close()
+        raise
+
+
+def read_event(response):
+    """The next Server-Sent Event as {field: value} (comment lines skipped); {} once the stream
+    has ended."""
+    fields = {}
+    while True:
+        line = response.readline()
+        if not line:
+            return fields
+        line = line.decode("utf-8").rstrip("\n")
+        if not line:
+            if fields:
+                return fields
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        fields[name] = fields[name] + "\n" + value if name in fields else value
+
+
+def read_events_until(response, done):
+    """Events up to and including the first for which done(events so far) holds."""
+    events = []
+    while not events or not done(events):
+        event = read_event(response)
+        assert event, "the stream ended after %r" % events
+        events.append(event)
+    return events
+
+
+def output_texts(events):
+    return "".join(json.loads(event["data"])["text"] for event in events
+                   if event.get("event") == "output")
+
+
+def assert_text_reply(reply, text, size, status):
+    """A text/plain reply of GET /task/N/output: the body and its three X- headers."""
+    assert reply.status == 200, reply
+    assert reply.headers["Content-Type"] == TEXT, reply.headers
+    assert reply.headers["Content-Length"] == str(len(reply.body))
+    assert reply.body.decode("utf-8") == text
+    assert reply.headers["X-Text-Size"] == str(size), reply.headers
+    assert reply.headers["X-More-Data"] == ("false" if status not in LIVE else "true")
+    assert reply.headers["X-Task-Status"] == status
+    assert_not_cached_and_not_sniffed(reply)
+
+
+# --- Answers, credentials and secrets ---------------------------------------------------------
+
 def assert_json_error(reply, status):
     assert reply.status == status, reply
     body = reply.json
     assert list(body) == ["error"], body
     assert isinstance(body["error"], str) and body["error"], body
     assert "Traceback" not in body["error"], body
-
-
-def basic_auth(user, password):
-    """The Authorization header of HTTP Basic, as curl -u USER:PASSWORD sends it."""
-    pair = ("%s:%s" % (user, password)).encode("utf-8")
-    return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
-
-
-def bearer_auth(token):
-    return {"Authorization": "Bearer " + token}
 
 
 def assert_refused_login(reply, status=401):
@@ -857,6 +1092,34 @@ def assert_refused_login(reply, status=401):
 def assert_not_cached_and_not_sniffed(reply):
     assert reply.headers["Cache-Control"] == "no-store", (reply, reply.headers.items())
     assert reply.headers["X-Content-Type-Options"] == "nosniff", (reply, reply.headers.items())
+
+
+def basic_auth(user, password):
+    """The Authorization header of HTTP Basic, as curl -u USER:PASSWORD sends it."""
+    pair = ("%s:%s" % (user, password)).encode("utf-8")
+    return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
+
+
+def bearer_auth(token):
+    return {"Authorization": "Bearer " + token}
+
+
+def basic_login(tmp_path, source):
+    """(flags, environment) for a server that lets alice in with PASSWORD, taken from `source`:
+    a file (ending in a newline, as echo writes it), the environment variable, or the flag."""
+    flags = ["--auth-provider", "basic", "--auth-username", "alice"]
+    if source == "file":
+        path = tmp_path / "password.txt"
+        path.write_text(PASSWORD + "\n")
+        return flags + ["--auth-password-file", path], {}
+    if source == "environment":
+        return flags, {PASSWORD_VARIABLE: PASSWORD}
+    return flags + ["--auth-password", PASSWORD], {}
+
+
+def start_github_server(start_server, github, *flags):
+    return start_server("--auth-provider", "github", "--github-api", github.url, *flags,
+                        env=NO_PROXY)
 
 
 def leaked_secrets(text):
@@ -876,13 +1139,131 @@ def process_environment(pid):
     return dict(entry.decode("utf-8", "replace").partition("=")[::2] for entry in entries if entry)
 
 
-def served(client, path="/health"):
-    """The reply if the server answers 200 now, else None (refused or dropped): a predicate."""
+# --- Headless Chromium ------------------------------------------------------------------------
+
+class Chromium:
+    """Headless Chromium driven with the DevTools protocol over a pipe (--remote-debugging-pipe):
+    it reads commands from its fd 3 and writes replies to its fd 4, each a JSON object ended by a
+    NUL byte.  Its environment carries a path of the test (`mark`), which every process it starts
+    inherits, so that they can all be found: by close(), and by the check for processes left
+    behind."""
+
+    FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--ignore-certificate-errors"]
+
+    def __init__(self, workdir):
+        workdir.mkdir()
+        self.mark = str(workdir) + os.sep
+        self.console_path = workdir / "console.txt"
+        commands_read, self._commands = os.pipe()
+        self._replies, replies_write = os.pipe()
+        # Its ends first go above 9, so that putting them on 3 and 4 cannot overwrite either.
+        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (commands_read, replies_write)]
+        os.close(commands_read)
+        os.close(replies_write)
+
+        def onto_3_and_4():
+            os.dup2(ends[0], 3)
+            os.dup2(ends[1], 4)
+
+        try:
+            with open(str(self.console_path), "wb") as console:
+                self.proc = subprocess.Popen(
+                    [shutil.which("chromium")] + self.FLAGS + [
+                        "--user-data-dir=%s" % (workdir / "profile"), "--remote-debugging-pipe",
+                        "about:blank"],
+                    env=dict(os.environ, PULSAR_TEST_MARK=self.mark),
+                    stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                    preexec_fn=onto_3_and_4, close_fds=False, start_new_session=True)
+        except BaseException:
+            os.close(self._commands)
+            os.close(self._replies)
+            raise
+        finally:
+            for fd in ends:
+                os.close(fd)
+        self._buffer = b""
+        self._last_id = 0
+
+    def console(self):
+        return self.console_path.read_text(errors="replace")
+
+    def call(self, method, params=None, session=None, timeout=TIMEOUT):
+        """Send a command and return its result; DevToolsError if it failed."""
+        self._last_id += 1
+        message = {"id": self._last_id, "method": method, "params": params or {}}
+        if session is not None:
+            message["sessionId"] = session
+        os.write(self._commands, json.dumps(message).encode("utf-8") + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._next_message(deadline, method)
+            if reply.get("id") == self._last_id:     # anything else is an event: not needed
+                if "error" in reply:
+                    raise DevToolsError("%s: %s" % (method, reply["error"]))
+                return reply.get("result", {})
+
+    def evaluate(self, session, expression):
+        """The value of a JavaScript expression in the page; DevToolsError if it threw."""
+        result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True},
+                           session)
+        if "exceptionDetails" in result:
+            raise DevToolsError("%s threw: %s" % (expression, result["exceptionDetails"]))
+        return result["result"].get("value")
+
+    def _next_message(self, deadline, method):
+        while b"\0" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self._replies], [], [], remaining)[0]:
+                raise AssertionError("Chromium did not answer %s in time:\n%s"
+                                     % (method, self.console()))
+            data = os.read(self._replies, 65536)
+            if not data:
+                raise AssertionError("Chromium closed its DevTools pipe:\n" + self.console())
+            self._buffer += data
+        message, _, self._buffer = self._buffer.partition(b"\0")
+        return json.loads(message.decode("utf-8"))
+
+    def close(self):
+        """Browser.close, then wait for Chromium and everything it started to exit (killing
+        them after a deadline); True if they all exited by themselves."""
+        try:
+            self.call("Browser.close", timeout=5)
+        except (AssertionError, DevToolsError, OSError):
+            pass            # it may exit before it answers
+        try:
+            self.proc.wait(timeout=TIMEOUT)
+            by_itself = True
+        except subprocess.TimeoutExpired:
+            by_itself = False
+        try:
+            wait_until(lambda: not processes_mentioning([self.mark], {os.getpid()}), timeout=5,
+                       what="Chromium's processes to exit")
+        except AssertionError:
+            by_itself = False
+        for pid in processes_mentioning([self.mark], {os.getpid()}):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.kill()        # nothing if it has exited already
+        self.proc.wait()
+        os.close(self._commands)
+        os.close(self._replies)
+        return by_itself
+
+
+class DevToolsError(Exception):
+    """A DevTools command that failed, or JavaScript that threw."""
+
+
+def page_ready(browser, session):
+    """True once the page has loaded with its script (False while it is still navigating)."""
     try:
-        reply = client.get(path)
-    except (OSError, http.client.HTTPException):
-        return None
-    return reply if reply.status == 200 else None
+        return browser.evaluate(session, "location.protocol === 'https:' && "
+                                         "document.readyState === 'complete' && "
+                                         "!!document.querySelector('#start-form')")
+    except DevToolsError:
+        return False        # between two documents there is no context to evaluate in
 
 
 # --- Fixtures ---------------------------------------------------------------------------------
@@ -999,74 +1380,6 @@ def tls_files(tmp_path_factory):
     return files
 
 
-def run_cli(tmp_path, fake, args, env=None, script=SCRIPT):
-    """Run the server's command line expected to end by itself; return the CompletedProcess."""
-    command = [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
-               "--pulsar-bin", str(fake.path), "--log-dir", str(tmp_path / "cli-log"),
-               "--db", str(tmp_path / "cli.sqlite3")]
-    full_env = dict(os.environ, FAKE_DIR=str(fake.dir))
-    full_env.update(env or {})
-    try:
-        return subprocess.run(command + [str(arg) for arg in args], cwd=str(tmp_path),
-                              env=full_env, stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=5)
-    except subprocess.TimeoutExpired:
-        raise AssertionError("%s did not exit within 5 s (did it start serving?)" % (args,))
-
-
-def one_error_line(result):
-    """The one line a command line that cannot work prints, which must exit non-zero without a
-    traceback."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode > 0, (result.returncode, result.stderr)
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
-    return lines[0]
-
-
-def insert_task(db, app, action, status, exit_code=None, finished=False, version=1):
-    """Write a task of app and env prod into the history file of a stopped server, as a crashed
-    or older server could have left it; its id."""
-    now = time.time()
-    with contextlib.closing(sqlite3.connect(str(db))) as conn:
-        with conn:
-            return conn.execute(
-                "INSERT INTO tasks (app, env, action, status, exit_code, pid, process_start, "
-                "created_at, finished_at, started_by, version, output_length) "
-                "VALUES (?, 'prod', ?, ?, ?, NULL, NULL, ?, ?, '127.0.0.1:40000', ?, 0)",
-                (app, action, status, exit_code, now, now if finished else None,
-                 version)).lastrowid
-
-
-def stored_output_length(db, task_id):
-    """The output_length the server has written to its SQLite file for a task (read-only)."""
-    uri = "file:%s?mode=ro" % urllib.parse.quote(str(db))
-    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
-        row = conn.execute("SELECT output_length FROM tasks WHERE id = ?", (task_id,)).fetchone()
-    return None if row is None else row[0]
-
-
-def wait_until_stopping(client):
-    """The 503 reply of /health once the server says it is stopping."""
-    def stopping():
-        reply = client.get("/health")
-        return reply if reply.status == 503 else None
-    return wait_until(stopping, what="/health to say stopping")
-
-
-def log_lines(server, pattern, since=0):
-    """Lines of the server's log (from character `since` on) in which the regular expression
-    pattern is found.  A long-lived server reuses client ports: pass the log's length at the
-    start of a test to see only that test's lines."""
-    return [line for line in server.log()[since:].splitlines() if re.search(pattern, line)]
-
-
-def logged_version(server):
-    match = VERSION_LINE.search(server.log())
-    assert match, server.log()
-    return match.group(1)
-
-
 # --- Creating tasks ---------------------------------------------------------------------------
 
 def test_create_returns_increasing_ids_status_and_url_built_from_host_header(api, shared_server,
@@ -1127,6 +1440,8 @@ def test_names_and_body_at_their_size_limits_are_accepted(api):
     api.wait_ended(largest.json["taskId"])
 
 
+# --- Refused requests -------------------------------------------------------------------------
+
 # Requests POST /APP/ENV refuses: (id, status, path, content type, body, extra request options).
 # APP and ENV in the path are replaced by fresh valid names.
 REFUSED = [
@@ -1177,12 +1492,6 @@ REFUSED = [
 ]
 
 
-def send_refused(client, case, app, env):
-    _, _, path, content_type, body, options = case
-    path = path.replace("APP", app).replace("ENV", env)
-    return client.request("POST", path, body=body, content_type=content_type, **options)
-
-
 @pytest.mark.parametrize("case", REFUSED, ids=[case[0] for case in REFUSED])
 def test_refused_create_answers_json_error_and_starts_nothing(api, shared_fake, case):
     env = unique("env")
@@ -1209,6 +1518,30 @@ def test_ids_start_at_one_and_refused_requests_neither_use_an_id_nor_start_pulsa
     assert [run["argv"][1:] for run in fake.invocations()] == [[app, env, "deploy"]] * 2
 
 
+REFUSED_ALIASES = ["shell:", "shell::", "invoke:", "rake:shell", "rake:rake:invoke", "SHELL:",
+                   "rake::Invoke"]
+
+
+def test_actions_that_resolve_to_shell_or_invoke_are_refused_but_a_namespaced_shell_runs(
+        api, shared_fake):
+    env = unique("env")
+
+    refused = [api.request("POST", "/%s/%s?action=%s" % (unique("app"), env, action))
+               for action in REFUSED_ALIASES]
+    refused_runs = shared_fake.actions_run_for(env)
+    app = unique("app")
+    namespaced = api.request("POST", "/%s/prod?action=deploy:shell" % app)
+    task = api.wait_ended(namespaced.json["taskId"]) if namespaced.status == 200 else None
+
+    for action, reply in zip(REFUSED_ALIASES, refused):
+        assert_json_error(reply, 400)
+        assert "refused" in reply.json["error"], (action, reply)
+    assert refused_runs == []
+    assert namespaced.status == 200, namespaced
+    assert (task["action"], task["status"]) == ("deploy:shell", "finished")
+    assert shared_fake.invocation_for(app)["argv"][1:] == [app, "prod", "deploy:shell"]
+
+
 def test_task_paths_are_never_a_create(api, shared_fake, ended_task):
     app, env = unique("app"), unique("env")
     before = api.create(app, env, "deploy")
@@ -1222,6 +1555,17 @@ def test_task_paths_are_never_a_create(api, shared_fake, ended_task):
     assert after == before + 1
     api.wait_ended(after)
     assert shared_fake.actions_run_for(env) == ["deploy", "deploy"]
+
+
+def test_percent_encoded_task_path_is_the_task_route_and_never_an_app_named_task(api,
+                                                                                 shared_fake):
+    action = unique("x")
+
+    reply = api.request("POST", "/%%74ask/prod?action=%s" % action)
+
+    assert_json_error(reply, 405)
+    assert reply.headers["Allow"] == "GET"
+    assert shared_fake.actions_run_for(action) == []
 
 
 # --- Routing and the shape of every response --------------------------------------------------
@@ -1480,20 +1824,41 @@ def test_invalid_utf8_bytes_become_replacement_characters(api):
     assert task["status"] == "finished"
 
 
+def test_output_with_a_nul_character_reads_back_from_every_offset_live_and_after_a_restart(
+        start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    first = start_server("--db", db)
+    client = first.client()
+    gate = fake.gate()
+    task_id = client.create(unique("app"), "prod", "nul.gate-%s.out-1" % gate.name)
+    live = "a\0bcdef\n" + gate.line
+    client.wait_at_gate(task_id, gate)
+    # Two chunks in the history: the one with the NUL, written while the task waits, and the rest.
+    wait_until(lambda: stored_output_length(db, task_id) == len(live),
+               what="the output so far to reach the history file")
+
+    def read_back(client, length):
+        return {offset: (client.get("/task/%d?offset=%d" % (task_id, offset)),
+                         client.get("/task/%d/output?offset=%d" % (task_id, offset)))
+                for offset in range(length + 1)}
+
+    while_live = read_back(client, len(live))
+    gate.release()
+    client.wait_ended(task_id)
+    whole = live + "out 1\n"
+    ended = read_back(client, len(whole))
+    first.stop_cleanly()
+    restarted = read_back(start_server("--db", db).client(), len(whole))
+
+    for text, replies in ((live, while_live), (whole, ended), (whole, restarted)):
+        for offset, (as_json, as_text) in replies.items():
+            assert as_json.status == 200 and as_text.status == 200, (offset, as_json, as_text)
+            assert as_json.json["output"] == text[offset:], offset
+            assert as_text.body.decode("utf-8") == text[offset:], offset
+            assert as_json.json["outputLength"] == len(text)
+
+
 # --- Killing ----------------------------------------------------------------------------------
-
-ProcessTree = collections.namedtuple("ProcessTree", "task_id line pids")
-
-
-def start_process_tree(client, fake, steps="", env=None):
-    """A task whose fake pulsar runs steps, then starts a grandchild and waits for it: a
-    ProcessTree of the task id, the line the fake printed once both ran, and {role: pid}."""
-    name = unique("tree")
-    task_id = client.create(unique("app"), env or unique("env"), steps + "child-" + name)
-    line = "child %s\n" % name
-    client.wait_output(task_id, line)
-    return ProcessTree(task_id, line, fake.pids(name))
-
 
 def test_kill_ends_the_whole_process_tree_and_a_second_kill_is_409(api, shared_fake):
     task_id, _, pids = start_process_tree(api, shared_fake)
@@ -1650,89 +2015,398 @@ def test_state_rejects_bad_version_offset_or_unknown_parameter(api, ended_task, 
     assert_json_error(api.get("/task/%d/state?%s" % (ended_task, query)), 400)
 
 
-# --- Connections, slow clients and TLS --------------------------------------------------------
+# --- Following live: plain-text output, streams, events ---------------------------------------
 
-def test_silent_client_does_not_delay_others_and_is_dropped_after_request_timeout(start_server):
-    server = start_server("--request-timeout", "1")
-    client = server.client()
+def test_output_is_plain_text_from_an_offset_with_its_size_more_data_and_status_in_headers(
+        api, shared_fake):
+    gate = shared_fake.gate()
+    task_id = api.create(unique("app"), unique("env"), "unicode.gate-%s.out-1" % gate.name)
+    running = UNICODE_LINE + gate.line
+    api.wait_at_gate(task_id, gate)
 
-    with tcp_connection(server) as silent:
-        connected = time.monotonic()
-        reply, other_took = timed(lambda: client.get("/task/1"))
-        closed = closed_by_peer(silent, timeout=5)
-        dropped_after = time.monotonic() - connected
+    whole = api.get("/task/%d/output" % task_id)
+    from_offset = api.get("/task/%d/output?offset=3" % task_id)     # characters, not bytes
+    at_end = api.get("/task/%d/output?offset=%d" % (task_id, len(running)))
+    gate.release()
+    api.wait_ended(task_id)
+    ended = api.get("/task/%d/output?offset=0" % task_id)
 
-    assert_json_error(reply, 404)
-    assert other_took < 0.5
-    assert closed, "the server never dropped a client that sent nothing"
-    assert 0.8 <= dropped_after < 3
-
-
-def test_trickled_request_does_not_delay_others_and_is_dropped_in_bounded_time(start_server):
-    server = start_server("--request-timeout", "1")
-    client = server.client()
-    request = (b"GET /task/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"p" * 150
-               + b"\r\n\r\n")
-
-    with tls_connection(server) as tls:
-        first_byte = time.monotonic()
-        sent, closed, other, other_took = 0, False, None, None
-        for byte in request:
-            try:
-                tls.sendall(bytes([byte]))
-            except (ConnectionError, ssl.SSLError):
-                closed = True
-                break
-            sent += 1
-            if sent == 5:
-                other, other_took = timed(lambda: client.get("/task/1"))
-            if closed_by_peer(tls, timeout=0.05):  # paces the trickle, 1 byte per 50 ms
-                closed = True
-                break
-        dropped_after = time.monotonic() - first_byte
-
-    assert closed and sent < len(request), "the server waited for the whole trickled request"
-    assert 0.8 <= dropped_after < 3
-    assert_json_error(other, 404)
-    assert other_took < 0.5
+    assert_text_reply(whole, running, len(running), "running")
+    assert_text_reply(from_offset, running[3:], len(running), "running")
+    assert_text_reply(at_end, "", len(running), "running")
+    assert_text_reply(ended, running + "out 1\n", len(running) + 6, "finished")
 
 
-def test_tls_is_version_1_2_or_newer_and_older_clients_are_refused(api, shared_server):
-    _, version = served_certificate(shared_server)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        old = ssl.create_default_context(cafile=str(DEV_CERT))
-        old.minimum_version = ssl.TLSVersion.TLSv1
-        old.maximum_version = ssl.TLSVersion.TLSv1_1
-        old.set_ciphers("DEFAULT:@SECLEVEL=0")  # so the client really offers TLS 1.1
+def test_output_wait_returns_once_new_output_arrives_and_at_once_for_an_ended_task(
+        api, shared_fake, ended_task):
+    gate = shared_fake.gate()
+    task_id = api.create(unique("app"), unique("env"), "out-1.gate-%s.out-2" % gate.name)
+    now = api.wait_at_gate(task_id, gate)
+    length = now["outputLength"]
 
-    with pytest.raises(ssl.SSLError) as refused:
-        served_certificate(shared_server, old)
+    conn = api.connection()
+    try:
+        conn.request("GET", "/task/%d/output?offset=%d&wait=1" % (task_id, length))
+        waiting = wait_until(lambda: metrics_when(api, lambda m: m[WAITERS] == 1),
+                             what="the output request to wait")
+        gate.release()
+        response = conn.getresponse()
+        arrived = Reply(response, response.read())
+    finally:
+        conn.close()
+    api.wait_ended(task_id)
+    ended, took = timed(lambda: api.get("/task/%d/output?offset=18&wait=1" % ended_task))
 
-    assert version in ("TLSv1.2", "TLSv1.3")
-    assert refused.value.reason not in ("NO_PROTOCOLS_AVAILABLE", "NO_CIPHERS_AVAILABLE")
-    assert_json_error(api.get("/task/99999"), 404)  # still serving
+    assert waiting[WAITERS] == 1
+    assert arrived.status == 200, arrived
+    assert arrived.body.decode("utf-8") in ("out 1\n", "out 1\nout 2\n")
+    assert int(arrived.headers["X-Text-Size"]) == length + len(arrived.body)
+    assert_text_reply(ended, "", 18, "finished")
+    assert took < 3     # the shared server's poll timeout is 30 s
 
 
-def test_logged_fingerprint_is_that_of_the_served_certificate(shared_server):
-    der, _ = served_certificate(shared_server)
+def test_output_tail_gives_the_last_lines_and_bad_or_conflicting_queries_are_refused(
+        api, ended_task):
+    last_two = api.get("/task/%d/output?tail=2" % ended_task)
+    more_than_all = api.get("/task/%d/output?tail=5" % ended_task)
+    refused = [api.get("/task/%d/output?%s" % (ended_task, query)) for query in (
+        "tail=2&offset=0", "tail=2&wait=1", "tail=0", "tail=-1", "offset=19", "offset=x",
+        "since=3")]
+    unknown = api.get("/task/99999/output")
 
-    assert logged_fingerprint(shared_server.log()) == fingerprint_of(der)
-    assert fingerprint_of(der) == pem_fingerprint(DEV_CERT)
+    assert_text_reply(last_two, "out 2\nout 3\n", 18, "finished")
+    assert_text_reply(more_than_all, "out 1\nout 2\nout 3\n", 18, "finished")
+    for reply in refused:
+        assert_json_error(reply, 400)
+    assert_json_error(unknown, 404)
 
 
-def test_port_probe_is_logged_as_one_line_without_traceback(start_server):
-    server = start_server()
-    lines_before = len(server.log().splitlines())
+def test_stream_sends_output_as_it_comes_in_one_chunked_reply_ending_with_how_the_task_ended(
+        api, shared_fake):
+    gate = shared_fake.gate()
+    task_id = api.create(unique("app"), unique("env"), "out-1.gate-%s.out-2" % gate.name)
 
-    tcp_connection(server).close()
-    wait_until(lambda: len(server.log().splitlines()) > lines_before, what="a log line")
-    new_lines = server.log().splitlines()[lines_before:]
-    still_serving = server.client().get("/task/1")
+    conn, response = open_stream(api, "/task/%d/stream" % task_id)
+    try:
+        first = response.readline()
+        seen = first
+        while b"gate " not in seen:     # the task now waits at its gate
+            line = response.readline()
+            assert line, "the stream ended early: %r" % seen
+            seen += line
+        running = api.task(task_id)["status"]
+        gate.release()
+        rest = response.read()
+    finally:
+        conn.close()
 
-    assert len(new_lines) == 1, new_lines
-    assert "Traceback" not in server.log()
-    assert_json_error(still_serving, 404)
+    assert response.status == 200
+    assert response.getheader("Content-Type") == TEXT
+    assert response.getheader("Transfer-Encoding") == "chunked"
+    assert response.getheader("Content-Length") is None
+    assert (first, running) == (b"out 1\n", "running")
+    assert (seen + rest).decode("utf-8") == "out 1\ngate %s\nout 1\nout 2\n%s" % (
+        gate.name, end_line(task_id, "finished", 0))
+
+
+def test_stream_ends_with_the_exit_code_of_a_failed_task_on_a_line_of_its_own_from_an_offset(
+        api, ended_task):
+    failed = api.create(unique("app"), unique("env"), "out-1.exit-3")
+    partial = api.create(unique("app"), unique("env"), "out-1.partial")
+    api.wait_ended(failed)
+    api.wait_ended(partial)
+
+    failed_stream = api.get("/task/%d/stream" % failed)
+    partial_stream = api.get("/task/%d/stream" % partial)
+    from_offset = api.get("/task/%d/stream?offset=6" % ended_task)
+
+    assert failed_stream.headers["Content-Type"] == TEXT
+    assert failed_stream.body.decode() == "out 1\n" + end_line(failed, "failed", 3)
+    assert partial_stream.body.decode() == "out 1\nno newline\n" + end_line(partial, "finished", 0)
+    assert from_offset.body.decode() == "out 2\nout 3\n" + end_line(ended_task, "finished", 0)
+
+
+@pytest.mark.parametrize("accept", ["text", "events"])
+def test_stream_of_an_unknown_task_or_from_past_the_end_is_one_json_error_not_a_stream(
+        shared_server, ended_task, accept):
+    headers = ["Accept: text/event-stream"] if accept == "events" else []
+
+    for path, status in (("/task/99999/stream", 404),
+                         ("/task/%d/stream?offset=19" % ended_task, 400)):
+        received = raw_get(shared_server, path, headers)
+        head, _, body = received.partition(b"\r\n\r\n")
+
+        assert head.startswith(b"HTTP/1.1 %d " % status), received
+        assert b"Transfer-Encoding" not in head, received
+        assert list(json.loads(body.decode("utf-8"))) == ["error"], received
+
+
+def test_stream_of_a_task_killed_while_followed_ends_with_exit_code_none(api):
+    task_id = api.create(unique("app"), unique("env"), "out-1.hang")
+
+    conn, response = open_stream(api, "/task/%d/stream" % task_id)
+    try:
+        first = response.readline()
+        killed = api.kill(task_id)
+        rest = response.read()
+    finally:
+        conn.close()
+
+    assert killed.status == 200, killed
+    assert first == b"out 1\n"
+    assert rest.decode("utf-8") == end_line(task_id, "killed", "none")
+
+
+def test_http_1_0_stream_comes_unchunked_and_ends_with_the_connection(api, shared_server,
+                                                                      ended_task):
+    received = exchange_until_closed(
+        shared_server, b"GET /task/%d/stream HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" % ended_task)
+    head, _, body = received.partition(b"\r\n\r\n")
+
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"transfer-encoding" not in head.lower()
+    assert body == (api.task(ended_task)["output"] + "[pulsar-rest-api: task %d finished, "
+                    "exit code 0]\n" % ended_task).encode()
+
+
+def test_event_stream_sends_status_output_and_end_and_resumes_from_last_event_id_exactly(
+        api, shared_fake):
+    gate = shared_fake.gate()
+    task_id = api.create(unique("app"), unique("env"), "unicode.out-1.gate-%s.out-2" % gate.name)
+    path = "/task/%d/stream" % task_id
+
+    conn, first = open_stream(api, path, EVENTS)
+    try:        # leave once the gate line has come, as a browser that loses its connection
+        before = read_events_until(first, lambda events: "gate " in output_texts(events))
+    finally:
+        conn.close()
+    last_id = [event["id"] for event in before if "id" in event][-1]
+    conn, second = open_stream(api, path, dict(EVENTS, **{"Last-Event-ID": last_id}))
+    try:
+        resumed = read_events_until(second, lambda events: len(events) == 2)
+        gate.release()
+        resumed += read_events_until(second, lambda events: events[-1].get("event") == "end")
+        after_end = read_event(second)
+    finally:
+        conn.close()
+    final = api.task(task_id)
+
+    for response in (first, second):
+        assert response.status == 200
+        assert response.getheader("Content-Type") == "text/event-stream; charset=utf-8"
+        assert response.getheader("Transfer-Encoding") == "chunked"
+    for events in (before, resumed):
+        assert events[0] == {"retry": "3000"}
+        assert events[1]["event"] == "status" and "id" not in events[1]
+        assert json.loads(events[1]["data"])["status"] == "running"
+    outputs = [event for event in before + resumed if event.get("event") == "output"]
+    offset = 0
+    for event in outputs:
+        data = json.loads(event["data"])
+        assert set(data) == {"offset", "text"}, data
+        assert data["offset"] == offset and data["text"], (event, offset)
+        offset += len(data["text"])
+        assert event["id"] == str(offset), event
+    assert json.loads(resumed[2]["data"])["offset"] == int(last_id)
+    assert output_texts(before) + output_texts(resumed) == final["output"]
+    assert final["output"] == UNICODE_LINE + "out 1\ngate %s\nout 1\nout 2\n" % gate.name
+    assert [event["event"] for event in resumed[-1:]] == ["end"]
+    end = json.loads(resumed[-1]["data"])
+    assert "output" not in end
+    del final["output"], final["outputOffset"], end["outputOffset"]
+    assert end == final and end["status"] == "finished"
+    assert after_end == {}
+
+
+def test_client_that_leaves_mid_stream_costs_nothing_afterwards(api, shared_server, shared_fake):
+    gate = shared_fake.gate()
+    task_id = api.create(unique("app"), unique("env"), "out-1.gate-%s.out-1" % gate.name)
+    api.wait_at_gate(task_id, gate)
+    log_start = len(shared_server.log())
+
+    with tls_connection(shared_server) as tls:
+        port = tls.getsockname()[1]
+        tls.sendall(b"GET /task/%d/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % task_id)
+        received = b""
+        while b"out 1\n" not in received:
+            data = tls.recv(65536)
+            assert data, received
+            received += data
+    settled = wait_until(lambda: metrics_when(api, lambda m: m[CONNECTIONS] == 1
+                                              and m[WAITERS] == 0),
+                         timeout=5, what="the stream's connection to be closed and forgotten")
+    about_it = log_lines(shared_server, r"127\.0\.0\.1:%d\b" % port, since=log_start)
+    gate.release()
+    ended = api.wait_ended(task_id)
+
+    assert received.startswith(b"HTTP/1.1 200 "), received
+    assert (settled[CONNECTIONS], settled[WAITERS]) == (1, 0)
+    assert len(about_it) == 1 and "dropped" in about_it[0], about_it
+    assert "Traceback" not in shared_server.log()
+    assert (ended["status"], ended["output"]) == ("finished", "out 1\ngate %s\nout 1\n" % gate.name)
+
+
+# --- Waiting for the end, running again, and the list's long poll -----------------------------
+
+def test_create_with_wait_true_answers_when_the_task_ends_with_the_whole_task(
+        api, shared_server, shared_fake):
+    gate = shared_fake.gate()
+    app = unique("app")
+    conn, task_id = send_waiting_create(api, app, gate, "out-1.gate-%s.out-2" % gate.name)
+    try:
+        answered_early = log_lines(shared_server, r" POST '/%s/prod" % app)    # logged once sent
+        gate.release()
+        response = conn.getresponse()
+        reply = Reply(response, response.read())
+    finally:
+        conn.close()
+    task = api.task(task_id)
+
+    assert not answered_early, "the reply came while the task still ran"
+    assert reply.status == 200, reply
+    assert set(reply.json) == {"taskId", "url", "status", "task"}, reply
+    assert reply.json["taskId"] == task_id
+    assert reply.json["url"] == "https://127.0.0.1:%d/task/%d" % (shared_server.port, task_id)
+    assert reply.json["status"] == "finished"
+    assert reply.json["task"] == task
+    assert set(task) == TASK_KEYS
+    assert task["output"] == "out 1\ngate %s\nout 1\nout 2\n" % gate.name
+
+
+def test_client_leaving_while_waiting_for_its_task_leaves_the_task_running_to_its_end(
+        api, shared_server, shared_fake):
+    gate = shared_fake.gate()
+    app = unique("app")
+    log_start = len(shared_server.log())
+    conn, task_id = send_waiting_create(api, app, gate, "gate-%s.out-1" % gate.name)
+    try:
+        port = conn.sock.getsockname()[1]
+    finally:
+        conn.close()
+    noticed = wait_until(lambda: log_lines(shared_server, r"INFO 127\.0\.0\.1:%d: " % port,
+                                           since=log_start),
+                         timeout=5, what="the server to notice the client left")
+    running = api.task(task_id)
+    gate.release()
+    ended = api.wait_ended(task_id)
+
+    assert len(noticed) == 1 and "dropped" in noticed[0], noticed
+    assert running["status"] == "running"
+    assert (ended["status"], ended["output"]) == ("finished", "gate %s\nout 1\n" % gate.name)
+    assert shared_fake.actions_run_for(app) == ["gate-%s.out-1" % gate.name]
+
+
+def test_rerun_starts_a_new_task_with_the_same_app_env_and_action(api, shared_server,
+                                                                   shared_fake):
+    app, env = unique("app"), unique("env")
+    first = api.create(app, env, "out-1")
+    api.wait_ended(first)
+
+    reply = api.request("POST", "/task/%d/rerun" % first)
+    rerun = api.wait_ended(reply.json["taskId"]) if reply.status == 200 else None
+
+    assert reply.status == 200, reply
+    assert set(reply.json) == {"taskId", "url", "status"}
+    assert reply.json["taskId"] > first
+    assert reply.json["url"] == "https://127.0.0.1:%d/task/%d" % (shared_server.port,
+                                                                  reply.json["taskId"])
+    assert (rerun["app"], rerun["env"], rerun["action"]) == (app, env, "out-1")
+    assert (rerun["status"], rerun["output"]) == ("finished", "out 1\n")
+    assert [run["argv"][1:] for run in shared_fake.runs_for(app)] == [[app, env, "out-1"]] * 2
+
+
+def test_rerun_is_refused_while_the_pair_is_busy_and_waits_in_line_with_queue_true(
+        api, shared_fake):
+    gate = shared_fake.gate()
+    app, env = unique("app"), unique("env")
+    holder = api.create(app, env, "gate-%s.out-1" % gate.name)
+    api.wait_at_gate(holder, gate)
+
+    busy = api.request("POST", "/task/%d/rerun" % holder)
+    queued = api.request("POST", "/task/%d/rerun?queue=true" % holder)
+    gate.release()
+    api.wait_ended(holder)
+    rerun = queued.json["taskId"]
+    api.wait_at_gate(rerun, gate)     # it runs, and waits at the same gate
+    gate.release()
+    ended = api.wait_ended(rerun)
+
+    assert busy.status == 409, busy
+    assert busy.json["taskId"] == holder
+    assert queued.status == 200, queued
+    assert queued.json["status"] == "queued"
+    assert (ended["status"], ended["action"]) == ("finished", "gate-%s.out-1" % gate.name)
+    assert shared_fake.actions_run_for(app) == ["gate-%s.out-1" % gate.name] * 2
+
+
+def test_rerun_of_an_unknown_task_is_404_by_get_405_and_cross_site_403(api, shared_fake,
+                                                                        ended_task):
+    app = api.task(ended_task)["app"]
+
+    unknown = api.request("POST", "/task/99999/rerun")
+    by_get = api.get("/task/%d/rerun" % ended_task)
+    cross_site = api.request("POST", "/task/%d/rerun" % ended_task,
+                             headers={"Sec-Fetch-Site": "cross-site"})
+
+    assert_json_error(unknown, 404)
+    assert_json_error(by_get, 405)
+    assert by_get.headers["Allow"] == "POST"
+    assert_json_error(cross_site, 403)
+    assert shared_fake.actions_run_for(app) == ["out-3"]      # the ended task's run alone
+
+
+def test_rerun_refuses_an_action_that_a_create_would_refuse(start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    start_server("--db", db).stop_cleanly()
+    # As a server before the fix for `rake:shell` could have recorded it.
+    old = insert_task(db, "shop", "rake:shell", "finished", exit_code=0, finished=True, version=2)
+    server = start_server("--db", db, "--allow-action", "rake:*")
+
+    reply = server.client().request("POST", "/task/%d/rerun" % old)
+
+    assert_json_error(reply, 400)
+    assert fake.invocations() == []
+
+
+def test_task_list_with_version_answers_at_once_if_behind_else_on_a_change_or_the_timeout(
+        start_server, fake):
+    client = start_server("--poll-timeout", "1").client()
+    gate = fake.gate()
+    app = unique("app")
+    version = client.listing()["version"]
+
+    behind, behind_took = timed(lambda: client.listing("version=%d" % (version + 1000)))
+    conn = client.connection()
+    try:
+        conn.request("GET", "/tasks?version=%d" % version)
+        task_id = client.create(app, "prod", "gate-" + gate.name)
+        created = json.loads(conn.getresponse().read().decode())
+        conn.request("GET", "/tasks?version=%d" % created["version"])
+        gate.release()
+        changed = json.loads(conn.getresponse().read().decode())
+    finally:
+        conn.close()
+    unchanged, unchanged_took = timed(lambda: client.listing("version=%d" % changed["version"]))
+
+    assert behind["version"] == version and behind_took < 0.5
+    assert created["version"] > version
+    assert [(task["id"], task["status"]) for task in created["tasks"]] == [(task_id, "running")]
+    assert changed["version"] > created["version"]
+    assert [(task["id"], task["status"]) for task in changed["tasks"]] == [(task_id, "finished")]
+    assert unchanged["version"] == changed["version"]
+    assert unchanged["tasks"] == changed["tasks"]
+    assert 0.9 <= unchanged_took < 3
+
+
+def test_task_list_long_poll_refuses_a_bad_limit_at_once_not_after_the_poll_timeout(
+        start_server):
+    client = start_server("--poll-timeout", "1").client()
+    version = client.listing()["version"]
+
+    reply, took = timed(lambda: client.get("/tasks?version=%d&limit=0" % version))
+
+    assert_json_error(reply, 400)
+    assert took < 0.5, "a bad request was refused only after the poll timeout (%.1f s)" % took
 
 
 # --- Task history across restarts -------------------------------------------------------------
@@ -2036,24 +2710,6 @@ def test_health_says_ok_with_the_running_count_and_version(start_server, fake):
     assert_json_error(posted, 405)
 
 
-TASKS_STARTED = "pulsar_rest_api_tasks_started_total"
-TASKS_FINISHED = 'pulsar_rest_api_tasks_finished_total{status="finished"}'
-TASKS_FAILED = 'pulsar_rest_api_tasks_finished_total{status="failed"}'
-TASKS_RUNNING = "pulsar_rest_api_tasks_running"
-DURATION_ALL = 'pulsar_rest_api_task_duration_seconds_bucket{le="+Inf"}'
-DURATION_COUNT = "pulsar_rest_api_task_duration_seconds_count"
-REQUESTS_200 = 'pulsar_rest_api_http_requests_total{code="200"}'
-REQUESTS_404 = 'pulsar_rest_api_http_requests_total{code="404"}'
-WAITERS = "pulsar_rest_api_long_poll_waiters"
-CONNECTIONS = "pulsar_rest_api_open_connections"
-
-
-def metrics_when(client, condition):
-    """The metrics if condition(metrics) holds, else None: a predicate for wait_until."""
-    values = client.metrics()
-    return values if condition(values) else None
-
-
 def test_metrics_follow_tasks_requests_long_polls_and_connections(start_server, fake):
     client = start_server().client()
     # Only the scrape's own connection is open once earlier ones have been closed.
@@ -2094,7 +2750,7 @@ def test_metrics_follow_tasks_requests_long_polls_and_connections(start_server, 
     assert done[REQUESTS_200] > polling[REQUESTS_200] > idle.get(REQUESTS_200, 0)
 
 
-# --- Stopping the server ----------------------------------------------------------------------
+# --- Stopping the server, and signals ---------------------------------------------------------
 
 def test_sigterm_lets_a_running_task_finish_while_reads_are_still_answered(start_server, fake,
                                                                            tmp_path):
@@ -2170,6 +2826,18 @@ def test_second_sigint_stops_at_once_even_a_task_that_ignores_sigterm(start_serv
     assert gone == {"fake": True, "child": True}
     assert (after["status"], after["exitCode"]) == ("killed", None)
     server.assert_no_traceback()
+
+
+def test_sighup_is_logged_as_ignored_and_the_server_goes_on_serving(start_server):
+    server = start_server()
+
+    server.proc.send_signal(signal.SIGHUP)
+    ignored = wait_until(lambda: log_lines(server, r"SIGHUP ignored"), what="the SIGHUP log line")
+    health = server.client().get("/health")
+
+    assert len(ignored) == 1, ignored
+    assert server.proc.poll() is None
+    assert (health.status, health.json["status"]) == (200, "ok")
 
 
 # --- Command line -----------------------------------------------------------------------------
@@ -2252,24 +2920,6 @@ def test_access_or_limit_flags_that_cannot_work_are_a_one_line_error_naming_the_
     assert PASSWORD not in result.stdout + result.stderr
 
 
-def make_bad_db(tmp_path, kind):
-    """A --db path the server cannot use, of the given kind."""
-    if kind == "missing-folder":
-        return tmp_path / "no-such-folder" / "tasks.sqlite3"
-    if kind == "directory":
-        path = tmp_path / "a-directory"
-        path.mkdir()
-        return path
-    path = tmp_path / "tasks.sqlite3"
-    if kind == "garbage-file":
-        path.write_bytes(b"this is not an SQLite database \xff\xfe\x00\n" * 100)
-    elif kind == "newer-schema":       # as a later version of the server would leave it
-        with contextlib.closing(sqlite3.connect(str(path))) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA user_version = 99")
-    return path
-
-
 @pytest.mark.parametrize("kind", ["missing-folder", "garbage-file", "directory", "newer-schema"])
 def test_unusable_db_is_a_one_line_error_naming_db_and_leaves_the_file_alone(tmp_path, fake,
                                                                             kind):
@@ -2300,13 +2950,30 @@ def test_help_exits_0_and_mentions_every_flag(tmp_path, fake):
         assert flag in result.stdout, flag
 
 
-# --- TLS material -----------------------------------------------------------------------------
+# --- TLS: versions, certificates and keys -----------------------------------------------------
 
-def copy_script_alone(tmp_path):
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    shutil.copy(str(SCRIPT), str(alone / SCRIPT.name))
-    return alone / SCRIPT.name
+def test_tls_is_version_1_2_or_newer_and_older_clients_are_refused(api, shared_server):
+    _, version = served_certificate(shared_server)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old = ssl.create_default_context(cafile=str(DEV_CERT))
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+        old.set_ciphers("DEFAULT:@SECLEVEL=0")  # so the client really offers TLS 1.1
+
+    with pytest.raises(ssl.SSLError) as refused:
+        served_certificate(shared_server, old)
+
+    assert version in ("TLSv1.2", "TLSv1.3")
+    assert refused.value.reason not in ("NO_PROTOCOLS_AVAILABLE", "NO_CIPHERS_AVAILABLE")
+    assert_json_error(api.get("/task/99999"), 404)  # still serving
+
+
+def test_logged_fingerprint_is_that_of_the_served_certificate(shared_server):
+    der, _ = served_certificate(shared_server)
+
+    assert logged_fingerprint(shared_server.log()) == fingerprint_of(der)
+    assert fingerprint_of(der) == pem_fingerprint(DEV_CERT)
 
 
 def test_script_alone_makes_a_self_signed_certificate_once_and_reuses_it(start_server, tmp_path):
@@ -2429,6 +3096,18 @@ def test_log_says_who_started_and_killed_each_task_and_how_it_ended(api, shared_
         assert len(log_lines(shared_server, pattern)) == 1, pattern
 
 
+def test_control_characters_in_the_request_method_are_escaped_in_the_log(shared_server):
+    reply = raw_exchange(shared_server, b"G\x1bET /task/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                        b"Connection: close\r\n\r\n")
+    logged = wait_until(lambda: log_lines(shared_server, r"G\\x1bET"),
+                        what="the request in the log")
+
+    assert 400 <= reply.status < 600 and reply.status != 500, reply
+    assert list(reply.json) == ["error"]
+    assert len(logged) == 1, logged
+    assert "\x1b" not in shared_server.log()
+
+
 def test_log_file_moved_away_by_logrotate_is_created_again_by_the_next_request(start_server):
     server = start_server()
     client = server.client()
@@ -2445,7 +3124,7 @@ def test_log_file_moved_away_by_logrotate_is_created_again_by_the_next_request(s
     assert not LISTENING.search(server.log())
 
 
-# --- One task per app and environment, the line, and --max-tasks -------------------------------
+# --- One task per app and environment, the line, and --max-tasks ------------------------------
 
 def test_second_task_for_a_busy_pair_is_409_naming_the_task_that_holds_it(api, shared_fake):
     gate = shared_fake.gate()
@@ -2623,20 +3302,7 @@ def test_max_tasks_refuses_one_more_with_429_or_queues_it_until_a_slot_frees(sta
     assert client.task(running[0])["status"] == "finished"
 
 
-# --- Access: HTTP Basic -------------------------------------------------------------------------
-
-def basic_login(tmp_path, source):
-    """(flags, environment) for a server that lets alice in with PASSWORD, taken from `source`:
-    a file (ending in a newline, as echo writes it), the environment variable, or the flag."""
-    flags = ["--auth-provider", "basic", "--auth-username", "alice"]
-    if source == "file":
-        path = tmp_path / "password.txt"
-        path.write_text(PASSWORD + "\n")
-        return flags + ["--auth-password-file", path], {}
-    if source == "environment":
-        return flags, {PASSWORD_VARIABLE: PASSWORD}
-    return flags + ["--auth-password", PASSWORD], {}
-
+# --- Access: HTTP Basic -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("source", ["file", "environment", "flag"])
 def test_basic_login_lets_in_only_the_password_from_a_file_the_environment_or_the_flag(
@@ -2764,12 +3430,7 @@ def test_refused_login_on_a_kept_alive_connection_is_not_logged_as_the_previous_
         assert len(lines) == 1 and not re.search(r"user=", lines[0]), lines
 
 
-# --- Access: GitHub tokens ----------------------------------------------------------------------
-
-def start_github_server(start_server, github, *flags):
-    return start_server("--auth-provider", "github", "--github-api", github.url, *flags,
-                        env=NO_PROXY)
-
+# --- Access: GitHub tokens --------------------------------------------------------------------
 
 def test_github_token_of_a_listed_login_is_let_in_as_basic_or_bearer_and_others_are_refused(
         start_server, github):
@@ -2828,6 +3489,26 @@ def test_github_failing_answers_503_and_never_lets_a_request_through(start_serve
     assert leaked_secrets(server.log() + server.console()) == []
 
 
+@pytest.mark.parametrize("odd", ["redirect", "garbage"])
+def test_github_redirect_or_garbage_is_503_and_the_token_goes_nowhere_else(start_server, github,
+                                                                            odd):
+    elsewhere = FakeGitHub(GITHUB_LOGINS, GITHUB_MEMBERS)
+    try:
+        server = start_github_server(start_server, github, "--auth-username", "alice")
+        if odd == "redirect":
+            github.redirect_to = elsewhere.url
+        else:
+            github.garbage = True
+
+        reply = server.client(headers=bearer_auth(ALICE_TOKEN)).get("/tasks")
+    finally:
+        elsewhere.stop()
+
+    assert_json_error(reply, 503)
+    assert elsewhere.requests == []
+    server.assert_no_traceback()
+
+
 @pytest.mark.parametrize("checker", ["client-token", "server-token"])
 def test_github_org_lets_in_members_only_asking_with_the_servers_token_when_it_has_one(
         start_server, tmp_path, github, checker):
@@ -2857,7 +3538,7 @@ def test_github_org_lets_in_members_only_asking_with_the_servers_token_when_it_h
     assert leaked_secrets(server.log() + server.console()) == []
 
 
-# --- Access: failed logins and cross-site requests ----------------------------------------------
+# --- Access: the failed-login brake and cross-site requests -----------------------------------
 
 def test_ten_wrong_logins_from_one_address_get_429_even_with_the_right_password_there_only(
         start_server, tmp_path):
@@ -2882,6 +3563,32 @@ def test_ten_wrong_logins_from_one_address_get_429_even_with_the_right_password_
     assert elsewhere.status == 200, elsewhere
     assert len(log_lines(server, r"WARNING 127\.0\.0\.1: 10 failed logins")) == 1, server.log()
     assert leaked_secrets(server.log()) == []
+
+
+def test_parallel_wrong_tokens_count_against_the_brake_while_github_is_slow(start_server, github):
+    server = start_github_server(start_server, github, "--auth-username", "alice")
+    github.hold = threading.Event()
+    client = server.client(headers=bearer_auth(UNKNOWN_TOKEN))
+    replies = []
+
+    def guess():
+        replies.append(client.get("/tasks"))
+
+    guessers = [threading.Thread(target=guess) for _ in range(20)]
+    for guesser in guessers:
+        guesser.start()
+    try:
+        wait_until(lambda: len(replies) == 10 and len(github.requests) >= 10,
+                   what="10 guesses refused and 10 asking GitHub")
+        asked_meanwhile = len(github.requests)
+    finally:
+        github.hold.set()
+        for guesser in guessers:
+            guesser.join(TIMEOUT)
+
+    assert asked_meanwhile == 10
+    assert sorted(reply.status for reply in replies) == [401] * 10 + [429] * 10
+    assert len(github.requests) == 10
 
 
 def test_cross_site_requests_may_not_start_or_kill_tasks_but_may_read_them(api, shared_server,
@@ -2919,13 +3626,109 @@ def test_cross_site_requests_may_not_start_or_kill_tasks_but_may_read_them(api, 
     assert (killed.status, killed.json["status"]) == (200, "killed"), killed
 
 
-# --- Limits: headers, connections ---------------------------------------------------------------
+def test_state_changes_from_another_page_of_the_same_site_or_a_bad_origin_are_refused(
+        api, shared_server, shared_fake):
+    gate = shared_fake.gate()
+    holder = api.create(unique("app"), unique("env"), "gate-" + gate.name)
+    api.wait_at_gate(holder, gate)
+    own = "https://127.0.0.1:%d" % shared_server.port
+    app, env = unique("app"), unique("env")
 
-def request_with_header_lines(lines):
-    """GET /health with exactly these header lines (Host and Connection: close included)."""
-    head = ["GET /health HTTP/1.1", "Host: 127.0.0.1", "Connection: close"] + lines
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+    refused = [     # an <img> on another port of this host is "same-site" and sends no Origin
+        api.request("GET", "/task/%d/kill" % holder, headers={"Sec-Fetch-Site": "same-site"}),
+        api.request("GET", "/task/%d/kill" % holder, headers={"Referer": "https://other.example/"}),
+        api.request("POST", "/%s/%s?action=out-1" % (app, env), headers={"Origin": "http://["}),
+        api.request("POST", "/%s/%s?action=out-1" % (app, env),
+                    headers={"Referer": "https://127.0.0.1:1/page"}),
+    ]
+    typed = api.request("POST", "/%s/%s?action=out-1" % (app, unique("env")),
+                        headers={"Sec-Fetch-Site": "none"})     # a URL typed in the address bar
+    from_page = api.request("GET", "/task/%d/kill" % holder,
+                            headers={"Sec-Fetch-Site": "same-origin", "Referer": own + "/"})
+    api.wait_ended(typed.json["taskId"])
 
+    for reply in refused:
+        assert_json_error(reply, 403)
+    assert shared_fake.actions_run_for(env) == []
+    assert typed.status == 200, typed
+    assert (from_page.status, from_page.json["status"]) == (200, "killed"), from_page
+    assert "Traceback" not in shared_server.log()
+
+
+# --- Slow and silent clients ------------------------------------------------------------------
+
+def test_silent_client_does_not_delay_others_and_is_dropped_after_request_timeout(start_server):
+    server = start_server("--request-timeout", "1")
+    client = server.client()
+
+    with tcp_connection(server) as silent:
+        connected = time.monotonic()
+        reply, other_took = timed(lambda: client.get("/task/1"))
+        closed = closed_by_peer(silent, timeout=5)
+        dropped_after = time.monotonic() - connected
+
+    assert_json_error(reply, 404)
+    assert other_took < 0.5
+    assert closed, "the server never dropped a client that sent nothing"
+    assert 0.8 <= dropped_after < 3
+
+
+def test_client_silent_after_the_tls_handshake_is_dropped_after_the_request_timeout(start_server):
+    server = start_server("--request-timeout", "1")
+
+    with tls_connection(server) as tls:
+        handshaken = time.monotonic()
+        closed = closed_by_peer(tls, timeout=5)
+        dropped_after = time.monotonic() - handshaken
+
+    assert closed, "the server never dropped a client that sent nothing after the handshake"
+    assert 0.8 <= dropped_after < 3, dropped_after
+
+
+def test_trickled_request_does_not_delay_others_and_is_dropped_in_bounded_time(start_server):
+    server = start_server("--request-timeout", "1")
+    client = server.client()
+    request = (b"GET /task/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"p" * 150
+               + b"\r\n\r\n")
+
+    with tls_connection(server) as tls:
+        first_byte = time.monotonic()
+        sent, closed, other, other_took = 0, False, None, None
+        for byte in request:
+            try:
+                tls.sendall(bytes([byte]))
+            except (ConnectionError, ssl.SSLError):
+                closed = True
+                break
+            sent += 1
+            if sent == 5:
+                other, other_took = timed(lambda: client.get("/task/1"))
+            if closed_by_peer(tls, timeout=0.05):  # paces the trickle, 1 byte per 50 ms
+                closed = True
+                break
+        dropped_after = time.monotonic() - first_byte
+
+    assert closed and sent < len(request), "the server waited for the whole trickled request"
+    assert 0.8 <= dropped_after < 3
+    assert_json_error(other, 404)
+    assert other_took < 0.5
+
+
+def test_port_probe_is_logged_as_one_line_without_traceback(start_server):
+    server = start_server()
+    lines_before = len(server.log().splitlines())
+
+    tcp_connection(server).close()
+    wait_until(lambda: len(server.log().splitlines()) > lines_before, what="a log line")
+    new_lines = server.log().splitlines()[lines_before:]
+    still_serving = server.client().get("/task/1")
+
+    assert len(new_lines) == 1, new_lines
+    assert "Traceback" not in server.log()
+    assert_json_error(still_serving, 404)
+
+
+# --- Limits: headers, connections -------------------------------------------------------------
 
 def test_more_than_64_header_lines_or_a_line_over_8192_bytes_gets_a_json_431(shared_server):
     padding = "X-Padding: "
@@ -2984,14 +3787,6 @@ def test_connections_over_max_connections_get_503_and_a_flood_does_not_lock_out_
     server.assert_no_traceback()
 
 
-def refused_connections(conn):
-    """pulsar_rest_api_refused_connections_total, asked on a connection already let in."""
-    conn.request("GET", "/metrics")
-    response = conn.getresponse()
-    text = response.read().decode()
-    return int(re.search(r"^pulsar_rest_api_refused_connections_total (\d+)$", text, re.M).group(1))
-
-
 def test_busy_503_over_max_connections_is_not_cached_or_sniffed_like_every_other_answer(
         start_server):
     server = start_server("--max-connections", "1")
@@ -3036,460 +3831,7 @@ def test_allow_action_runs_only_matching_actions_and_shell_and_invoke_stay_refus
         "db:migrate", "deploy", "rollback"]
 
 
-# --- Following live: plain-text output, streams, events -----------------------------------------
-
-TEXT = "text/plain; charset=utf-8"
-EVENTS = {"Accept": "text/event-stream"}
-
-
-def end_line(task_id, status, exit_code):
-    """The last line of a plain-text stream, saying how the task ended."""
-    return "[pulsar-rest-api: task %d %s, exit code %s]\n" % (task_id, status, exit_code)
-
-
-def open_stream(client, path, headers=None):
-    """(connection, response) of a GET whose headers have arrived and whose body is left to read
-    as it comes; the caller closes the connection."""
-    conn = client.connection()
-    try:
-        conn.request("GET", path, headers=dict(client.headers, **(headers or {})))
-        return conn, conn.getresponse()
-    except BaseException:
-        conn.close()
-        raise
-
-
-def read_event(response):
-    """The next Server-Sent Event as {field: value} (comment lines skipped); {} once the stream
-    has ended."""
-    fields = {}
-    while True:
-        line = response.readline()
-        if not line:
-            return fields
-        line = line.decode("utf-8").rstrip("\n")
-        if not line:
-            if fields:
-                return fields
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        fields[name] = fields[name] + "\n" + value if name in fields else value
-
-
-def read_events_until(response, done):
-    """Events up to and including the first for which done(events so far) holds."""
-    events = []
-    while not events or not done(events):
-        event = read_event(response)
-        assert event, "the stream ended after %r" % events
-        events.append(event)
-    return events
-
-
-def output_texts(events):
-    return "".join(json.loads(event["data"])["text"] for event in events
-                   if event.get("event") == "output")
-
-
-def assert_text_reply(reply, text, size, status):
-    """A text/plain reply of GET /task/N/output: the body and its three X- headers."""
-    assert reply.status == 200, reply
-    assert reply.headers["Content-Type"] == TEXT, reply.headers
-    assert reply.headers["Content-Length"] == str(len(reply.body))
-    assert reply.body.decode("utf-8") == text
-    assert reply.headers["X-Text-Size"] == str(size), reply.headers
-    assert reply.headers["X-More-Data"] == ("false" if status not in LIVE else "true")
-    assert reply.headers["X-Task-Status"] == status
-    assert_not_cached_and_not_sniffed(reply)
-
-
-def test_output_is_plain_text_from_an_offset_with_its_size_more_data_and_status_in_headers(
-        api, shared_fake):
-    gate = shared_fake.gate()
-    task_id = api.create(unique("app"), unique("env"), "unicode.gate-%s.out-1" % gate.name)
-    running = UNICODE_LINE + gate.line
-    api.wait_at_gate(task_id, gate)
-
-    whole = api.get("/task/%d/output" % task_id)
-    from_offset = api.get("/task/%d/output?offset=3" % task_id)     # characters, not bytes
-    at_end = api.get("/task/%d/output?offset=%d" % (task_id, len(running)))
-    gate.release()
-    api.wait_ended(task_id)
-    ended = api.get("/task/%d/output?offset=0" % task_id)
-
-    assert_text_reply(whole, running, len(running), "running")
-    assert_text_reply(from_offset, running[3:], len(running), "running")
-    assert_text_reply(at_end, "", len(running), "running")
-    assert_text_reply(ended, running + "out 1\n", len(running) + 6, "finished")
-
-
-def test_output_wait_returns_once_new_output_arrives_and_at_once_for_an_ended_task(
-        api, shared_fake, ended_task):
-    gate = shared_fake.gate()
-    task_id = api.create(unique("app"), unique("env"), "out-1.gate-%s.out-2" % gate.name)
-    now = api.wait_at_gate(task_id, gate)
-    length = now["outputLength"]
-
-    conn = api.connection()
-    try:
-        conn.request("GET", "/task/%d/output?offset=%d&wait=1" % (task_id, length))
-        waiting = wait_until(lambda: metrics_when(api, lambda m: m[WAITERS] == 1),
-                             what="the output request to wait")
-        gate.release()
-        response = conn.getresponse()
-        arrived = Reply(response, response.read())
-    finally:
-        conn.close()
-    api.wait_ended(task_id)
-    ended, took = timed(lambda: api.get("/task/%d/output?offset=18&wait=1" % ended_task))
-
-    assert waiting[WAITERS] == 1
-    assert arrived.status == 200, arrived
-    assert arrived.body.decode("utf-8") in ("out 1\n", "out 1\nout 2\n")
-    assert int(arrived.headers["X-Text-Size"]) == length + len(arrived.body)
-    assert_text_reply(ended, "", 18, "finished")
-    assert took < 3     # the shared server's poll timeout is 30 s
-
-
-def test_output_tail_gives_the_last_lines_and_bad_or_conflicting_queries_are_refused(
-        api, ended_task):
-    last_two = api.get("/task/%d/output?tail=2" % ended_task)
-    more_than_all = api.get("/task/%d/output?tail=5" % ended_task)
-    refused = [api.get("/task/%d/output?%s" % (ended_task, query)) for query in (
-        "tail=2&offset=0", "tail=2&wait=1", "tail=0", "tail=-1", "offset=19", "offset=x",
-        "since=3")]
-    unknown = api.get("/task/99999/output")
-
-    assert_text_reply(last_two, "out 2\nout 3\n", 18, "finished")
-    assert_text_reply(more_than_all, "out 1\nout 2\nout 3\n", 18, "finished")
-    for reply in refused:
-        assert_json_error(reply, 400)
-    assert_json_error(unknown, 404)
-
-
-def test_stream_sends_output_as_it_comes_in_one_chunked_reply_ending_with_how_the_task_ended(
-        api, shared_fake):
-    gate = shared_fake.gate()
-    task_id = api.create(unique("app"), unique("env"), "out-1.gate-%s.out-2" % gate.name)
-
-    conn, response = open_stream(api, "/task/%d/stream" % task_id)
-    try:
-        first = response.readline()
-        seen = first
-        while b"gate " not in seen:     # the task now waits at its gate
-            line = response.readline()
-            assert line, "the stream ended early: %r" % seen
-            seen += line
-        running = api.task(task_id)["status"]
-        gate.release()
-        rest = response.read()
-    finally:
-        conn.close()
-
-    assert response.status == 200
-    assert response.getheader("Content-Type") == TEXT
-    assert response.getheader("Transfer-Encoding") == "chunked"
-    assert response.getheader("Content-Length") is None
-    assert (first, running) == (b"out 1\n", "running")
-    assert (seen + rest).decode("utf-8") == "out 1\ngate %s\nout 1\nout 2\n%s" % (
-        gate.name, end_line(task_id, "finished", 0))
-
-
-def test_stream_ends_with_the_exit_code_of_a_failed_task_on_a_line_of_its_own_from_an_offset(
-        api, ended_task):
-    failed = api.create(unique("app"), unique("env"), "out-1.exit-3")
-    partial = api.create(unique("app"), unique("env"), "out-1.partial")
-    api.wait_ended(failed)
-    api.wait_ended(partial)
-
-    failed_stream = api.get("/task/%d/stream" % failed)
-    partial_stream = api.get("/task/%d/stream" % partial)
-    from_offset = api.get("/task/%d/stream?offset=6" % ended_task)
-
-    assert failed_stream.headers["Content-Type"] == TEXT
-    assert failed_stream.body.decode() == "out 1\n" + end_line(failed, "failed", 3)
-    assert partial_stream.body.decode() == "out 1\nno newline\n" + end_line(partial, "finished", 0)
-    assert from_offset.body.decode() == "out 2\nout 3\n" + end_line(ended_task, "finished", 0)
-
-
-@pytest.mark.parametrize("accept", ["text", "events"])
-def test_stream_of_an_unknown_task_or_from_past_the_end_is_one_json_error_not_a_stream(
-        shared_server, ended_task, accept):
-    headers = ["Accept: text/event-stream"] if accept == "events" else []
-
-    for path, status in (("/task/99999/stream", 404),
-                         ("/task/%d/stream?offset=19" % ended_task, 400)):
-        received = raw_get(shared_server, path, headers)
-        head, _, body = received.partition(b"\r\n\r\n")
-
-        assert head.startswith(b"HTTP/1.1 %d " % status), received
-        assert b"Transfer-Encoding" not in head, received
-        assert list(json.loads(body.decode("utf-8"))) == ["error"], received
-
-
-def test_stream_of_a_task_killed_while_followed_ends_with_exit_code_none(api):
-    task_id = api.create(unique("app"), unique("env"), "out-1.hang")
-
-    conn, response = open_stream(api, "/task/%d/stream" % task_id)
-    try:
-        first = response.readline()
-        killed = api.kill(task_id)
-        rest = response.read()
-    finally:
-        conn.close()
-
-    assert killed.status == 200, killed
-    assert first == b"out 1\n"
-    assert rest.decode("utf-8") == end_line(task_id, "killed", "none")
-
-
-def test_event_stream_sends_status_output_and_end_and_resumes_from_last_event_id_exactly(
-        api, shared_fake):
-    gate = shared_fake.gate()
-    task_id = api.create(unique("app"), unique("env"), "unicode.out-1.gate-%s.out-2" % gate.name)
-    path = "/task/%d/stream" % task_id
-
-    conn, first = open_stream(api, path, EVENTS)
-    try:        # leave once the gate line has come, as a browser that loses its connection
-        before = read_events_until(first, lambda events: "gate " in output_texts(events))
-    finally:
-        conn.close()
-    last_id = [event["id"] for event in before if "id" in event][-1]
-    conn, second = open_stream(api, path, dict(EVENTS, **{"Last-Event-ID": last_id}))
-    try:
-        resumed = read_events_until(second, lambda events: len(events) == 2)
-        gate.release()
-        resumed += read_events_until(second, lambda events: events[-1].get("event") == "end")
-        after_end = read_event(second)
-    finally:
-        conn.close()
-    final = api.task(task_id)
-
-    for response in (first, second):
-        assert response.status == 200
-        assert response.getheader("Content-Type") == "text/event-stream; charset=utf-8"
-        assert response.getheader("Transfer-Encoding") == "chunked"
-    for events in (before, resumed):
-        assert events[0] == {"retry": "3000"}
-        assert events[1]["event"] == "status" and "id" not in events[1]
-        assert json.loads(events[1]["data"])["status"] == "running"
-    outputs = [event for event in before + resumed if event.get("event") == "output"]
-    offset = 0
-    for event in outputs:
-        data = json.loads(event["data"])
-        assert set(data) == {"offset", "text"}, data
-        assert data["offset"] == offset and data["text"], (event, offset)
-        offset += len(data["text"])
-        assert event["id"] == str(offset), event
-    assert json.loads(resumed[2]["data"])["offset"] == int(last_id)
-    assert output_texts(before) + output_texts(resumed) == final["output"]
-    assert final["output"] == UNICODE_LINE + "out 1\ngate %s\nout 1\nout 2\n" % gate.name
-    assert [event["event"] for event in resumed[-1:]] == ["end"]
-    end = json.loads(resumed[-1]["data"])
-    assert "output" not in end
-    del final["output"], final["outputOffset"], end["outputOffset"]
-    assert end == final and end["status"] == "finished"
-    assert after_end == {}
-
-
-def test_client_that_leaves_mid_stream_costs_nothing_afterwards(api, shared_server, shared_fake):
-    gate = shared_fake.gate()
-    task_id = api.create(unique("app"), unique("env"), "out-1.gate-%s.out-1" % gate.name)
-    api.wait_at_gate(task_id, gate)
-    log_start = len(shared_server.log())
-
-    with tls_connection(shared_server) as tls:
-        port = tls.getsockname()[1]
-        tls.sendall(b"GET /task/%d/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % task_id)
-        received = b""
-        while b"out 1\n" not in received:
-            data = tls.recv(65536)
-            assert data, received
-            received += data
-    settled = wait_until(lambda: metrics_when(api, lambda m: m[CONNECTIONS] == 1
-                                              and m[WAITERS] == 0),
-                         timeout=5, what="the stream's connection to be closed and forgotten")
-    about_it = log_lines(shared_server, r"127\.0\.0\.1:%d\b" % port, since=log_start)
-    gate.release()
-    ended = api.wait_ended(task_id)
-
-    assert received.startswith(b"HTTP/1.1 200 "), received
-    assert (settled[CONNECTIONS], settled[WAITERS]) == (1, 0)
-    assert len(about_it) == 1 and "dropped" in about_it[0], about_it
-    assert "Traceback" not in shared_server.log()
-    assert (ended["status"], ended["output"]) == ("finished", "out 1\ngate %s\nout 1\n" % gate.name)
-
-
-# --- Waiting for the end, running again, and the list's long poll -------------------------------
-
-def created_task_of(client, app):
-    """The id of the one task of app, once it is listed: a predicate for wait_until."""
-    ids = client.listed_ids("app=" + app)
-    return ids[0] if ids else None
-
-
-def send_waiting_create(api, app, gate, action):
-    """Send POST /APP/prod?action=...&wait=true on a connection of its own and wait until its
-    task has reached the gate; (connection, task id), the reply still to come."""
-    conn = api.connection()
-    conn.request("POST", "/%s/prod?action=%s&wait=true" % (app, action))
-    task_id = wait_until(lambda: created_task_of(api, app), what="the task to be created")
-    api.wait_at_gate(task_id, gate)
-    return conn, task_id
-
-
-def test_create_with_wait_true_answers_when_the_task_ends_with_the_whole_task(
-        api, shared_server, shared_fake):
-    gate = shared_fake.gate()
-    app = unique("app")
-    conn, task_id = send_waiting_create(api, app, gate, "out-1.gate-%s.out-2" % gate.name)
-    try:
-        answered_early = log_lines(shared_server, r" POST '/%s/prod" % app)    # logged once sent
-        gate.release()
-        response = conn.getresponse()
-        reply = Reply(response, response.read())
-    finally:
-        conn.close()
-    task = api.task(task_id)
-
-    assert not answered_early, "the reply came while the task still ran"
-    assert reply.status == 200, reply
-    assert set(reply.json) == {"taskId", "url", "status", "task"}, reply
-    assert reply.json["taskId"] == task_id
-    assert reply.json["url"] == "https://127.0.0.1:%d/task/%d" % (shared_server.port, task_id)
-    assert reply.json["status"] == "finished"
-    assert reply.json["task"] == task
-    assert set(task) == TASK_KEYS
-    assert task["output"] == "out 1\ngate %s\nout 1\nout 2\n" % gate.name
-
-
-def test_client_leaving_while_waiting_for_its_task_leaves_the_task_running_to_its_end(
-        api, shared_server, shared_fake):
-    gate = shared_fake.gate()
-    app = unique("app")
-    log_start = len(shared_server.log())
-    conn, task_id = send_waiting_create(api, app, gate, "gate-%s.out-1" % gate.name)
-    try:
-        port = conn.sock.getsockname()[1]
-    finally:
-        conn.close()
-    noticed = wait_until(lambda: log_lines(shared_server, r"INFO 127\.0\.0\.1:%d: " % port,
-                                           since=log_start),
-                         timeout=5, what="the server to notice the client left")
-    running = api.task(task_id)
-    gate.release()
-    ended = api.wait_ended(task_id)
-
-    assert len(noticed) == 1 and "dropped" in noticed[0], noticed
-    assert running["status"] == "running"
-    assert (ended["status"], ended["output"]) == ("finished", "gate %s\nout 1\n" % gate.name)
-    assert shared_fake.actions_run_for(app) == ["gate-%s.out-1" % gate.name]
-
-
-def test_rerun_starts_a_new_task_with_the_same_app_env_and_action(api, shared_server,
-                                                                   shared_fake):
-    app, env = unique("app"), unique("env")
-    first = api.create(app, env, "out-1")
-    api.wait_ended(first)
-
-    reply = api.request("POST", "/task/%d/rerun" % first)
-    rerun = api.wait_ended(reply.json["taskId"]) if reply.status == 200 else None
-
-    assert reply.status == 200, reply
-    assert set(reply.json) == {"taskId", "url", "status"}
-    assert reply.json["taskId"] > first
-    assert reply.json["url"] == "https://127.0.0.1:%d/task/%d" % (shared_server.port,
-                                                                  reply.json["taskId"])
-    assert (rerun["app"], rerun["env"], rerun["action"]) == (app, env, "out-1")
-    assert (rerun["status"], rerun["output"]) == ("finished", "out 1\n")
-    assert [run["argv"][1:] for run in shared_fake.runs_for(app)] == [[app, env, "out-1"]] * 2
-
-
-def test_rerun_is_refused_while_the_pair_is_busy_and_waits_in_line_with_queue_true(
-        api, shared_fake):
-    gate = shared_fake.gate()
-    app, env = unique("app"), unique("env")
-    holder = api.create(app, env, "gate-%s.out-1" % gate.name)
-    api.wait_at_gate(holder, gate)
-
-    busy = api.request("POST", "/task/%d/rerun" % holder)
-    queued = api.request("POST", "/task/%d/rerun?queue=true" % holder)
-    gate.release()
-    api.wait_ended(holder)
-    rerun = queued.json["taskId"]
-    api.wait_at_gate(rerun, gate)     # it runs, and waits at the same gate
-    gate.release()
-    ended = api.wait_ended(rerun)
-
-    assert busy.status == 409, busy
-    assert busy.json["taskId"] == holder
-    assert queued.status == 200, queued
-    assert queued.json["status"] == "queued"
-    assert (ended["status"], ended["action"]) == ("finished", "gate-%s.out-1" % gate.name)
-    assert shared_fake.actions_run_for(app) == ["gate-%s.out-1" % gate.name] * 2
-
-
-def test_rerun_of_an_unknown_task_is_404_by_get_405_and_cross_site_403(api, shared_fake,
-                                                                        ended_task):
-    app = api.task(ended_task)["app"]
-
-    unknown = api.request("POST", "/task/99999/rerun")
-    by_get = api.get("/task/%d/rerun" % ended_task)
-    cross_site = api.request("POST", "/task/%d/rerun" % ended_task,
-                             headers={"Sec-Fetch-Site": "cross-site"})
-
-    assert_json_error(unknown, 404)
-    assert_json_error(by_get, 405)
-    assert by_get.headers["Allow"] == "POST"
-    assert_json_error(cross_site, 403)
-    assert shared_fake.actions_run_for(app) == ["out-3"]      # the ended task's run alone
-
-
-def test_task_list_with_version_answers_at_once_if_behind_else_on_a_change_or_the_timeout(
-        start_server, fake):
-    client = start_server("--poll-timeout", "1").client()
-    gate = fake.gate()
-    app = unique("app")
-    version = client.listing()["version"]
-
-    behind, behind_took = timed(lambda: client.listing("version=%d" % (version + 1000)))
-    conn = client.connection()
-    try:
-        conn.request("GET", "/tasks?version=%d" % version)
-        task_id = client.create(app, "prod", "gate-" + gate.name)
-        created = json.loads(conn.getresponse().read().decode())
-        conn.request("GET", "/tasks?version=%d" % created["version"])
-        gate.release()
-        changed = json.loads(conn.getresponse().read().decode())
-    finally:
-        conn.close()
-    unchanged, unchanged_took = timed(lambda: client.listing("version=%d" % changed["version"]))
-
-    assert behind["version"] == version and behind_took < 0.5
-    assert created["version"] > version
-    assert [(task["id"], task["status"]) for task in created["tasks"]] == [(task_id, "running")]
-    assert changed["version"] > created["version"]
-    assert [(task["id"], task["status"]) for task in changed["tasks"]] == [(task_id, "finished")]
-    assert unchanged["version"] == changed["version"]
-    assert unchanged["tasks"] == changed["tasks"]
-    assert 0.9 <= unchanged_took < 3
-
-
-def test_task_list_long_poll_refuses_a_bad_limit_at_once_not_after_the_poll_timeout(
-        start_server):
-    client = start_server("--poll-timeout", "1").client()
-    version = client.listing()["version"]
-
-    reply, took = timed(lambda: client.get("/tasks?version=%d&limit=0" % version))
-
-    assert_json_error(reply, 400)
-    assert took < 0.5, "a bad request was refused only after the poll timeout (%.1f s)" % took
-
-
-# --- The web page -------------------------------------------------------------------------------
+# --- The web page -----------------------------------------------------------------------------
 
 def test_page_is_html_with_a_strict_content_security_policy_and_no_inline_code(api):
     page, script, style = api.get("/"), api.get("/app.js"), api.get("/app.css")
@@ -3529,131 +3871,6 @@ def test_page_and_its_script_and_style_need_credentials_when_login_is_required(s
     for reply in anonymous:
         assert_refused_login(reply, 401)
     assert [reply.status for reply in alice] == [200, 200, 200], alice
-
-
-class Chromium:
-    """Headless Chromium driven with the DevTools protocol over a pipe (--remote-debugging-pipe):
-    it reads commands from its fd 3 and writes replies to its fd 4, each a JSON object ended by a
-    NUL byte.  Its environment carries a path of the test (`mark`), which every process it starts
-    inherits, so that they can all be found: by close(), and by the check for processes left
-    behind."""
-
-    FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--ignore-certificate-errors"]
-
-    def __init__(self, workdir):
-        workdir.mkdir()
-        self.mark = str(workdir) + os.sep
-        self.console_path = workdir / "console.txt"
-        commands_read, self._commands = os.pipe()
-        self._replies, replies_write = os.pipe()
-        # Its ends first go above 9, so that putting them on 3 and 4 cannot overwrite either.
-        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (commands_read, replies_write)]
-        os.close(commands_read)
-        os.close(replies_write)
-
-        def onto_3_and_4():
-            os.dup2(ends[0], 3)
-            os.dup2(ends[1], 4)
-
-        try:
-            with open(str(self.console_path), "wb") as console:
-                self.proc = subprocess.Popen(
-                    [shutil.which("chromium")] + self.FLAGS + [
-                        "--user-data-dir=%s" % (workdir / "profile"), "--remote-debugging-pipe",
-                        "about:blank"],
-                    env=dict(os.environ, PULSAR_TEST_MARK=self.mark),
-                    stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                    preexec_fn=onto_3_and_4, close_fds=False, start_new_session=True)
-        except BaseException:
-            os.close(self._commands)
-            os.close(self._replies)
-            raise
-        finally:
-            for fd in ends:
-                os.close(fd)
-        self._buffer = b""
-        self._last_id = 0
-
-    def console(self):
-        return self.console_path.read_text(errors="replace")
-
-    def call(self, method, params=None, session=None, timeout=TIMEOUT):
-        """Send a command and return its result; DevToolsError if it failed."""
-        self._last_id += 1
-        message = {"id": self._last_id, "method": method, "params": params or {}}
-        if session is not None:
-            message["sessionId"] = session
-        os.write(self._commands, json.dumps(message).encode("utf-8") + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            reply = self._next_message(deadline, method)
-            if reply.get("id") == self._last_id:     # anything else is an event: not needed
-                if "error" in reply:
-                    raise DevToolsError("%s: %s" % (method, reply["error"]))
-                return reply.get("result", {})
-
-    def evaluate(self, session, expression):
-        """The value of a JavaScript expression in the page; DevToolsError if it threw."""
-        result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True},
-                           session)
-        if "exceptionDetails" in result:
-            raise DevToolsError("%s threw: %s" % (expression, result["exceptionDetails"]))
-        return result["result"].get("value")
-
-    def _next_message(self, deadline, method):
-        while b"\0" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self._replies], [], [], remaining)[0]:
-                raise AssertionError("Chromium did not answer %s in time:\n%s"
-                                     % (method, self.console()))
-            data = os.read(self._replies, 65536)
-            if not data:
-                raise AssertionError("Chromium closed its DevTools pipe:\n" + self.console())
-            self._buffer += data
-        message, _, self._buffer = self._buffer.partition(b"\0")
-        return json.loads(message.decode("utf-8"))
-
-    def close(self):
-        """Browser.close, then wait for Chromium and everything it started to exit (killing
-        them after a deadline); True if they all exited by themselves."""
-        try:
-            self.call("Browser.close", timeout=5)
-        except (AssertionError, DevToolsError, OSError):
-            pass            # it may exit before it answers
-        try:
-            self.proc.wait(timeout=TIMEOUT)
-            by_itself = True
-        except subprocess.TimeoutExpired:
-            by_itself = False
-        try:
-            wait_until(lambda: not processes_mentioning([self.mark], {os.getpid()}), timeout=5,
-                       what="Chromium's processes to exit")
-        except AssertionError:
-            by_itself = False
-        for pid in processes_mentioning([self.mark], {os.getpid()}):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.proc.kill()        # nothing if it has exited already
-        self.proc.wait()
-        os.close(self._commands)
-        os.close(self._replies)
-        return by_itself
-
-
-class DevToolsError(Exception):
-    """A DevTools command that failed, or JavaScript that threw."""
-
-
-def page_ready(browser, session):
-    """True once the page has loaded with its script (False while it is still navigating)."""
-    try:
-        return browser.evaluate(session, "location.protocol === 'https:' && "
-                                         "document.readyState === 'complete' && "
-                                         "!!document.querySelector('#start-form')")
-    except DevToolsError:
-        return False        # between two documents there is no context to evaluate in
 
 
 def test_page_in_a_real_browser_starts_a_task_with_the_form_and_shows_its_output_as_text(
@@ -3702,212 +3919,3 @@ def test_page_in_a_real_browser_starts_a_task_with_the_form_and_shows_its_output
     assert (task["app"], task["env"], task["action"]) == (app, env, "out-1.html")
     assert fake.invocation_for(app)["argv"][1:] == [app, env, "out-1.html"]
     assert closed_by_itself, "Chromium left processes behind after Browser.close"
-
-
-# --- Fixes from a hostile review ----------------------------------------------------------------
-
-def test_output_with_a_nul_character_reads_back_from_every_offset_live_and_after_a_restart(
-        start_server, fake, tmp_path):
-    db = tmp_path / "history.sqlite3"
-    first = start_server("--db", db)
-    client = first.client()
-    gate = fake.gate()
-    task_id = client.create(unique("app"), "prod", "nul.gate-%s.out-1" % gate.name)
-    live = "a\0bcdef\n" + gate.line
-    client.wait_at_gate(task_id, gate)
-    # Two chunks in the history: the one with the NUL, written while the task waits, and the rest.
-    wait_until(lambda: stored_output_length(db, task_id) == len(live),
-               what="the output so far to reach the history file")
-
-    def read_back(client, length):
-        return {offset: (client.get("/task/%d?offset=%d" % (task_id, offset)),
-                         client.get("/task/%d/output?offset=%d" % (task_id, offset)))
-                for offset in range(length + 1)}
-
-    while_live = read_back(client, len(live))
-    gate.release()
-    client.wait_ended(task_id)
-    whole = live + "out 1\n"
-    ended = read_back(client, len(whole))
-    first.stop_cleanly()
-    restarted = read_back(start_server("--db", db).client(), len(whole))
-
-    for text, replies in ((live, while_live), (whole, ended), (whole, restarted)):
-        for offset, (as_json, as_text) in replies.items():
-            assert as_json.status == 200 and as_text.status == 200, (offset, as_json, as_text)
-            assert as_json.json["output"] == text[offset:], offset
-            assert as_text.body.decode("utf-8") == text[offset:], offset
-            assert as_json.json["outputLength"] == len(text)
-
-
-REFUSED_ALIASES = ["shell:", "shell::", "invoke:", "rake:shell", "rake:rake:invoke", "SHELL:",
-                   "rake::Invoke"]
-
-
-def test_actions_that_resolve_to_shell_or_invoke_are_refused_but_a_namespaced_shell_runs(
-        api, shared_fake):
-    env = unique("env")
-
-    refused = [api.request("POST", "/%s/%s?action=%s" % (unique("app"), env, action))
-               for action in REFUSED_ALIASES]
-    refused_runs = shared_fake.actions_run_for(env)
-    app = unique("app")
-    namespaced = api.request("POST", "/%s/prod?action=deploy:shell" % app)
-    task = api.wait_ended(namespaced.json["taskId"]) if namespaced.status == 200 else None
-
-    for action, reply in zip(REFUSED_ALIASES, refused):
-        assert_json_error(reply, 400)
-        assert "refused" in reply.json["error"], (action, reply)
-    assert refused_runs == []
-    assert namespaced.status == 200, namespaced
-    assert (task["action"], task["status"]) == ("deploy:shell", "finished")
-    assert shared_fake.invocation_for(app)["argv"][1:] == [app, "prod", "deploy:shell"]
-
-
-def test_percent_encoded_task_path_is_the_task_route_and_never_an_app_named_task(api,
-                                                                                 shared_fake):
-    action = unique("x")
-
-    reply = api.request("POST", "/%%74ask/prod?action=%s" % action)
-
-    assert_json_error(reply, 405)
-    assert reply.headers["Allow"] == "GET"
-    assert shared_fake.actions_run_for(action) == []
-
-
-def test_sighup_is_logged_as_ignored_and_the_server_goes_on_serving(start_server):
-    server = start_server()
-
-    server.proc.send_signal(signal.SIGHUP)
-    ignored = wait_until(lambda: log_lines(server, r"SIGHUP ignored"), what="the SIGHUP log line")
-    health = server.client().get("/health")
-
-    assert len(ignored) == 1, ignored
-    assert server.proc.poll() is None
-    assert (health.status, health.json["status"]) == (200, "ok")
-
-
-def test_client_silent_after_the_tls_handshake_is_dropped_after_the_request_timeout(start_server):
-    server = start_server("--request-timeout", "1")
-
-    with tls_connection(server) as tls:
-        handshaken = time.monotonic()
-        closed = closed_by_peer(tls, timeout=5)
-        dropped_after = time.monotonic() - handshaken
-
-    assert closed, "the server never dropped a client that sent nothing after the handshake"
-    assert 0.8 <= dropped_after < 3, dropped_after
-
-
-def test_control_characters_in_the_request_method_are_escaped_in_the_log(shared_server):
-    reply = raw_exchange(shared_server, b"G\x1bET /task/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                                        b"Connection: close\r\n\r\n")
-    logged = wait_until(lambda: log_lines(shared_server, r"G\\x1bET"),
-                        what="the request in the log")
-
-    assert 400 <= reply.status < 600 and reply.status != 500, reply
-    assert list(reply.json) == ["error"]
-    assert len(logged) == 1, logged
-    assert "\x1b" not in shared_server.log()
-
-
-# --- Fixes from the second hostile review -------------------------------------------------------
-
-def test_state_changes_from_another_page_of_the_same_site_or_a_bad_origin_are_refused(
-        api, shared_server, shared_fake):
-    gate = shared_fake.gate()
-    holder = api.create(unique("app"), unique("env"), "gate-" + gate.name)
-    api.wait_at_gate(holder, gate)
-    own = "https://127.0.0.1:%d" % shared_server.port
-    app, env = unique("app"), unique("env")
-
-    refused = [     # an <img> on another port of this host is "same-site" and sends no Origin
-        api.request("GET", "/task/%d/kill" % holder, headers={"Sec-Fetch-Site": "same-site"}),
-        api.request("GET", "/task/%d/kill" % holder, headers={"Referer": "https://other.example/"}),
-        api.request("POST", "/%s/%s?action=out-1" % (app, env), headers={"Origin": "http://["}),
-        api.request("POST", "/%s/%s?action=out-1" % (app, env),
-                    headers={"Referer": "https://127.0.0.1:1/page"}),
-    ]
-    typed = api.request("POST", "/%s/%s?action=out-1" % (app, unique("env")),
-                        headers={"Sec-Fetch-Site": "none"})     # a URL typed in the address bar
-    from_page = api.request("GET", "/task/%d/kill" % holder,
-                            headers={"Sec-Fetch-Site": "same-origin", "Referer": own + "/"})
-    api.wait_ended(typed.json["taskId"])
-
-    for reply in refused:
-        assert_json_error(reply, 403)
-    assert shared_fake.actions_run_for(env) == []
-    assert typed.status == 200, typed
-    assert (from_page.status, from_page.json["status"]) == (200, "killed"), from_page
-    assert "Traceback" not in shared_server.log()
-
-
-def test_parallel_wrong_tokens_count_against_the_brake_while_github_is_slow(start_server, github):
-    server = start_github_server(start_server, github, "--auth-username", "alice")
-    github.hold = threading.Event()
-    client = server.client(headers=bearer_auth(UNKNOWN_TOKEN))
-    replies = []
-
-    def guess():
-        replies.append(client.get("/tasks"))
-
-    guessers = [threading.Thread(target=guess) for _ in range(20)]
-    for guesser in guessers:
-        guesser.start()
-    try:
-        wait_until(lambda: len(replies) == 10 and len(github.requests) >= 10,
-                   what="10 guesses refused and 10 asking GitHub")
-        asked_meanwhile = len(github.requests)
-    finally:
-        github.hold.set()
-        for guesser in guessers:
-            guesser.join(TIMEOUT)
-
-    assert asked_meanwhile == 10
-    assert sorted(reply.status for reply in replies) == [401] * 10 + [429] * 10
-    assert len(github.requests) == 10
-
-
-@pytest.mark.parametrize("odd", ["redirect", "garbage"])
-def test_github_redirect_or_garbage_is_503_and_the_token_goes_nowhere_else(start_server, github,
-                                                                            odd):
-    elsewhere = FakeGitHub(GITHUB_LOGINS, GITHUB_MEMBERS)
-    try:
-        server = start_github_server(start_server, github, "--auth-username", "alice")
-        if odd == "redirect":
-            github.redirect_to = elsewhere.url
-        else:
-            github.garbage = True
-
-        reply = server.client(headers=bearer_auth(ALICE_TOKEN)).get("/tasks")
-    finally:
-        elsewhere.stop()
-
-    assert_json_error(reply, 503)
-    assert elsewhere.requests == []
-    server.assert_no_traceback()
-
-
-def test_rerun_refuses_an_action_that_a_create_would_refuse(start_server, fake, tmp_path):
-    db = tmp_path / "history.sqlite3"
-    start_server("--db", db).stop_cleanly()
-    # As a server before the fix for `rake:shell` could have recorded it.
-    old = insert_task(db, "shop", "rake:shell", "finished", exit_code=0, finished=True, version=2)
-    server = start_server("--db", db, "--allow-action", "rake:*")
-
-    reply = server.client().request("POST", "/task/%d/rerun" % old)
-
-    assert_json_error(reply, 400)
-    assert fake.invocations() == []
-
-
-def test_http_1_0_stream_comes_unchunked_and_ends_with_the_connection(api, shared_server,
-                                                                      ended_task):
-    received = exchange_until_closed(
-        shared_server, b"GET /task/%d/stream HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" % ended_task)
-    head, _, body = received.partition(b"\r\n\r\n")
-
-    assert head.startswith(b"HTTP/1.1 200 ")
-    assert b"transfer-encoding" not in head.lower()
-    assert body == (api.task(ended_task)["output"] + "[pulsar-rest-api: task %d finished, "
-                    "exit code 0]\n" % ended_task).encode()
