@@ -6,13 +6,19 @@ a fake written into tmp_path (FAKE_PULSAR below); the ACTION it is given chooses
 example `out-3.err-2.exit-4`.  Timing is controlled with FIFO gates the fake blocks on and with the
 server's own long polls; nothing sleeps to synchronise.
 
-One shared server (module scope, --kill-grace 0.5) serves the plain API tests, each with its own
-app and env names; tests of a flag start a server of their own.  After each test no process may be
-left that mentions the test's directories, and every server must exit 0 on SIGTERM without a
-traceback in its log or on its console (unless the test crashed it on purpose with SIGKILL).
+Servers are shared where a test needs no isolation: SharedServers starts one server for each set
+of flags the first time a test asks for it and keeps it for the module (shared_server, with
+--kill-grace 0.5, serves the plain API tests; shared_server_with(*flags) the tests of a flag), and
+each test keeps to app and env names of its own.  A test that counts from zero, stops, signals,
+crashes or restarts its server, reads its whole log or task list, or leaves state behind that
+another test would see starts a dedicated server (start_server).  After each test no process may
+be left that mentions the test's directories, and no task of a shared server may still run; every
+server must exit 0 on SIGTERM without a traceback in its log or on its console (unless the test
+crashed it on purpose with SIGKILL).
 
 Tests of the task history start a second server on the first one's --db; the SQLite file is read
-directly (read-only) only to learn when output has reached the disk.
+directly (read-only) only to learn when output has reached the disk, and written directly only to
+leave a row there as a crashed or older server could have (insert_task), while no server runs.
 
 Tests of --auth-provider github point the server (--github-api) at FakeGitHub, a small HTTP server
 in a thread of this process that knows a few tokens and one organisation, records every request it
@@ -564,19 +570,18 @@ class Server:
     def client(self, context=None, headers=None, source=None):
         return Client(self.scheme, self.port, context or self.context, headers, source)
 
-    def stop(self, sig=signal.SIGTERM):
-        """Signal the server (unless it has exited) and return its exit status."""
+    def send_signal(self, sig=signal.SIGTERM):
+        """Send sig to the server unless it has exited."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError("server still running %s s after %s" % (TIMEOUT, sig))
+
+    def stop(self, sig=signal.SIGTERM):
+        """Signal the server (unless it has exited) and return its exit status."""
+        self.send_signal(sig)
+        return self.wait_exit()
 
     def wait_exit(self, timeout=TIMEOUT):
-        """The exit status once the server ends by itself; fail (killing it) after timeout."""
+        """The exit status once the server ends; fail (killing it) after timeout."""
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -600,13 +605,71 @@ class Server:
 
     def stop_cleanly(self):
         """Stop with SIGTERM; it must exit 0 and no traceback may be in its log or console."""
-        status = self.stop()
+        self.send_signal()
+        self.assert_exits_cleanly()
+
+    def assert_exits_cleanly(self):
+        """Wait for the exit of a server already told to stop: status 0, and no traceback."""
+        status = self.wait_exit()
         assert status == 0, "server exited with %s:\n%s" % (status, self.console())
         self.assert_no_traceback()
 
     def assert_no_traceback(self):
         assert "Traceback" not in self.log(), self.log()
         assert "Traceback" not in self.console(), self.console()
+
+
+def stop_all_cleanly(servers):
+    """SIGTERM every server that has not crashed, all at once, then check that each exits 0
+    without a traceback; fail naming every problem."""
+    running = [server for server in servers if not server.crashed]
+    for server in running:
+        server.send_signal()
+    problems = []
+    for server in running:
+        try:
+            server.assert_exits_cleanly()
+        except AssertionError as error:
+            problems.append(str(error))
+    assert not problems, "\n".join(problems)
+
+
+class SharedServers:
+    """The servers that tests share, one for each set of flags, each started when a test first
+    asks for it and stopped once the module's tests are done.
+
+    They all run the one fake pulsar in the shared folder, so a test that uses one keeps to apps
+    and envs of its own (unique()), and after each test none of their tasks may still run.  A
+    test that counts from zero, stops, signals or restarts the server, reads its whole log or
+    list, or leaves state behind that another test would see (a rotated log, failed logins)
+    starts a server of its own with start_server instead.
+    """
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.fake = FakePulsar(workdir / "fake")
+        self._servers = {}
+
+    @property
+    def mark(self):
+        """What the command line or environment of every process they start contains."""
+        return str(self.workdir) + os.sep
+
+    def get(self, *flags, pulsar_bin=None, env=None):
+        """The shared server started with these flags (and --pulsar-bin, environment)."""
+        key = (tuple(str(flag) for flag in flags), str(pulsar_bin),
+               tuple(sorted((env or {}).items())))
+        if key not in self._servers:
+            workdir = self.workdir / ("server%d" % len(self._servers))
+            self._servers[key] = Server(workdir, self.fake, flags, env=env, pulsar_bin=pulsar_bin)
+        return self._servers[key]
+
+    def pids(self):
+        return {server.proc.pid for server in self._servers.values()}
+
+    def stop_all(self):
+        self.fake.close_gates()
+        stop_all_cleanly(list(self._servers.values()))
 
 
 class Reply:
@@ -1269,17 +1332,26 @@ def page_ready(browser, session):
 # --- Fixtures ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def shared_server(tmp_path_factory):
-    """The module's server for plain API tests: default flags but --kill-grace 0.5."""
-    workdir = tmp_path_factory.mktemp("shared")
-    fake = FakePulsar(workdir / "fake")
-    server = Server(workdir, fake, ["--kill-grace", SHARED_GRACE])
+def shared_servers(tmp_path_factory):
+    """The module's SharedServers; each must stop cleanly, leaving no process behind."""
+    servers = SharedServers(tmp_path_factory.mktemp("shared"))
     try:
-        yield server
+        yield servers
     finally:
-        fake.close_gates()
-        server.stop_cleanly()
-        assert_no_process_left([str(workdir) + os.sep])
+        servers.stop_all()
+        assert_no_process_left([servers.mark])
+
+
+@pytest.fixture
+def shared_server_with(shared_servers):
+    """shared_server_with(*flags, pulsar_bin=, env=) is the shared server with those flags."""
+    return shared_servers.get
+
+
+@pytest.fixture(scope="module")
+def shared_server(shared_servers):
+    """The server of the plain API tests: default flags but --kill-grace 0.5."""
+    return shared_servers.get("--kill-grace", SHARED_GRACE)
 
 
 @pytest.fixture
@@ -1288,9 +1360,25 @@ def api(shared_server):
 
 
 @pytest.fixture
-def shared_fake(shared_server):
-    yield shared_server.fake
-    shared_server.fake.close_gates()
+def shared_fake(shared_servers):
+    """The fake pulsar of every shared server; its gates are closed after each test."""
+    return shared_servers.fake
+
+
+@pytest.fixture
+def pulsarless_server(shared_servers):
+    """The shared server whose --pulsar-bin does not exist, so that every task fails at once."""
+    return shared_servers.get(pulsar_bin=shared_servers.workdir / "no-such-dir" / "pulsar")
+
+
+@pytest.fixture
+def shared_login_server(shared_servers):
+    """The shared server that lets alice in with PASSWORD, read from a file.  The failed-login
+    brake counts across the tests that share it (10 failures from 127.0.0.1 within a minute
+    refuse that address): a test may fail a login or two here; more need a server of their
+    own."""
+    flags, env = basic_login(shared_servers.workdir, "file")
+    return shared_servers.get(*flags, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -1321,28 +1409,16 @@ def start_server(tmp_path, fake):
 
     yield start
     fake.close_gates()
-    problems = []
-    for server in servers:
-        if server.crashed:
-            continue
-        try:
-            server.stop_cleanly()
-        except AssertionError as error:
-            problems.append(str(error))
-    assert not problems, "\n".join(problems)
+    stop_all_cleanly(servers)
 
 
 @pytest.fixture(autouse=True)
-def no_process_left_behind(request, tmp_path):
-    """After each test, nothing it started may still run (servers, pulsar, grandchildren)."""
-    marks = [str(tmp_path) + os.sep]
-    spared = set()
-    if "shared_server" in request.fixturenames:
-        shared = request.getfixturevalue("shared_server")
-        marks.append(str(shared.workdir) + os.sep)
-        spared.add(shared.proc.pid)
+def no_process_left_behind(tmp_path, shared_servers):
+    """After each test, nothing it started may still run (servers, pulsar, grandchildren), and
+    no task of a shared server either: only the shared servers themselves go on."""
     yield
-    assert_no_process_left(marks, spared)
+    shared_servers.fake.close_gates()
+    assert_no_process_left([str(tmp_path) + os.sep, shared_servers.mark], shared_servers.pids())
 
 
 @pytest.fixture
@@ -1721,10 +1797,10 @@ def test_task_ended_by_a_foreign_signal_is_failed_with_null_exit_code(api):
     assert (task["status"], task["exitCode"], task["output"]) == ("failed", None, "out 1\n")
 
 
-def test_pulsar_that_cannot_start_gives_a_failed_task_saying_so(start_server, tmp_path):
-    client = start_server(pulsar_bin=tmp_path / "no-such-dir" / "pulsar").client()
+def test_pulsar_that_cannot_start_gives_a_failed_task_saying_so(pulsarless_server):
+    client = pulsarless_server.client()
 
-    reply = client.request("POST", "/myapp/prod?action=deploy")
+    reply = client.request("POST", "/%s/prod?action=deploy" % unique("app"))
 
     assert reply.status == 200, reply
     task = client.wait_ended(reply.json["taskId"])
@@ -1959,9 +2035,10 @@ def test_poll_returns_at_once_when_version_or_offset_is_behind(api, shared_fake)
     assert took < 3  # the shared server's poll timeout is 30 s
 
 
-def test_poll_answers_unchanged_after_the_poll_timeout(start_server, fake):
-    client = start_server("--poll-timeout", "1").client()
-    gate = fake.gate()
+def test_poll_answers_unchanged_after_the_poll_timeout(shared_server_with):
+    server = shared_server_with("--poll-timeout", 1)
+    client = server.client()
+    gate = server.fake.gate()
     task_id = client.create(unique("app"), unique("env"), "gate-" + gate.name)
     now = client.wait_at_gate(task_id, gate)
 
@@ -2399,8 +2476,8 @@ def test_task_list_with_version_answers_at_once_if_behind_else_on_a_change_or_th
 
 
 def test_task_list_long_poll_refuses_a_bad_limit_at_once_not_after_the_poll_timeout(
-        start_server):
-    client = start_server("--poll-timeout", "1").client()
+        shared_server_with):
+    client = shared_server_with("--poll-timeout", 1).client()
     version = client.listing()["version"]
 
     reply, took = timed(lambda: client.get("/tasks?version=%d&limit=0" % version))
@@ -2649,27 +2726,28 @@ def test_task_list_pages_follow_the_next_link_until_it_is_null(api):
     assert before == [ids[1], ids[0]]
 
 
-def test_task_list_holds_50_by_default_and_up_to_500_when_asked(start_server, tmp_path):
-    client = start_server(pulsar_bin=tmp_path / "no-such-dir" / "pulsar").client()
+def test_task_list_holds_50_by_default_and_up_to_500_when_asked(pulsarless_server):
+    client = pulsarless_server.client()
+    app = unique("app")
     ids = []
     conn = client.connection()      # tasks that fail at once: 51 of them cost no process
     try:
         for _ in range(51):
-            conn.request("POST", "/app/prod?action=deploy")
+            conn.request("POST", "/%s/prod?action=deploy" % app)
             response = conn.getresponse()
             assert response.status == 200
             ids.append(json.loads(response.read().decode())["taskId"])
     finally:
         conn.close()
 
-    default = client.listing()
-    most = client.listing("limit=500")
-    one = client.listing("limit=1")
+    default = client.listing("app=" + app)
+    most = client.listing("app=%s&limit=500" % app)
+    one = client.listing("app=%s&limit=1" % app)
 
     newest_first = ids[::-1]
     assert [task["id"] for task in default["tasks"]] == newest_first[:50]
     assert urllib.parse.parse_qs(urllib.parse.urlsplit(default["next"]).query) == {
-        "limit": ["50"], "before": [str(newest_first[49])]}
+        "app": [app], "limit": ["50"], "before": [str(newest_first[49])]}
     assert [task["id"] for task in most["tasks"]] == newest_first
     assert most["next"] is None
     assert [task["id"] for task in one["tasks"]] == newest_first[:1]
@@ -2762,7 +2840,7 @@ def test_sigterm_lets_a_running_task_finish_while_reads_are_still_answered(start
     task_id = client.create(app, "prod", "out-1.gate-%s.out-2" % gate.name)
     before = client.wait_at_gate(task_id, gate)
 
-    server.proc.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGTERM)
     health = wait_until_stopping(client)
     read = client.get("/task/%d" % task_id)
     polled = client.get("/task/%d/state?version=0&offset=0" % task_id)
@@ -2813,9 +2891,9 @@ def test_second_sigint_stops_at_once_even_a_task_that_ignores_sigterm(start_serv
     task_id, _, pids = start_process_tree(client, fake, "ignoreterm.")
 
     started = time.monotonic()
-    server.proc.send_signal(signal.SIGINT)
+    server.send_signal(signal.SIGINT)
     wait_until_stopping(client)
-    server.proc.send_signal(signal.SIGINT)
+    server.send_signal(signal.SIGINT)
     status = server.wait_exit()
     took = time.monotonic() - started
     gone = are_gone(pids)
@@ -2831,7 +2909,7 @@ def test_second_sigint_stops_at_once_even_a_task_that_ignores_sigterm(start_serv
 def test_sighup_is_logged_as_ignored_and_the_server_goes_on_serving(start_server):
     server = start_server()
 
-    server.proc.send_signal(signal.SIGHUP)
+    server.send_signal(signal.SIGHUP)
     ignored = wait_until(lambda: log_lines(server, r"SIGHUP ignored"), what="the SIGHUP log line")
     health = server.client().get("/health")
 
@@ -3183,9 +3261,10 @@ def test_queue_true_waits_in_line_and_starts_once_the_pair_is_free(api, shared_f
     assert api.task(holder)["status"] == "finished"
 
 
-def test_two_queued_tasks_of_a_pair_start_one_after_the_other_in_order(start_server, fake):
-    client = start_server("--poll-timeout", "1").client()   # a stuck line fails in seconds
-    holder_gate, first_gate = fake.gate(), fake.gate()
+def test_two_queued_tasks_of_a_pair_start_one_after_the_other_in_order(shared_server_with):
+    server = shared_server_with("--poll-timeout", 1)    # a stuck line fails in seconds
+    client = server.client()
+    holder_gate, first_gate = server.fake.gate(), server.fake.gate()
     app = unique("app")
     holder = client.create(app, "prod", "gate-" + holder_gate.name)
     client.wait_at_gate(holder, holder_gate)
@@ -3204,7 +3283,7 @@ def test_two_queued_tasks_of_a_pair_start_one_after_the_other_in_order(start_ser
     assert second_meanwhile["status"] == "queued"
     assert first_ended["status"] == "finished"
     assert (second_ended["status"], second_ended["output"]) == ("finished", "out 1\n")
-    assert [run["argv"][-1] for run in fake.invocations()] == [
+    assert server.fake.actions_run_for(app) == [
         "gate-" + holder_gate.name, "gate-" + first_gate.name, "out-1"]
 
 
@@ -3259,7 +3338,7 @@ def test_a_queued_task_is_dropped_when_the_server_stops_and_never_runs(start_ser
     client.wait_at_gate(holder, gate)
     queued = client.queue(app, "prod", "out-1")
 
-    server.proc.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGTERM)
     wait_until_stopping(client)
     dropped = client.task(queued)
     holder_meanwhile = client.task(holder)
@@ -3404,9 +3483,8 @@ def test_log_names_who_made_each_request_start_and_kill_but_never_the_password(
 
 
 def test_refused_login_on_a_kept_alive_connection_is_not_logged_as_the_previous_user(
-        start_server, tmp_path):
-    flags, env = basic_login(tmp_path, "file")
-    server = start_server(*flags, env=env)
+        shared_login_server):
+    server = shared_login_server
     conn = server.client().connection()
     try:
         statuses = []
@@ -3657,13 +3735,14 @@ def test_state_changes_from_another_page_of_the_same_site_or_a_bad_origin_are_re
 
 # --- Slow and silent clients ------------------------------------------------------------------
 
-def test_silent_client_does_not_delay_others_and_is_dropped_after_request_timeout(start_server):
-    server = start_server("--request-timeout", "1")
+def test_silent_client_does_not_delay_others_and_is_dropped_after_request_timeout(
+        shared_server_with):
+    server = shared_server_with("--request-timeout", 1)
     client = server.client()
 
     with tcp_connection(server) as silent:
         connected = time.monotonic()
-        reply, other_took = timed(lambda: client.get("/task/1"))
+        reply, other_took = timed(lambda: client.get("/task/99999"))
         closed = closed_by_peer(silent, timeout=5)
         dropped_after = time.monotonic() - connected
 
@@ -3673,8 +3752,9 @@ def test_silent_client_does_not_delay_others_and_is_dropped_after_request_timeou
     assert 0.8 <= dropped_after < 3
 
 
-def test_client_silent_after_the_tls_handshake_is_dropped_after_the_request_timeout(start_server):
-    server = start_server("--request-timeout", "1")
+def test_client_silent_after_the_tls_handshake_is_dropped_after_the_request_timeout(
+        shared_server_with):
+    server = shared_server_with("--request-timeout", 1)
 
     with tls_connection(server) as tls:
         handshaken = time.monotonic()
@@ -3685,8 +3765,9 @@ def test_client_silent_after_the_tls_handshake_is_dropped_after_the_request_time
     assert 0.8 <= dropped_after < 3, dropped_after
 
 
-def test_trickled_request_does_not_delay_others_and_is_dropped_in_bounded_time(start_server):
-    server = start_server("--request-timeout", "1")
+def test_trickled_request_does_not_delay_others_and_is_dropped_in_bounded_time(
+        shared_server_with):
+    server = shared_server_with("--request-timeout", 1)
     client = server.client()
     request = (b"GET /task/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"p" * 150
                + b"\r\n\r\n")
@@ -3702,7 +3783,7 @@ def test_trickled_request_does_not_delay_others_and_is_dropped_in_bounded_time(s
                 break
             sent += 1
             if sent == 5:
-                other, other_took = timed(lambda: client.get("/task/1"))
+                other, other_took = timed(lambda: client.get("/task/99999"))
             if closed_by_peer(tls, timeout=0.05):  # paces the trickle, 1 byte per 50 ms
                 closed = True
                 break
@@ -3859,10 +3940,9 @@ def test_page_is_html_with_a_strict_content_security_policy_and_no_inline_code(a
         assert reply.headers["Content-Length"] == str(len(reply.body))
 
 
-def test_page_and_its_script_and_style_need_credentials_when_login_is_required(start_server,
-                                                                              tmp_path):
-    flags, env = basic_login(tmp_path, "file")
-    server = start_server(*flags, env=env)
+def test_page_and_its_script_and_style_need_credentials_when_login_is_required(
+        shared_login_server):
+    server = shared_login_server
     paths = ("/", "/app.js", "/app.css")
 
     anonymous = [server.client().get(path) for path in paths]
@@ -3874,10 +3954,10 @@ def test_page_and_its_script_and_style_need_credentials_when_login_is_required(s
 
 
 def test_page_in_a_real_browser_starts_a_task_with_the_form_and_shows_its_output_as_text(
-        start_server, fake, tmp_path):
+        shared_server, tmp_path):
     if shutil.which("chromium") is None:
         pytest.skip("Chromium is not installed (the CI installs it)")
-    server = start_server()
+    server = shared_server
     app, env = unique("app"), unique("env")
     fill_and_submit = (
         "(() => { const form = document.querySelector('#start-form');"
@@ -3917,5 +3997,5 @@ def test_page_in_a_real_browser_starts_a_task_with_the_form_and_shows_its_output
     assert shown == "#task/%d" % task_id
     assert start_error == ""
     assert (task["app"], task["env"], task["action"]) == (app, env, "out-1.html")
-    assert fake.invocation_for(app)["argv"][1:] == [app, env, "out-1.html"]
+    assert server.fake.invocation_for(app)["argv"][1:] == [app, env, "out-1.html"]
     assert closed_by_itself, "Chromium left processes behind after Browser.close"
