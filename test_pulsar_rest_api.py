@@ -749,6 +749,20 @@ class Client:
     def get(self, path, **kwargs):
         return self.request("GET", path, **kwargs)
 
+    def get_each(self, paths, timeout=TIMEOUT):
+        """GET each path in turn on one kept-alive connection; the replies.  For reading many
+        offsets, where a TLS handshake for each would cost more than the reads."""
+        conn = self.connection(timeout)
+        try:
+            replies = []
+            for path in paths:
+                conn.request("GET", path, headers=self.headers)
+                response = conn.getresponse()
+                replies.append(Reply(response, response.read(), conn.sock.getsockname()[1]))
+            return replies
+        finally:
+            conn.close()
+
     def create(self, app, env, action):
         """POST a form with the action and return the new task id."""
         reply = self.request("POST", "/%s/%s" % (app, env),
@@ -918,19 +932,62 @@ def insert_task(db, app, action, status, exit_code=None, finished=False, version
                  version)).lastrowid
 
 
-def run_cli(tmp_path, fake, args, env=None, script=SCRIPT):
+class CliRun:
+    """The server's command line, expected to end by itself (an error, --help), started in a
+    folder of its own; result() waits for it.  Several can run side by side."""
+
+    def __init__(self, directory, fake, args, env=None, script=SCRIPT):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory, self.args = directory, args
+        self.command = [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
+                        "--pulsar-bin", str(fake.path), "--log-dir", str(directory / "cli-log"),
+                        "--db", str(directory / "cli.sqlite3")] + [str(arg) for arg in args]
+        full_env = dict(os.environ, FAKE_DIR=str(fake.dir))
+        full_env.update(env or {})
+        with open(str(directory / "stdout.txt"), "wb") as out:
+            with open(str(directory / "stderr.txt"), "wb") as err:
+                self.proc = subprocess.Popen(self.command, cwd=str(directory), env=full_env,
+                                             stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        self.deadline = time.monotonic() + TIMEOUT
+        self.timed_out = False
+
+    def wait(self):
+        """Wait for the exit, killing it if it has not exited TIMEOUT s after its start."""
+        try:
+            self.proc.wait(timeout=max(0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            self.timed_out = True
+
+    def result(self):
+        """Its CompletedProcess (text output); fail if it had to be killed."""
+        self.wait()
+        assert not self.timed_out, "%s did not exit within %s s (did it start serving?)" % (
+            self.args, TIMEOUT)
+        output = [(self.directory / name).read_text(errors="replace")
+                  for name in ("stdout.txt", "stderr.txt")]
+        return subprocess.CompletedProcess(self.command, self.proc.returncode, *output)
+
+
+def run_cli(directory, fake, args, env=None, script=SCRIPT):
     """Run the server's command line expected to end by itself; return the CompletedProcess."""
-    command = [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
-               "--pulsar-bin", str(fake.path), "--log-dir", str(tmp_path / "cli-log"),
-               "--db", str(tmp_path / "cli.sqlite3")]
-    full_env = dict(os.environ, FAKE_DIR=str(fake.dir))
-    full_env.update(env or {})
+    return CliRun(directory, fake, args, env, script).result()
+
+
+def run_side_by_side(directory, runs):
+    """Start the command lines of runs, {name: (args, env)}, all at once, each in a folder of
+    its own under directory, and wait for them all; {name: CliRun}.  One after the other they
+    would each cost a start of Python in turn."""
+    fake = FakePulsar(directory / "fake")
+    started = {}
     try:
-        return subprocess.run(command + [str(arg) for arg in args], cwd=str(tmp_path),
-                              env=full_env, stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=5)
-    except subprocess.TimeoutExpired:
-        raise AssertionError("%s did not exit within 5 s (did it start serving?)" % (args,))
+        for name, (args, env) in runs.items():
+            started[name] = CliRun(directory / name, fake, args, env)
+    finally:
+        for run in started.values():
+            run.wait()
+    return started
 
 
 def one_error_line(result):
@@ -1431,6 +1488,48 @@ def github():
         fake.stop()
 
 
+@pytest.fixture(scope="module")
+def cli_error_runs(tmp_path_factory, tls_files):
+    """{id: CliRun} of every command line in CLI_ERRORS (in the tests of the command line), run
+    side by side while a port is held busy for the case that needs one."""
+    directory = tmp_path_factory.mktemp("cli-errors")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        files = dict(tls_files, missing=directory / "missing.pem")
+        files["busy-port"] = busy.getsockname()[1]
+        yield run_side_by_side(directory, {
+            case_id: (make_args(files), None) for case_id, make_args in CLI_ERRORS})
+    assert_no_process_left([str(directory) + os.sep])
+
+
+@pytest.fixture(scope="module")
+def flag_error_runs(tmp_path_factory):
+    """{id: CliRun} of every command line in AUTH_CLI_ERRORS, run side by side, with
+    PULSAR_REST_API_PASSWORD set empty."""
+    directory = tmp_path_factory.mktemp("flag-errors")
+    yield run_side_by_side(directory, {
+        case_id: (args, {PASSWORD_VARIABLE: ""}) for case_id, args, _ in AUTH_CLI_ERRORS})
+    assert_no_process_left([str(directory) + os.sep])
+
+
+@pytest.fixture(scope="module")
+def bad_db_runs(tmp_path_factory):
+    """{kind: (--db path, its bytes before or None, CliRun)} for each kind of BAD_DBS, run side
+    by side."""
+    directory = tmp_path_factory.mktemp("bad-dbs")
+    paths = {}
+    for kind in BAD_DBS:
+        folder = directory / ("db-" + kind)
+        folder.mkdir()
+        paths[kind] = make_bad_db(folder, kind)
+    before = {kind: path.read_bytes() if path.is_file() else None for kind, path in paths.items()}
+    runs = run_side_by_side(directory, {kind: (["--db", path], None)
+                                        for kind, path in paths.items()})
+    yield {kind: (paths[kind], before[kind], runs[kind]) for kind in BAD_DBS}
+    assert_no_process_left([str(directory) + os.sep])
+
+
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory):
     """A certificate for 127.0.0.1 with an encrypted key, the same as PKCS#12, passphrase files."""
@@ -1914,9 +2013,11 @@ def test_output_with_a_nul_character_reads_back_from_every_offset_live_and_after
                what="the output so far to reach the history file")
 
     def read_back(client, length):
-        return {offset: (client.get("/task/%d?offset=%d" % (task_id, offset)),
-                         client.get("/task/%d/output?offset=%d" % (task_id, offset)))
-                for offset in range(length + 1)}
+        offsets = range(length + 1)
+        as_json = client.get_each(["/task/%d?offset=%d" % (task_id, offset) for offset in offsets])
+        as_text = client.get_each(["/task/%d/output?offset=%d" % (task_id, offset)
+                                   for offset in offsets])
+        return dict(zip(offsets, zip(as_json, as_text)))
 
     while_live = read_back(client, len(live))
     gate.release()
@@ -2950,16 +3051,9 @@ CLI_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("make_args", [case[1] for case in CLI_ERRORS],
-                         ids=[case[0] for case in CLI_ERRORS])
-def test_command_line_error_is_one_line_and_a_nonzero_exit(tmp_path, fake, tls_files, make_args):
-    busy = socket.socket()
-    busy.bind(("127.0.0.1", 0))
-    busy.listen(1)
-    with busy:
-        files = dict(tls_files, missing=tmp_path / "missing.pem")
-        files["busy-port"] = busy.getsockname()[1]
-        result = run_cli(tmp_path, fake, make_args(files))
+@pytest.mark.parametrize("case_id", [case[0] for case in CLI_ERRORS])
+def test_command_line_error_is_one_line_and_a_nonzero_exit(cli_error_runs, case_id):
+    result = cli_error_runs[case_id].result()
 
     line = one_error_line(result)
     assert line.startswith(CLI_ERROR_PREFIX), line
@@ -2985,11 +3079,11 @@ AUTH_CLI_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("args, mentions", [case[1:] for case in AUTH_CLI_ERRORS],
+@pytest.mark.parametrize("case_id, mentions", [(case[0], case[2]) for case in AUTH_CLI_ERRORS],
                          ids=[case[0] for case in AUTH_CLI_ERRORS])
 def test_access_or_limit_flags_that_cannot_work_are_a_one_line_error_naming_the_fix(
-        tmp_path, fake, args, mentions):
-    result = run_cli(tmp_path, fake, args, env={PASSWORD_VARIABLE: ""})
+        flag_error_runs, case_id, mentions):
+    result = flag_error_runs[case_id].result()
 
     line = one_error_line(result)
     assert line.startswith(CLI_ERROR_PREFIX), line
@@ -2998,13 +3092,14 @@ def test_access_or_limit_flags_that_cannot_work_are_a_one_line_error_naming_the_
     assert PASSWORD not in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("kind", ["missing-folder", "garbage-file", "directory", "newer-schema"])
-def test_unusable_db_is_a_one_line_error_naming_db_and_leaves_the_file_alone(tmp_path, fake,
-                                                                            kind):
-    path = make_bad_db(tmp_path, kind)
-    before = path.read_bytes() if path.is_file() else None
+BAD_DBS = ["missing-folder", "garbage-file", "directory", "newer-schema"]    # see make_bad_db
 
-    result = run_cli(tmp_path, fake, ["--db", path])
+
+@pytest.mark.parametrize("kind", BAD_DBS)
+def test_unusable_db_is_a_one_line_error_naming_db_and_leaves_the_file_alone(bad_db_runs, kind):
+    path, before, run = bad_db_runs[kind]
+
+    result = run.result()
 
     line = one_error_line(result)
     assert line.startswith(CLI_ERROR_PREFIX), line
