@@ -73,6 +73,8 @@ LOG_NAME = "pulsar-rest-api.log"
 TIMEOUT = 10          # seconds; deadline for anything that should happen quickly
 RECHECK = 0.01        # seconds between two checks of a condition in wait_until
 SHARED_GRACE = 0.5    # --kill-grace of the shared server
+SHORT_POLL = 0.5      # --poll-timeout where a test waits for a long poll to run out
+SHORT_REQUEST = 0.5   # --request-timeout where a test waits for a slow client to be dropped
 
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
@@ -2137,7 +2139,7 @@ def test_poll_returns_at_once_when_version_or_offset_is_behind(api, shared_fake)
 
 
 def test_poll_answers_unchanged_after_the_poll_timeout(shared_server_with):
-    server = shared_server_with("--poll-timeout", 1)
+    server = shared_server_with("--poll-timeout", SHORT_POLL)
     client = server.client()
     gate = server.fake.gate()
     task_id = client.create(unique("app"), unique("env"), "gate-" + gate.name)
@@ -2150,7 +2152,7 @@ def test_poll_answers_unchanged_after_the_poll_timeout(shared_server_with):
 
     assert reply.status == 200
     assert reply.json == {"changed": False}
-    assert 0.9 <= took < 3
+    assert 0.9 * SHORT_POLL <= took < SHORT_POLL + 2
 
 
 def test_follow_loop_misses_nothing_and_receives_only_new_output(api, shared_fake):
@@ -2548,7 +2550,7 @@ def test_rerun_refuses_an_action_that_a_create_would_refuse(start_server, fake, 
 
 def test_task_list_with_version_answers_at_once_if_behind_else_on_a_change_or_the_timeout(
         start_server, fake):
-    client = start_server("--poll-timeout", "1").client()
+    client = start_server("--poll-timeout", SHORT_POLL).client()
     gate = fake.gate()
     app = unique("app")
     version = client.listing()["version"]
@@ -2566,25 +2568,26 @@ def test_task_list_with_version_answers_at_once_if_behind_else_on_a_change_or_th
         conn.close()
     unchanged, unchanged_took = timed(lambda: client.listing("version=%d" % changed["version"]))
 
-    assert behind["version"] == version and behind_took < 0.5
+    assert behind["version"] == version and behind_took < SHORT_POLL / 2
     assert created["version"] > version
     assert [(task["id"], task["status"]) for task in created["tasks"]] == [(task_id, "running")]
     assert changed["version"] > created["version"]
     assert [(task["id"], task["status"]) for task in changed["tasks"]] == [(task_id, "finished")]
     assert unchanged["version"] == changed["version"]
     assert unchanged["tasks"] == changed["tasks"]
-    assert 0.9 <= unchanged_took < 3
+    assert 0.9 * SHORT_POLL <= unchanged_took < SHORT_POLL + 2
 
 
 def test_task_list_long_poll_refuses_a_bad_limit_at_once_not_after_the_poll_timeout(
         shared_server_with):
-    client = shared_server_with("--poll-timeout", 1).client()
+    client = shared_server_with("--poll-timeout", SHORT_POLL).client()
     version = client.listing()["version"]
 
     reply, took = timed(lambda: client.get("/tasks?version=%d&limit=0" % version))
 
     assert_json_error(reply, 400)
-    assert took < 0.5, "a bad request was refused only after the poll timeout (%.1f s)" % took
+    assert took < SHORT_POLL / 2, (
+        "a bad request was refused only after the poll timeout (%.2f s)" % took)
 
 
 # --- Task history across restarts -------------------------------------------------------------
@@ -3357,7 +3360,7 @@ def test_queue_true_waits_in_line_and_starts_once_the_pair_is_free(api, shared_f
 
 
 def test_two_queued_tasks_of_a_pair_start_one_after_the_other_in_order(shared_server_with):
-    server = shared_server_with("--poll-timeout", 1)    # a stuck line fails in seconds
+    server = shared_server_with("--poll-timeout", SHORT_POLL)   # a stuck line fails in seconds
     client = server.client()
     holder_gate, first_gate = server.fake.gate(), server.fake.gate()
     app = unique("app")
@@ -3832,7 +3835,7 @@ def test_state_changes_from_another_page_of_the_same_site_or_a_bad_origin_are_re
 
 def test_silent_client_does_not_delay_others_and_is_dropped_after_request_timeout(
         shared_server_with):
-    server = shared_server_with("--request-timeout", 1)
+    server = shared_server_with("--request-timeout", SHORT_REQUEST)
     client = server.client()
 
     with tcp_connection(server) as silent:
@@ -3844,12 +3847,12 @@ def test_silent_client_does_not_delay_others_and_is_dropped_after_request_timeou
     assert_json_error(reply, 404)
     assert other_took < 0.5
     assert closed, "the server never dropped a client that sent nothing"
-    assert 0.8 <= dropped_after < 3
+    assert 0.8 * SHORT_REQUEST <= dropped_after < SHORT_REQUEST + 2
 
 
 def test_client_silent_after_the_tls_handshake_is_dropped_after_the_request_timeout(
         shared_server_with):
-    server = shared_server_with("--request-timeout", 1)
+    server = shared_server_with("--request-timeout", SHORT_REQUEST)
 
     with tls_connection(server) as tls:
         handshaken = time.monotonic()
@@ -3857,12 +3860,12 @@ def test_client_silent_after_the_tls_handshake_is_dropped_after_the_request_time
         dropped_after = time.monotonic() - handshaken
 
     assert closed, "the server never dropped a client that sent nothing after the handshake"
-    assert 0.8 <= dropped_after < 3, dropped_after
+    assert 0.8 * SHORT_REQUEST <= dropped_after < SHORT_REQUEST + 2, dropped_after
 
 
 def test_trickled_request_does_not_delay_others_and_is_dropped_in_bounded_time(
         shared_server_with):
-    server = shared_server_with("--request-timeout", 1)
+    server = shared_server_with("--request-timeout", SHORT_REQUEST)
     client = server.client()
     request = (b"GET /task/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"p" * 150
                + b"\r\n\r\n")
@@ -3885,7 +3888,7 @@ def test_trickled_request_does_not_delay_others_and_is_dropped_in_bounded_time(
         dropped_after = time.monotonic() - first_byte
 
     assert closed and sent < len(request), "the server waited for the whole trickled request"
-    assert 0.8 <= dropped_after < 3
+    assert 0.8 * SHORT_REQUEST <= dropped_after < SHORT_REQUEST + 2
     assert_json_error(other, 404)
     assert other_took < 0.5
 
