@@ -1432,12 +1432,14 @@ def pulsarless_server(shared_servers):
 
 @pytest.fixture
 def shared_login_server(shared_servers):
-    """The shared server that lets alice in with PASSWORD, read from a file.  The failed-login
-    brake counts across the tests that share it (10 failures from 127.0.0.1 within a minute
-    refuse that address): a test may fail a login or two here; more need a server of their
-    own."""
-    flags, env = basic_login(shared_servers.workdir, "file")
-    return shared_servers.get(*flags, env=env)
+    """shared_login_server(source="file") is the shared server that lets alice in with PASSWORD
+    taken from source (see basic_login).  Its failed-login brake counts across the tests that
+    share it (10 failures from 127.0.0.1 within a minute refuse that address): a test may fail a
+    few logins there, and a test that needs more starts a server of its own."""
+    def get(source="file"):
+        flags, env = basic_login(shared_servers.workdir, source)
+        return shared_servers.get(*flags, env=env)
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -1953,9 +1955,10 @@ def test_pulsar_runs_in_its_own_session_with_null_stdin_and_one_output_pipe(
     (["--pulsar-cli", "v1"], ["task"]),
     (["--pulsar-cli", "v1", "--config-repo", "/srv/conf"], ["task", "--conf-repo", "/srv/conf"]),
 ], ids=["classic-repo", "classic-repo-branch", "v1", "v1-repo"])
-def test_pulsar_command_line_follows_cli_flavour_and_config_flags(start_server, fake, flags,
+def test_pulsar_command_line_follows_cli_flavour_and_config_flags(shared_server_with, flags,
                                                                   expected):
-    client = start_server(*flags).client()
+    server = shared_server_with(*flags)
+    client, fake = server.client(), server.fake
     app, env = unique("app"), unique("env")
 
     client.wait_ended(client.create(app, env, "deploy"))
@@ -2717,8 +2720,8 @@ def test_memory_db_serves_tasks_and_the_log_says_nothing_is_kept(start_server):
 # --- Output limit and memory ------------------------------------------------------------------
 
 def test_output_past_max_output_is_dropped_after_a_marker_and_the_task_runs_to_its_end(
-        start_server):
-    client = start_server("--max-output", "64K").client()
+        shared_server_with):
+    client = shared_server_with("--max-output", "64K").client()
     task_id = client.create(unique("app"), "prod", "flood-4.out-1")
 
     last, followed = client.follow(task_id)
@@ -3203,9 +3206,10 @@ def test_pfx_is_served_and_leaves_no_temporary_pem_behind(start_server, tmp_path
     assert_json_error(reply, 404)
 
 
-def test_encrypted_key_is_read_with_its_passphrase_file(start_server, tls_files):
-    server = start_server("--ssl-cert", tls_files["cert.pem"], "--ssl-key", tls_files["key.pem"],
-                          "--ssl-passphrase", tls_files["key-pass.txt"])
+def test_encrypted_key_is_read_with_its_passphrase_file(shared_server_with, tls_files):
+    server = shared_server_with("--ssl-cert", tls_files["cert.pem"],
+                                "--ssl-key", tls_files["key.pem"],
+                                "--ssl-passphrase", tls_files["key-pass.txt"])
     context = ssl.create_default_context(cafile=str(tls_files["cert.pem"]))
 
     served, _ = served_certificate(server, context)
@@ -3214,16 +3218,17 @@ def test_encrypted_key_is_read_with_its_passphrase_file(start_server, tls_files)
     assert logged_fingerprint(server.log()) == fingerprint_of(served)
 
 
-def test_no_ssl_serves_plain_http_and_warns_in_the_log(start_server):
-    server = start_server("--no-ssl")
+def test_no_ssl_serves_plain_http_and_warns_in_the_log(shared_server_with):
+    server = shared_server_with("--no-ssl")
     client = server.client()
 
-    reply = client.request("POST", "/myapp/prod?action=deploy")
+    reply = client.request("POST", "/%s/prod?action=deploy" % unique("app"))
 
     assert server.scheme == "http"
     assert any("WARNING" in line and "--no-ssl" in line for line in server.log().splitlines())
     assert reply.status == 200, reply
-    assert reply.json["url"].endswith("//127.0.0.1:%d/task/1" % server.port)
+    assert reply.json["url"].endswith("//127.0.0.1:%d/task/%d" % (server.port,
+                                                                  reply.json["taskId"]))
     assert client.wait_ended(reply.json["taskId"])["status"] == "finished"
 
 
@@ -3411,9 +3416,10 @@ def test_killing_a_queued_task_takes_it_out_of_the_line_and_it_never_runs(api, s
         "gate-" + gate.name, "out-2"]
 
 
-def test_allow_concurrent_lets_two_tasks_of_one_pair_run_at_once(start_server, fake):
-    client = start_server("--allow-concurrent").client()
-    gates = [fake.gate(), fake.gate()]
+def test_allow_concurrent_lets_two_tasks_of_one_pair_run_at_once(shared_server_with):
+    server = shared_server_with("--allow-concurrent")
+    client = server.client()
+    gates = [server.fake.gate(), server.fake.gate()]
     app = unique("app")
 
     ids = [client.create(app, "prod", "gate-" + gate.name) for gate in gates]
@@ -3451,9 +3457,11 @@ def test_a_queued_task_is_dropped_when_the_server_stops_and_never_runs(start_ser
     server.assert_no_traceback()
 
 
-def test_max_tasks_refuses_one_more_with_429_or_queues_it_until_a_slot_frees(start_server, fake):
-    client = start_server("--max-tasks", "2").client()
-    gates = [fake.gate(), fake.gate()]
+def test_max_tasks_refuses_one_more_with_429_or_queues_it_until_a_slot_frees(
+        shared_server_with):
+    server = shared_server_with("--max-tasks", 2)     # no other test runs tasks there
+    client = server.client()
+    gates = [server.fake.gate(), server.fake.gate()]
     running = [client.create(unique("app"), "prod", "gate-" + gate.name) for gate in gates]
     for task_id, gate in zip(running, gates):
         client.wait_at_gate(task_id, gate)
@@ -3462,7 +3470,7 @@ def test_max_tasks_refuses_one_more_with_429_or_queues_it_until_a_slot_frees(sta
     refused = client.request("POST", "/%s/prod?action=out-1" % app)
     queued = client.request("POST", "/%s/prod?action=out-1&queue=true" % app)
     waiting = client.task(queued.json["taskId"])
-    runs_while_full = fake.actions_run_for(app)
+    runs_while_full = server.fake.actions_run_for(app)
     gates[0].release()
     ended = client.wait_ended(queued.json["taskId"])
     still_held = client.task(running[1])
@@ -3483,15 +3491,15 @@ def test_max_tasks_refuses_one_more_with_429_or_queues_it_until_a_slot_frees(sta
 
 @pytest.mark.parametrize("source", ["file", "environment", "flag"])
 def test_basic_login_lets_in_only_the_password_from_a_file_the_environment_or_the_flag(
-        start_server, tmp_path, source):
-    flags, env = basic_login(tmp_path, source)
-    server = start_server(*flags, env=env)
+        shared_login_server, source):
+    server = shared_login_server(source)
+    tasks = "/tasks?app=" + unique("app")       # a list of no tasks, whoever shares the server
 
-    anonymous = server.client().get("/tasks")
-    wrong = server.client(headers=basic_auth("alice", PASSWORD + "x")).get("/tasks")
-    other_user = server.client(headers=basic_auth("mallory", PASSWORD)).get("/tasks")
-    as_bearer = server.client(headers=bearer_auth(PASSWORD)).get("/tasks")
-    right = server.client(headers=basic_auth("alice", PASSWORD)).get("/tasks")
+    anonymous = server.client().get(tasks)
+    wrong = server.client(headers=basic_auth("alice", PASSWORD + "x")).get(tasks)
+    other_user = server.client(headers=basic_auth("mallory", PASSWORD)).get(tasks)
+    as_bearer = server.client(headers=bearer_auth(PASSWORD)).get(tasks)
+    right = server.client(headers=basic_auth("alice", PASSWORD)).get(tasks)
 
     for reply in (anonymous, wrong, other_user, as_bearer):
         assert_refused_login(reply, 401)
@@ -3539,11 +3547,10 @@ def test_basic_login_is_required_on_every_route_but_health(start_server, fake, t
 
 
 def test_log_names_who_made_each_request_start_and_kill_but_never_the_password(
-        start_server, fake, tmp_path):
-    flags, env = basic_login(tmp_path, "environment")
-    server = start_server(*flags, env=env)
+        shared_login_server):
+    server = shared_login_server("environment")
     alice = server.client(headers=basic_auth("alice", PASSWORD))
-    gate = fake.gate()
+    gate = server.fake.gate()
     app = unique("app")
     started = alice.request("POST", "/%s/prod?action=gate-%s" % (app, gate.name))
     task_id = started.json["taskId"]
@@ -3573,7 +3580,7 @@ def test_log_names_who_made_each_request_start_and_kill_but_never_the_password(
         assert len(log_lines(server, pattern)) == 1, pattern
     assert PASSWORD_VARIABLE not in pulsar_environment
     assert PASSWORD not in "".join(pulsar_environment.values())
-    assert pulsar_environment["FAKE_DIR"] == str(fake.dir)       # the rest is passed on
+    assert pulsar_environment["FAKE_DIR"] == str(server.fake.dir)    # the rest is passed on
     assert pulsar_environment["PATH"] == os.environ["PATH"]
     for reply in replies:
         assert leaked_secrets(reply_text(reply)) == [], reply
@@ -3582,7 +3589,7 @@ def test_log_names_who_made_each_request_start_and_kill_but_never_the_password(
 
 def test_refused_login_on_a_kept_alive_connection_is_not_logged_as_the_previous_user(
         shared_login_server):
-    server = shared_login_server
+    server = shared_login_server()
     conn = server.client().connection()
     try:
         statuses = []
@@ -3967,8 +3974,8 @@ def test_connections_over_max_connections_get_503_and_a_flood_does_not_lock_out_
 
 
 def test_busy_503_over_max_connections_is_not_cached_or_sniffed_like_every_other_answer(
-        start_server):
-    server = start_server("--max-connections", "1")
+        shared_server_with):
+    server = shared_server_with("--max-connections", 1)
     conn = server.client().connection()
     try:
         conn.request("GET", "/health")
@@ -3983,9 +3990,9 @@ def test_busy_503_over_max_connections_is_not_cached_or_sniffed_like_every_other
 
 # --- What may run: --allow-action -------------------------------------------------------------
 
-def test_allow_action_runs_only_matching_actions_and_shell_and_invoke_stay_refused(start_server,
-                                                                                  fake):
-    limited = start_server("--allow-action", "deploy", "--allow-action", "db:*").client()
+def test_allow_action_runs_only_matching_actions_and_shell_and_invoke_stay_refused(
+        shared_server_with, shared_fake):
+    limited = shared_server_with("--allow-action", "deploy", "--allow-action", "db:*").client()
     app = unique("app")
     deploy = limited.request("POST", "/%s/prod?action=deploy" % app)
     migrate = limited.request("POST", "/%s/stage?action=db:migrate" % app)
@@ -3993,7 +4000,7 @@ def test_allow_action_runs_only_matching_actions_and_shell_and_invoke_stay_refus
     sub_task = limited.request("POST", "/%s/test?action=deploy:rollback" % app)
     for reply in (deploy, migrate):
         limited.wait_ended(reply.json["taskId"])
-    anything = start_server("--allow-action", "*").client()
+    anything = shared_server_with("--allow-action", "*").client()
     other = unique("app")
     shell = anything.request("POST", "/%s/prod?action=shell" % other)
     invoke = anything.request("POST", "/%s/prod" % other, body="action=invoke", content_type=FORM)
@@ -4006,7 +4013,7 @@ def test_allow_action_runs_only_matching_actions_and_shell_and_invoke_stay_refus
         assert "deploy" in reply.json["error"] and "db:*" in reply.json["error"], reply
     for reply in (shell, invoke):
         assert_json_error(reply, 400)
-    assert sorted(run["argv"][-1] for run in fake.invocations()) == [
+    assert sorted(shared_fake.actions_run_for(app) + shared_fake.actions_run_for(other)) == [
         "db:migrate", "deploy", "rollback"]
 
 
@@ -4040,7 +4047,7 @@ def test_page_is_html_with_a_strict_content_security_policy_and_no_inline_code(a
 
 def test_page_and_its_script_and_style_need_credentials_when_login_is_required(
         shared_login_server):
-    server = shared_login_server
+    server = shared_login_server()
     paths = ("/", "/app.js", "/app.css")
 
     anonymous = [server.client().get(path) for path in paths]
