@@ -141,6 +141,16 @@ def wait_until(predicate, timeout=TIMEOUT, what="condition"):
         time.sleep(RECHECK)  # the re-check interval of this helper, not a synchronisation
 
 
+def exit_status(proc, timeout):
+    """The exit status of a Popen once it has exited, or None if it still runs after timeout
+    seconds.  A thread blocks in waitpid, so that the exit is seen at once: Popen.wait(timeout)
+    polls, and sees it up to 50 ms late."""
+    waiter = threading.Thread(target=proc.wait, name="wait-%d" % proc.pid, daemon=True)
+    waiter.start()
+    waiter.join(timeout)
+    return proc.returncode
+
+
 def timed(call):
     """(call(), the seconds it took)."""
     started = time.monotonic()
@@ -454,8 +464,7 @@ class FakeGitHub:
         self.garbage = False
         self._requests = []
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeGitHubHandler)
-        self._httpd.daemon_threads = True
+        self._httpd = FakeGitHubServer(("127.0.0.1", 0), FakeGitHubHandler)
         self._httpd.fake = self
         self.url = "http://127.0.0.1:%d" % self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
@@ -478,6 +487,15 @@ class FakeGitHub:
             self._httpd.server_close()
             self._thread.join(TIMEOUT)
             self._thread = None
+
+
+class FakeGitHubServer(ThreadingHTTPServer):
+    """A thread per request.  The server under test may ask a dozen things at once: with the
+    default backlog of 5 the kernel drops the rest of the connections, and each is retried only
+    a second later."""
+
+    daemon_threads = True
+    request_queue_size = 64
 
 
 class FakeGitHubHandler(BaseHTTPRequestHandler):
@@ -584,12 +602,12 @@ class Server:
 
     def wait_exit(self, timeout=TIMEOUT):
         """The exit status once the server ends; fail (killing it) after timeout."""
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        status = exit_status(self.proc, timeout)
+        if status is None:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError("server still running after %s s" % timeout)
+        return status
 
     def crash(self):
         """SIGKILL the server, as a crash or the OOM killer would; its tasks keep running."""
@@ -955,9 +973,7 @@ class CliRun:
 
     def wait(self):
         """Wait for the exit, killing it if it has not exited TIMEOUT s after its start."""
-        try:
-            self.proc.wait(timeout=max(0, self.deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        if exit_status(self.proc, max(0, self.deadline - time.monotonic())) is None:
             self.proc.kill()
             self.proc.wait()
             self.timed_out = True
@@ -1354,11 +1370,7 @@ class Chromium:
             self.call("Browser.close", timeout=5)
         except (AssertionError, DevToolsError, OSError):
             pass            # it may exit before it answers
-        try:
-            self.proc.wait(timeout=TIMEOUT)
-            by_itself = True
-        except subprocess.TimeoutExpired:
-            by_itself = False
+        by_itself = exit_status(self.proc, TIMEOUT) is not None
         try:
             wait_until(lambda: not processes_mentioning([self.mark], {os.getpid()}), timeout=5,
                        what="Chromium's processes to exit")
