@@ -1409,8 +1409,10 @@ def shared_servers(tmp_path_factory):
     try:
         yield servers
     finally:
-        servers.stop_all()
-        assert_no_process_left([servers.mark])
+        try:
+            servers.stop_all()
+        finally:
+            assert_no_process_left([servers.mark])
 
 
 @pytest.fixture
@@ -1514,8 +1516,9 @@ def cli_error_runs(tmp_path_factory, tls_files):
         busy.listen(1)
         files = dict(tls_files, missing=directory / "missing.pem")
         files["busy-port"] = busy.getsockname()[1]
-        yield run_side_by_side(directory, {
+        runs = run_side_by_side(directory, {
             case_id: (make_args(files), None) for case_id, make_args in CLI_ERRORS})
+    yield runs
     assert_no_process_left([str(directory) + os.sep])
 
 
