@@ -29,7 +29,9 @@ Endpoints (JSON everywhere; every error is {"error": "..."}; ROUTES holds the sa
   GET  /tasks               -> 200 {"tasks": [...], "next": path or null, "version": V}: newest
                             first, without output; ?app= &env= &status= &limit= (50, max 500)
                             &before=ID; ?version=V waits until the list changes
-  GET  /                    the web page, with its script GET /app.js and style GET /app.css
+  GET  /                    the web page
+  GET  /app.js              its script
+  GET  /app.css             its style
   GET  /health              -> 200 {"status": "ok", "running": N, "version": "..."}; 503 "stopping"
   GET  /metrics             -> 200 Prometheus text: tasks, durations, requests, waiters, connections
   anything else             404 unknown path, 405 (with Allow) wrong method, 404 unknown task

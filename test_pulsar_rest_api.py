@@ -4119,3 +4119,114 @@ def test_page_in_a_real_browser_starts_a_task_with_the_form_and_shows_its_output
     assert (task["app"], task["env"], task["action"]) == (app, env, "out-1.html")
     assert server.fake.invocation_for(app)["argv"][1:] == [app, env, "out-1.html"]
     assert closed_by_itself, "Chromium left processes behind after Browser.close"
+
+
+# --- In process: the route table, request fields and settings ---------------------------------
+#
+# These tests import the server module and call its parts directly: the rules of the route table
+# and their documentation, and pure functions whose every case a black-box test would need a
+# server round trip for.
+
+import pulsar_rest_api as server_module     # noqa: E402  (the black-box tests above need none)
+
+
+def documented_endpoints(text):
+    """'METHOD /path' pairs written in a table of `text`: the module docstring's rows
+    ('  GET  /task/:id ...') or the README's ('| `GET /task/:id` | ...')."""
+    rows = re.findall(r"^\s*(GET|POST|PUT|DELETE)\s+(/\S*)", text, re.MULTILINE)
+    rows += re.findall(r"^\| `(GET|POST|PUT|DELETE) (/\S*)`", text, re.MULTILINE)
+    return {"%s %s" % row for row in rows}
+
+
+def test_every_route_is_in_the_manual_and_the_readme_and_nothing_else_is():
+    routes = {"%s %s" % (route.method, route.path) for route in server_module.ROUTES}
+    manual = documented_endpoints(server_module.__doc__)
+    readme = documented_endpoints((HERE / "README.md").read_text())
+    assert routes - manual == set(), "routes missing from the module docstring"
+    assert routes - readme == set(), "routes missing from the README's table"
+    examples = {"GET /task/7/state?version=V&offset=N"}    # the docstring's worked example
+    assert manual - routes - examples == set(), "documented but not routed"
+    assert readme - routes == set(), "in the README's table but not routed"
+
+
+def test_every_route_names_a_handler_and_only_reads_are_exempt_from_the_cross_site_check():
+    handler = server_module.ApiHandler
+    for route in server_module.ROUTES:
+        assert callable(getattr(handler, route.handler, None)), route
+        if route.method not in ("GET", "HEAD"):
+            assert route.changes_state, route
+    assert server_module.Route("POST", "/new/:id", "health").changes_state
+    assert not server_module.Route("GET", "/new/:id", "health").changes_state
+    kill = [route for route in server_module.ROUTES if route.handler == "kill_task"]
+    assert {route.method for route in kill} == {"GET", "POST"}
+    assert all(route.changes_state for route in kill)
+    public = [route.path for route in server_module.ROUTES if route.public]
+    assert public == ["/health"]
+
+
+@pytest.mark.parametrize("method, path, handler, arguments", [
+    ("GET", "/task/7/state", "poll_task", {"task_id": 7}),
+    ("GET", "/%74ask/7", "read_task", {"task_id": 7}),
+    ("POST", "/task/7/kill", "kill_task", {"task_id": 7}),
+    ("POST", "/myapp/production", "create_task", {"app": "myapp", "env": "production"}),
+    ("GET", "/app.js", "send_script", {}),
+])
+def test_find_route_decodes_the_path_and_gives_the_handler_and_its_arguments(method, path,
+                                                                             handler, arguments):
+    route, found = server_module.find_route(method, path)
+    assert (route.handler, found) == (handler, arguments)
+
+
+@pytest.mark.parametrize("method, path, status, allow", [
+    ("POST", "/task/7", 405, "GET"),
+    ("DELETE", "/task/7/kill", 405, "GET, POST"),
+    ("GET", "/myapp/production", 405, "POST"),
+    ("GET", "/a/b/c", 404, None),
+    ("GET", "/task/0", 404, None),
+    ("GET", "/task/a%2Fb", 400, None),
+])
+def test_find_route_refuses_with_404_405_and_allow_or_400(method, path, status, allow):
+    with pytest.raises(server_module.HTTPError) as refused:
+        server_module.find_route(method, path)
+    assert refused.value.status == status
+    assert dict(refused.value.headers).get("Allow") == allow
+
+
+def test_fields_take_each_name_once_from_query_form_or_json_and_only_the_names_a_route_lists():
+    parse = server_module.Fields.parse
+    fields = parse("queue=true", b"action=deploy", None, ("action", "task", "queue"))
+    assert (fields.one("action", "task"), fields.flag("queue"), fields.flag("wait")) == (
+        "deploy", True, False)
+    fields = parse("", b'{"action": "deploy", "queue": false}', "application/json",
+                   ("action", "queue"))
+    assert (fields.text("action"), fields.flag("queue")) == ("deploy", False)
+    for query, body, kind, accepted, status in [
+            ("action=a", b"task=b", None, ("action", "task"), 400),       # two names for one
+            ("nosuch=1", b"", None, ("action",), 400),                      # not this route's
+            ("", b"<xml/>", "text/xml", ("action",), 415),
+            ("", b'{"action": 1, "action": 2}', "application/json", ("action",), 400)]:
+        with pytest.raises(server_module.HTTPError) as refused:
+            parse(query, body, kind, accepted).one("action", "task")
+        assert refused.value.status == status, (query, body)
+
+
+def test_settings_are_one_object_with_every_flag_and_its_default():
+    settings = server_module.parse_args(["--db", ":memory:", "--max-tasks", "3"])
+    parser = server_module.build_parser()
+    for action in parser._actions:
+        if action.dest not in ("help", "version"):
+            assert hasattr(settings, action.dest), action.dest
+    assert (settings.max_tasks, settings.kill_grace, settings.port) == (
+        3, server_module.KILL_GRACE, server_module.DEFAULT_PORT)
+    assert isinstance(settings.authenticator, server_module.OpenAccess)
+
+
+def test_every_answer_head_says_its_length_type_and_no_store_and_may_close():
+    head = server_module.whole_response(503, b"{}\n", "application/json",
+                                        [("Retry-After", "1")], close=True)
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0] == "HTTP/1.1 503 Service Unavailable"
+    for line in ("Content-Length: 3", "Content-Type: application/json", "Cache-Control: no-store",
+                 "X-Content-Type-Options: nosniff", "Retry-After: 1", "Connection: close"):
+        assert line in lines
+    assert head.endswith(b"\r\n\r\n{}\n")
