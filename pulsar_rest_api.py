@@ -8,6 +8,11 @@ follow it with a long poll, and kill it.  One file, Python 3.8+ standard library
 Run:   python3 pulsar_rest_api.py --port 8001          (then: curl -k https://HOST:8001/...)
 Try:   python3 pulsar_rest_api.py --pulsar-bin echo    (tasks just echo their arguments)
 
+At start `PULSAR_BIN --version` says which pulsar runs: 1.1+ runs as `pulsar task APP ENV ACTION`,
+0.x (and a program that names no version) as `pulsar APP ENV ACTION`.  Each task runs in an empty
+working folder of its own.  /stream and /output give terminals colours but no other escape
+sequence; the JSON keeps the output as pulsar printed it.
+
 Endpoints (JSON everywhere; every error is {"error": "..."}; ROUTES holds the same rows):
 
   POST /:app/:env           action (form field, JSON {"action": ...} or query string; `task` is an
@@ -32,17 +37,23 @@ Endpoints (JSON everywhere; every error is {"error": "..."}; ROUTES holds the sa
   GET  /                    the web page
   GET  /app.js              its script
   GET  /app.css             its style
-  GET  /health              -> 200 {"status": "ok", "running": N, "version": "..."}; 503 "stopping"
+  GET  /apps                -> 200 {"apps": [{"name", "envs"}], "listedAt", "problem"}: the apps
+                            and environments pulsar lists; 501 this pulsar cannot list, 503 the
+                            list cannot be had now (tasks still start)
+  GET  /health              -> 200 {"status": "ok", "running": N, "version": "...", "pulsar":
+                            its version or null}; 503 "stopping"
   GET  /metrics             -> 200 Prometheus text: tasks, durations, requests, waiters, connections
   anything else             404 unknown path, 405 (with Allow) wrong method, 404 unknown task
   with --auth-provider      401 no or wrong credentials, 403 not allowed, 429 too many failed
                             logins, 503 GitHub cannot answer; every endpoint but /health
 
   A task: {"id", "app", "env", "action", "status", "exitCode", "pid", "createdAt", "finishedAt",
-           "version", "outputOffset", "outputLength", "output"}
-  status: queued | running | finished (exit 0) | failed (non-zero exit, a signal, or pulsar could not start:
-  the output says why) | killed | lost (the server stopped while it ran: its end is unknown).
-  exitCode is null while running and when a signal ended pulsar.
+           "version", "outputOffset", "outputLength", "output", "outcome"}
+  status: queued | running | finished | failed | killed | lost (the server stopped while it ran:
+  its end is unknown).  finished means pulsar reported success: for pulsar 1.x, which exits 0
+  whatever happens, exit 0 and its own success line as its last line; for 0.x, exit 0.
+  Anything else is failed.  outcome is the sentence that says what decided the status.
+  exitCode is pulsar's exit status: null while running and when a signal ended pulsar.
   Times are ISO 8601 UTC.  version goes up by one on every change (new output, new status).
 
 Following a task without missing anything: keep the last `version` and `outputLength` you saw and
@@ -62,8 +73,8 @@ runs, since nobody can follow it any more.  Tasks are never re-queued after a re
 The file reads top to bottom in the order a request's data flows: constants, errors, input
 checks, the task model, the store and the history, running pulsar, access, metrics, TLS, HTTP
 (routes, fields, responses), the request handler, the endpoints, the server, the lifecycle, the
-command line and main; the web page's HTML, CSS and script are an appendix at the end.  Each part starts with a
-banner line: search for "# ----" to jump between them.
+command line and main; the web page's HTML, CSS and script are an appendix at the end.  Each
+part starts with a banner line: search for "# ----" to jump between them.
 
 Security: every name is checked against a strict pattern before anything runs (pulsar 1.x passes
 the action through a shell; pulsar 0.3 expands globs in app names); the Capistrano tasks `shell`
@@ -105,11 +116,13 @@ import socket
 import socketserver
 import sqlite3
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -139,6 +152,13 @@ SOCKET_BUFFER = 64 * 1024  # bytes of a client's request read at once
 OUTPUT_CHUNK = 16 * 1024   # characters; small reads are merged up to this size
 MAX_OUTPUT = 32 * 1024 * 1024   # bytes of output kept per task; the rest is dropped
 OUTPUT_DROPPED = "[pulsar-rest-api: the output passed %d bytes; the rest is dropped]\n"
+LAST_WORDS = 4096          # bytes of pulsar's last output kept to judge how it ended
+OUTCOME_MAX = 300          # characters of pulsar's own words quoted in a task's outcome
+PULSAR_PROBE_TIMEOUT = 30.0     # seconds for `pulsar --version` at start
+APPS_FRESH = 300.0         # seconds GET /apps serves the list of apps before listing again
+APPS_RETRY = 10.0          # seconds a client is told to wait when the apps cannot be listed
+APPS_LOOKED_FOR = 1000     # unknown app/env pairs remembered as already looked for
+APPS_TIMEOUT = 120.0       # seconds for `pulsar list` (it clones the configuration repository)
 PERSIST_EVERY = 1.0        # seconds between writes of running tasks' output to the history
 SHUTDOWN_TIMEOUT = 600.0   # seconds a stop waits for running tasks before killing them
 LIST_LIMIT, LIST_MAX = 50, 500  # tasks per page of GET /tasks
@@ -172,6 +192,34 @@ SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ACTION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_:.-]{0,127}")
 REFUSED_ACTIONS = frozenset({"shell", "invoke"})   # Capistrano tasks that run any command
+# Variables that silence the deprecation lines Thor and Bundler print on every pulsar run.
+QUIET_PULSAR = {"THOR_SILENCE_DEPRECATION": "1", "BUNDLE_SILENCE_DEPRECATIONS": "true"}
+VERSION_LINE = re.compile(r"v?(\d+)\.(\d+)(\.\d+)?([-.+][0-9A-Za-z.-]+)?")
+PULSAR_FAILURE = re.compile(r"Failed to (execute task \S+ for \S+ on \S+|deploy \S+ on \S+)\.")
+APP_LINE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*): (.*)")      # a line of `pulsar list`
+PULSAR_RUN_FOLDER = re.compile(r"(/\S*/\.pulsar/tmp/run-[0-9.]+)(?:/|$)")
+# Escape sequences: CSI (ESC [ ... final), OSC (ESC ] ... BEL or ST), DCS/SOS/PM/APC strings, and
+# two-character escapes.  An unfinished one at the end of a piece of output does not match.
+ESCAPE_SEQUENCE = re.compile(
+    r"\x1b(?:\[[0-?]*[ -/]*[@-~]"          # CSI: colours, cursor moves, screen clears
+    r"|\][^\x07\x1b]*(?:\x07|\x1b\\)"       # OSC: window title, clipboard, links
+    r"|[PX^_][^\x1b]*\x1b\\"               # DCS, SOS, PM, APC strings
+    r"|[ -/]*[0-OQ-WYZ\\`-~])")              # two-character escapes (not the introducers above)
+# What TerminalText reads output as: an escape sequence, one cut at the end of a piece, one
+# control character (C0, C1, and the bidirectional overrides), or a run of printable text.
+TERMINAL_TOKEN = re.compile(
+    r"(?P<complete>%s)" % ESCAPE_SEQUENCE.pattern
+    + r"|(?P<cut>\x1b(?:\[[0-?]*[ -/]*|\][^\x07\x1b]*\x1b?|[PX^_][^\x1b]*\x1b?|[ -/]*)\Z)"
+    + r"|[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
+    + r"|[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]+")
+TERMINAL_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+MAX_ESCAPE = 4096          # characters an unfinished escape sequence may hold before it is dropped
+# SGR parameters a terminal may show of a task's output: styles and colours, not blinking,
+# reversed or concealed text.
+SAFE_SGR = frozenset([0, 1, 2, 3, 4, 9, 21, 22, 23, 24, 29, 39, 49] + list(range(30, 38))
+                     + list(range(40, 48)) + list(range(90, 98)) + list(range(100, 108)))
+CLOSING_LINE_KEY = "pulsar-rest-api:task"    # how a line that reads as our closing line starts
+LOOKALIKE_PREFIX = "(printed by the task) "
 COUNT_PATTERN = re.compile(r"[0-9]{1,15}")
 HOST_PATTERN = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
@@ -350,6 +398,7 @@ class Task:
         self.process_start = None   # identifies pulsar's process across a server restart
         self.created_at = created_at
         self.finished_at = None
+        self.outcome = None         # once ended: the sentence that says what decided its status
         self.started_by = started_by
         self.output = output if output is not None else Output()
         self.version = 1
@@ -378,7 +427,7 @@ class Task:
     def record(self):
         """What changes in a task, as the history stores it."""
         return TaskRecord(self.id, self.status, self.exit_code, self.pid, self.process_start,
-                          self.finished_at, self.version, self.output.length)
+                          self.finished_at, self.version, self.output.length, self.outcome)
 
     def list_entry(self):
         """The task without its output, as GET /tasks lists it."""
@@ -386,7 +435,7 @@ class Task:
             "id": self.id, "app": self.app, "env": self.env, "action": self.action,
             "status": self.status, "exitCode": self.exit_code, "pid": self.pid,
             "createdAt": utc_iso(self.created_at), "finishedAt": utc_iso(self.finished_at),
-            "version": self.version, "outputLength": self.output.length,
+            "version": self.version, "outputLength": self.output.length, "outcome": self.outcome,
         }
 
     def snapshot(self, offset=0):
@@ -399,7 +448,8 @@ class Task:
 
 # What the history stores of a task that changes: written by TaskHistory.save.
 TaskRecord = collections.namedtuple(
-    "TaskRecord", "id status exit_code pid process_start finished_at version output_length")
+    "TaskRecord",
+    "id status exit_code pid process_start finished_at version output_length outcome")
 
 
 class TaskSnapshot(collections.namedtuple("TaskSnapshot", "fields pieces")):
@@ -577,11 +627,12 @@ class TaskStore:
             task.changed.notify_all()
         self.persist(task)
 
-    def end(self, task, status, exit_code):
+    def end(self, task, status, exit_code, outcome):
         """Record how a task ended, write it to the history, and let it leave the dict."""
         with self._lock:
             task.status = status
             task.exit_code = exit_code
+            task.outcome = outcome
             task.finished_at = self._clock()
             task.process = None
             task.version += 1
@@ -622,14 +673,17 @@ class TaskHistory:
     offset fetches only the chunks it needs.  AUTOINCREMENT keeps ids rising across restarts.
     """
 
-    SCHEMA_VERSION = 1
+    SCHEMA_VERSION = 2
+    MIGRATIONS = {          # from version N to N + 1
+        1: "ALTER TABLE tasks ADD COLUMN outcome TEXT",
+    }
     SCHEMA = """
         CREATE TABLE IF NOT EXISTS tasks (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             app TEXT NOT NULL, env TEXT NOT NULL, action TEXT NOT NULL,
             status TEXT NOT NULL, exit_code INTEGER, pid INTEGER, process_start TEXT,
             created_at REAL NOT NULL, finished_at REAL, started_by TEXT,
-            version INTEGER NOT NULL, output_length INTEGER NOT NULL);
+            version INTEGER NOT NULL, output_length INTEGER NOT NULL, outcome TEXT);
         CREATE INDEX IF NOT EXISTS tasks_by_app ON tasks (app, env, id);
         CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id);
         CREATE TABLE IF NOT EXISTS output (
@@ -637,7 +691,7 @@ class TaskHistory:
             PRIMARY KEY (task_id, start)) WITHOUT ROWID;
     """
     COLUMNS = ("id, app, env, action, status, exit_code, pid, process_start, created_at, "
-               "finished_at, started_by, version, output_length")
+               "finished_at, started_by, version, output_length, outcome")
 
     def __init__(self, path):
         self.path = path
@@ -649,12 +703,15 @@ class TaskHistory:
                 if not os.path.exists(path):    # deploy output may hold secrets: owner only
                     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, self.SCHEMA_VERSION):
+            if version > self.SCHEMA_VERSION:
                 raise StartupError("--db: %s holds schema version %d; this server knows %d"
                                    % (path, version, self.SCHEMA_VERSION))
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            for step in range(max(version, 1), self.SCHEMA_VERSION) if version else ():
+                self._db.execute(self.MIGRATIONS[step])
             self._db.executescript(self.SCHEMA)
             self._db.execute("PRAGMA user_version = %d" % self.SCHEMA_VERSION)
             self._db.execute("SELECT count(*) FROM tasks").fetchone()
@@ -680,7 +737,8 @@ class TaskHistory:
                 self._db.execute(
                     "UPDATE tasks SET status = :status, exit_code = :exit_code, pid = :pid, "
                     "process_start = :process_start, finished_at = :finished_at, "
-                    "version = :version, output_length = :output_length WHERE id = :id",
+                    "version = :version, output_length = :output_length, outcome = :outcome "
+                    "WHERE id = :id",
                     record._asdict())
 
     @contextlib.contextmanager
@@ -707,7 +765,7 @@ class TaskHistory:
                 "SELECT start, text FROM output WHERE task_id = ? AND start >= coalesce("
                 "(SELECT max(start) FROM output WHERE task_id = ? AND start <= ?), 0) "
                 "ORDER BY start", (task_id, task_id, offset)).fetchall()
-        return self._task(row, Output.from_chunks(chunks, row[-1]))
+        return self._task(row, Output.from_chunks(chunks, row["output_length"]))
 
     def summaries(self, app, env, status, before, limit):
         """Stored tasks (without output), newest first, filtered."""
@@ -723,7 +781,7 @@ class TaskHistory:
         with self._lock:
             rows = self._db.execute("SELECT %s FROM tasks %s ORDER BY id DESC LIMIT ?"
                                     % (self.COLUMNS, where), values + [limit]).fetchall()
-        return [self._task(row, Output.from_chunks([], row[-1])) for row in rows]
+        return [self._task(row, Output.from_chunks([], row["output_length"])) for row in rows]
 
     def unfinished(self):
         """Tasks recorded as not ended: the server stopped while they ran or waited."""
@@ -731,7 +789,7 @@ class TaskHistory:
             rows = self._db.execute("SELECT %s FROM tasks WHERE status NOT IN (%s) ORDER BY id"
                                     % (self.COLUMNS, ", ".join("?" * len(ENDED))),
                                     sorted(ENDED)).fetchall()
-        return [self._task(row, Output.from_chunks([], row[-1])) for row in rows]
+        return [self._task(row, Output.from_chunks([], row["output_length"])) for row in rows]
 
     def close(self):
         with self._lock:
@@ -739,12 +797,11 @@ class TaskHistory:
 
     @staticmethod
     def _task(row, output):
-        (task_id, app, env, action, status, exit_code, pid, process_start, created_at,
-         finished_at, started_by, version, _) = row
-        task = Task(task_id, app, env, action, created_at, started_by, output, status)
-        task.exit_code, task.pid, task.process_start = exit_code, pid, process_start
-        task.finished_at, task.version = finished_at, version
-        task.persisted, task.persisted_version = output.length, version
+        task = Task(row["id"], row["app"], row["env"], row["action"], row["created_at"],
+                    row["started_by"], output, row["status"])
+        for field in ("exit_code", "pid", "process_start", "finished_at", "version", "outcome"):
+            setattr(task, field, row[field])
+        task.persisted, task.persisted_version = output.length, task.version
         return task
 
 
@@ -752,21 +809,94 @@ class TaskHistory:
 
 @dataclasses.dataclass(frozen=True)
 class PulsarCommand:
-    """How pulsar is invoked: `classic` is pulsar 0.x, `v1` is pulsar 1.x (`pulsar task ...`)."""
+    """How pulsar is run, as found at start from what `PULSAR_BIN --version` says: the `classic`
+    form for pulsar 0.x (and any program that names no pulsar version, such as echo), the `v1`
+    form (`pulsar task ...`) for pulsar 1.1 and newer."""
 
     binary: str = "pulsar"
     form: str = "classic"
     conf_repo: str = None
     conf_branch: str = None
+    version: str = None         # what --version named, if it named a version
+    lister: str = None          # what lists the apps: pulsar 1.x itself, or 0.x's pulsar-utils
 
     def argv(self, app, env, action):
         if self.form == "v1":
-            repo = ["--conf-repo", self.conf_repo] if self.conf_repo else []
-            return [self.binary, "task"] + repo + [app, env, action]
-        repo = []
-        if self.conf_repo:
-            repo = ["--conf-repo", self.conf_repo, "--conf-branch", self.conf_branch or "master"]
-        return [self.binary] + repo + [app, env, action]
+            return [self.binary, "task"] + self._repo_options() + [app, env, action]
+        return [self.binary] + self._repo_options() + [app, env, action]
+
+    def list_argv(self):
+        """The command line that lists apps and environments, or None if nothing can."""
+        return None if self.lister is None else [self.lister, "list"] + self._repo_options()
+
+    def success_line(self, app, env, action):
+        """The line pulsar 1.x prints last when a task succeeded (it exits 0 either way); None
+        for pulsar 0.x, whose exit status tells."""
+        if self.form != "v1":
+            return None
+        return "Executed task %s for %s on %s!" % (action, app, env)
+
+    @property
+    def name(self):
+        """pulsar and its version, for the log and /health."""
+        return "%s %s" % (self.binary, self.version or "(no version named)")
+
+    def _repo_options(self):
+        if not self.conf_repo:
+            return []
+        if self.form == "v1":
+            return ["--conf-repo", self.conf_repo]      # 1.x has no branch option
+        return ["--conf-repo", self.conf_repo, "--conf-branch", self.conf_branch or "master"]
+
+
+def judge_end(command, task, returncode, kill_requested, last_words):
+    """(status, outcome) of a task whose pulsar has exited: the status, and one sentence that
+    says what decided it.  `last_words` is the end of everything pulsar printed (bytes), even
+    past --max-output.
+
+    pulsar 1.x exits 0 whatever happens: a task is finished only if its success line is the
+    last thing pulsar printed.  pulsar 0.x (and the classic form) is judged by its exit status.
+    """
+    if kill_requested:
+        return KILLED, "killed on request"
+    if returncode < 0:
+        return FAILED, "pulsar was ended by signal %d (%s)" % (-returncode,
+                                                               signal_name(-returncode))
+    if returncode > 0:
+        return FAILED, "pulsar exited with code %d" % returncode
+    expected = command.success_line(task.app, task.env, task.action)
+    if expected is None:
+        return FINISHED, "pulsar exited with code 0"
+    lines = visible_lines(last_words)
+    if lines and lines[-1] == expected:
+        return FINISHED, "pulsar reported success: %s" % expected
+    for index in range(len(lines) - 1, -1, -1):
+        if PULSAR_FAILURE.match(lines[index]):
+            said = printable(" ".join(lines[index:index + 2]))
+            return FAILED, "pulsar reported failure: %s" % said[:OUTCOME_MAX]
+    last = "'%s'" % printable(lines[-1])[:OUTCOME_MAX] if lines else "nothing"
+    return FAILED, ("pulsar exited with code 0 without its success line '%s'; it printed last: %s"
+                    % (printable(expected), last))
+
+
+def printable(text):
+    """Text without control or invisible formatting characters, to quote in a sentence."""
+    return "".join(char for char in text if unicodedata.category(char) not in ("Cc", "Cf"))
+
+
+def signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"
+
+
+def visible_lines(data):
+    """The non-empty lines of some output as a terminal shows them: escape sequences removed,
+    a line rewritten after a carriage return shown as rewritten, surrounding blanks stripped."""
+    text = ESCAPE_SEQUENCE.sub("", data.decode("utf-8", "replace"))
+    lines = (line.rstrip("\r").rpartition("\r")[2].strip() for line in text.split("\n"))
+    return [line for line in lines if line]
 
 
 class TaskProcess:
@@ -778,9 +908,10 @@ class TaskProcess:
     gets SIGTERM, then SIGKILL after the grace period; only then is pulsar reaped.
     """
 
-    def __init__(self, argv, env, kill_grace, on_output, on_end):
+    def __init__(self, argv, env, cwd, kill_grace, on_output, on_end):
         self._argv = argv
         self._env = env
+        self._cwd = cwd
         self._kill_grace = kill_grace
         self._on_output = on_output
         self._on_end = on_end
@@ -792,6 +923,9 @@ class TaskProcess:
         self._exited = False
         self._kill_deadline = None
         self.kill_requested = False
+        self.killed_by = None
+        self.last_words = b""           # the end of what pulsar printed, even past --max-output
+        self._left_behind = set()       # pulsar's run folders, removed if it is killed
 
     @property
     def pid(self):
@@ -800,8 +934,9 @@ class TaskProcess:
     def spawn(self):
         """Start pulsar; OSError if it cannot be started."""
         self._popen = subprocess.Popen(
-            self._argv, env=self._env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, bufsize=0)
+            self._argv, env=self._env, cwd=self._cwd, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            close_fds=True, bufsize=0)
 
     def follow(self):
         """Start the threads that read pulsar's output and wait for it to end."""
@@ -810,13 +945,15 @@ class TaskProcess:
         self._reader.start()
         threading.Thread(target=self._supervise, daemon=True, name="wait-%d" % self.pid).start()
 
-    def terminate(self):
+    def terminate(self, requested_by):
         """SIGTERM to the whole group now, SIGKILL after the grace period."""
         with self._lock:
             if self._reaped or self.kill_requested or self._exited:
                 return                  # ending already: _supervise signals what is left
             self.kill_requested = True
+            self.killed_by = requested_by
             self._kill_deadline = time.monotonic() + self._kill_grace
+            self._left_behind |= pulsar_run_folders(self._popen.pid)
             self._signal_group(signal.SIGTERM)
             self._kill_timer = threading.Timer(self._kill_grace, self._kill_group)
             self._kill_timer.daemon = True
@@ -824,6 +961,8 @@ class TaskProcess:
 
     def _kill_group(self):
         with self._lock:
+            if not self._reaped:
+                self._left_behind |= pulsar_run_folders(self._popen.pid)
             self._signal_group(signal.SIGKILL)
 
     def _signal_group(self, sig):
@@ -850,6 +989,7 @@ class TaskProcess:
                     wanted = self._on_output(decoder.decode(buffer[:size], final=not size))
                 if not size:
                     break
+                self.last_words = last_bytes(self.last_words, buffer[:size])
         finally:
             pipe.close()
 
@@ -872,7 +1012,16 @@ class TaskProcess:
         if self._reader.is_alive():
             logger.warning("pid %d: a process outside its group still holds its output open; "
                            "not waiting for it", self.pid)
+        if self.kill_requested:
+            remove_run_folders(self._left_behind)
         self._on_end(returncode)
+
+
+def last_bytes(kept, new):
+    """The last LAST_WORDS bytes of kept + new, copying no more than that."""
+    if len(new) >= LAST_WORDS:
+        return bytes(new[-LAST_WORDS:])
+    return (kept + new)[-LAST_WORDS:]
 
 
 def widen_pipe(fd):
@@ -910,15 +1059,7 @@ def wait_for_empty_group(pgid, timeout):
 
 
 def group_has_live_members(pgid):
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return False
-    for entry in entries:
-        fields = process_status(entry) if entry.isdigit() else None
-        if fields and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
+    return bool(group_members(pgid))
 
 
 def process_start_token(pid):
@@ -944,6 +1085,48 @@ def process_status(pid):
     return stat[stat.rindex(b")") + 2:].split()
 
 
+def pulsar_run_folders(pgid):
+    """The run folders (~/.pulsar/tmp/run-TIME) that the processes of a group work in or name on
+    their command line: pulsar 1.x copies the configuration repository there and removes it at
+    its end, but not when it is killed."""
+    folders = set()
+    for pid in group_members(pgid):
+        places = []
+        with contextlib.suppress(OSError):
+            places.append(os.readlink("/proc/%d/cwd" % pid))
+        with contextlib.suppress(OSError), open("/proc/%d/cmdline" % pid, "rb") as source:
+            places += source.read().decode("utf-8", "replace").split("\0")
+        for place in places:
+            folders.update(match.group(1) for match in PULSAR_RUN_FOLDER.finditer(place))
+    return folders
+
+
+def remove_run_folders(folders):
+    """Remove pulsar run folders a killed task left, if they are still folders of this user."""
+    for folder in folders:
+        try:
+            info = os.lstat(folder)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.info("removed %s, which pulsar leaves behind when it is killed", folder)
+
+
+def group_members(pgid):
+    """The pids of the live processes of a group (Linux /proc; none elsewhere)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    members = []
+    for entry in entries:
+        fields = process_status(entry) if entry.isdigit() else None
+        if fields and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            members.append(int(entry))
+    return members
+
+
 def recover_lost_tasks(history, kill_grace):
     """Mark the tasks the server was running when it died as lost, ending what is left of them.
 
@@ -959,7 +1142,7 @@ def recover_lost_tasks(history, kill_grace):
         if task.pid in orphans:
             note += "; its processes (group %d) were still running and have been killed" % task.pid
         task.output.append("\n[pulsar-rest-api: %s]\n" % note)
-        task.status, task.finished_at = LOST, time.time()
+        task.status, task.finished_at, task.outcome = LOST, time.time(), note
         task.version += 1
         history.save([(task.record(), task.output.pieces_since(task.persisted))])
         logger.warning("task %d (%s %s %s) is lost: %s", task.id, task.app, task.env, task.action,
@@ -996,12 +1179,13 @@ class TaskRunner:
     queue=true waits in line and starts, in order, when the pair is free.  At most max_tasks run.
     """
 
-    def __init__(self, *, store, metrics, settings, environ):
+    def __init__(self, *, store, metrics, settings, command, environ, task_folders):
         self._store = store
         self._metrics = metrics
-        self._command = settings.command
+        self._command = command
         self._kill_grace = settings.kill_grace
-        self._env = child_environment(environ)
+        self._env = environ                 # pulsar's environment: child_environment()
+        self._task_folders = task_folders   # each task's working folder is made in here
         self._max_tasks = settings.max_tasks
         self._one_per_pair = not settings.allow_concurrent
         self._allowed_actions = tuple(settings.allow_action)
@@ -1038,7 +1222,7 @@ class TaskRunner:
             self._drop(queued, "removed from the line by %s" % requested_by)
             return self._store.read(task_id)
         process = self._store.process_to_kill(task_id)
-        process.terminate()
+        process.terminate(requested_by)
         return self._store.wait_until_ended(task_id, self._kill_grace + OUTPUT_DRAIN + 2)
 
     def refuse_new(self):
@@ -1060,7 +1244,7 @@ class TaskRunner:
         for task in tasks:
             process = task.process
             if process:
-                process.terminate()
+                process.terminate("the server's stop")
         for task in tasks:
             self._store.wait_until_ended(task.id, self._kill_grace + OUTPUT_DRAIN + 2)
 
@@ -1092,19 +1276,24 @@ class TaskRunner:
         return None
 
     def _launch(self, task):
-        """Start pulsar for a task (the lock is held); a pulsar that cannot start fails it."""
+        """Start pulsar for a task (the lock is held), in an empty working folder of its own
+        (pulsar 0.x takes a folder holding a config.ru for an app); a pulsar that cannot start
+        fails the task."""
         argv = self._command.argv(task.app, task.env, task.action)
-        process = TaskProcess(argv, self._env, self._kill_grace,
+        folder = os.path.join(self._task_folders, str(task.id))
+        process = TaskProcess(argv, self._env, folder, self._kill_grace,
                               on_output=lambda text: self._store.add_output(task, text),
-                              on_end=lambda code: self._ended(task, process, code))
+                              on_end=lambda code: self._ended(task, process, code, folder))
         self._metrics.task_started()
         try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
             process.spawn()
         except OSError as error:
             logger.error("task %d: could not start %s: %s", task.id, argv[0], error)
             self._store.add_output(task, "could not start pulsar (%s): %s\n" % (argv[0], error))
-            self._store.end(task, FAILED, None)
+            self._store.end(task, FAILED, None, "could not start pulsar: %s" % error)
             self._metrics.task_finished(FAILED, 0.0)
+            shutil.rmtree(folder, ignore_errors=True)
             return
         self._store.attach(task, process)
         process.follow()
@@ -1129,29 +1318,213 @@ class TaskRunner:
 
     def _drop(self, task, why):
         self._store.add_output(task, "[pulsar-rest-api: %s]\n" % why)
-        self._store.end(task, KILLED, None)
+        self._store.end(task, KILLED, None, why)
         logger.info("task %d killed: %s", task.id, why)
 
-    def _ended(self, task, process, returncode):
-        if process.kill_requested:
-            status = KILLED
-        elif returncode == 0:
-            status = FINISHED
-        else:
-            status = FAILED
+    def _ended(self, task, process, returncode, folder):
+        status, outcome = judge_end(self._command, task, returncode, process.kill_requested,
+                                    process.last_words)
+        if status == KILLED:
+            outcome = "killed by %s" % process.killed_by
         exit_code = returncode if returncode >= 0 else None
         with self._lock:    # the freed slot goes to the line, not to a newcomer in between
-            self._store.end(task, status, exit_code)
+            self._store.end(task, status, exit_code, outcome)
             self._start_from_line()
+        shutil.rmtree(folder, ignore_errors=True)
         duration = task.finished_at - task.created_at
         self._metrics.task_finished(status, duration)
         how = "signal %d" % -returncode if returncode < 0 else "exit code %d" % returncode
-        logger.info("task %d %s (%s) after %.1f s", task.id, status, how, duration)
+        logger.info("task %d %s (%s) after %.1f s: %s", task.id, status, how, duration,
+                    outcome)
+
+
+def find_pulsar(settings, environ, workdir):
+    """The PulsarCommand for --pulsar-bin and --pulsar-cli, from what `PULSAR_BIN --version`
+    says; StartupError when pulsar is missing, does not answer, or cannot work as asked."""
+    binary = shutil.which(settings.pulsar_bin)
+    if binary is None:
+        raise StartupError("--pulsar-bin %s: no such executable file (as a path or on PATH); "
+                           "install pulsar (gem install pulsar), or try --pulsar-bin echo"
+                           % settings.pulsar_bin)
+    try:
+        _, output = run_bounded([binary, "--version"], PULSAR_PROBE_TIMEOUT, environ, workdir)
+    except subprocess.TimeoutExpired:
+        raise StartupError("%s --version did not answer within %d s; is it pulsar?"
+                           % (binary, PULSAR_PROBE_TIMEOUT))
+    except OSError as error:
+        raise StartupError("cannot run %s: %s" % (binary, error.strerror or error))
+    version = named_version(output)
+    form = pulsar_form(settings.pulsar_cli, version)
+    if form == "v1" and settings.config_branch:
+        raise StartupError("--config-branch: pulsar %s has no branch option (only 0.x has): "
+                           "leave --config-branch out" % (version or "1.x"))
+    lister = binary if form == "v1" else sibling_program(binary, "pulsar-utils")
+    return PulsarCommand(binary, form, settings.config_repo, settings.config_branch, version,
+                         lister)
+
+
+def pulsar_form(asked, version):
+    """The command-line form for pulsar `version` (None: it named none) and --pulsar-cli."""
+    if version is None:
+        return "classic" if asked == "auto" else asked
+    major, minor = (int(part) for part in VERSION_LINE.fullmatch(version).group(1, 2))
+    if (major, minor) == (1, 0):
+        raise StartupError("pulsar %s has no `task` command, which this server runs (it came in "
+                           "1.1.0): upgrade pulsar (gem install pulsar)" % version)
+    needed = "v1" if major >= 1 else "classic"
+    if asked not in ("auto", needed):
+        raise StartupError("--pulsar-cli %s cannot work with pulsar %s, which takes the %s form; "
+                           "leave --pulsar-cli out and the server picks it"
+                           % (asked, version, needed))
+    return needed
+
+
+def named_version(output):
+    """The version a `--version` answer names (a line such as 1.1.0), or None."""
+    for line in visible_lines(output):
+        if VERSION_LINE.fullmatch(line):
+            return line.lstrip("v")
+    return None
+
+
+def sibling_program(binary, name):
+    """An executable called `name` in the folder of `binary`, or None."""
+    path = os.path.join(os.path.dirname(os.path.realpath(binary)), name)
+    return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+
+
+def run_bounded(argv, timeout, environ, cwd):
+    """(exit status, output) of a short command run in a session of its own, with its stdout
+    and stderr merged; after `timeout` its whole group is killed and TimeoutExpired raised."""
+    process = subprocess.Popen(argv, env=environ, cwd=cwd, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return process.returncode, output
+
+
+def plain_folder_branch_warning(command):
+    """Why --config-branch does nothing here, or None: pulsar 0.x copies a configuration
+    repository given as a plain folder as it is, whatever branch is asked for."""
+    repo = command.conf_repo
+    if command.form != "classic" or not command.conf_branch or not repo or "://" in repo:
+        return None
+    if not os.path.isdir(repo):
+        return None
+    return ("--config-branch %s is ignored: pulsar %s copies the configuration repository %s as "
+            "it is, since it is a plain folder; give it as file://%s to use the branch"
+            % (command.conf_branch, command.version or "0.x", repo, os.path.abspath(repo)))
+
+
+class AppCatalog:
+    """The applications and environments pulsar knows, for GET /apps and the page's form.
+
+    Listed with `pulsar list` (1.x) or `pulsar-utils list` (0.x, where it stands beside pulsar),
+    which clone the configuration repository: a list is kept for APPS_FRESH seconds, and listed
+    again sooner when a task names a pair it does not hold.  One listing runs at a time; requests
+    that come meanwhile wait for it.
+    """
+
+    def __init__(self, *, command, environ, workdir, clock=time.monotonic):
+        self._command = command
+        self._environ = environ
+        self._workdir = workdir
+        self._clock = clock
+        self._lock = threading.Lock()       # guards the fields below
+        self._listing = threading.Lock()    # one `pulsar list` at a time
+        self._apps = None                   # {app: [environments]} of the last good list
+        self._listed_at = None              # when that list was made (time.time())
+        self._fresh_until = 0.0
+        self._looked_for = set()            # unknown pairs a listing was made to look for
+        self._problem = None                # why the last listing failed, if it did
+
+    @property
+    def pulsar_version(self):
+        return self._command.version
+
+    def read(self):
+        """The apps as GET /apps answers them; HTTPError 501 when this pulsar cannot list,
+        503 when the list cannot be had now."""
+        argv = self._command.list_argv()
+        if argv is None:
+            raise HTTPError(501, "pulsar %s cannot list applications here: 0.x lists them with "
+                                 "pulsar-utils, and there is none beside %s"
+                            % (self._command.version or "(no version named)",
+                               self._command.binary))
+        if self._clock() >= self._fresh_until:
+            self._refresh(argv)
+        with self._lock:
+            if self._apps is None:
+                raise HTTPError(503, "the applications cannot be listed: %s" % self._problem,
+                                headers=[("Retry-After", "%d" % APPS_RETRY)])
+            apps = [{"name": app, "envs": envs} for app, envs in sorted(self._apps.items())]
+            return {"apps": apps, "listedAt": utc_iso(self._listed_at), "problem": self._problem}
+
+    def note_pair(self, app, env):
+        """A task names app/env: if the list does not hold it, list again in the background,
+        once for each such pair (a mistyped name must not make every request list)."""
+        argv = self._command.list_argv()
+        with self._lock:
+            if argv is None or env in (self._apps or {}).get(app, ()):
+                return
+            if (app, env) in self._looked_for:
+                return
+            if len(self._looked_for) >= APPS_LOOKED_FOR:
+                self._looked_for.clear()
+            self._looked_for.add((app, env))
+        threading.Thread(target=self._refresh, args=(argv, True), name="list-apps",
+                         daemon=True).start()
+
+    def _refresh(self, argv, forced=False):
+        with self._listing:
+            if not forced and self._clock() < self._fresh_until:
+                return                  # another request listed them while this one waited
+            try:
+                code, output = run_bounded(argv, APPS_TIMEOUT, self._environ, self._workdir)
+                apps, problem = parse_app_list(code, output)
+            except subprocess.TimeoutExpired:
+                apps, problem = None, "%s did not answer within %d s" % (argv[0], APPS_TIMEOUT)
+            except OSError as error:
+                apps, problem = None, "cannot run %s: %s" % (argv[0], error.strerror or error)
+            with self._lock:
+                self._problem = problem
+                if apps is not None:
+                    self._apps, self._listed_at = apps, time.time()
+                    self._fresh_until = self._clock() + APPS_FRESH
+            if problem:
+                logger.warning("cannot list the applications: %s", problem)
+
+
+def parse_app_list(code, output):
+    """({app: [environments]}, None) from what `pulsar list` printed, or (None, why not)."""
+    apps = {}
+    lines = visible_lines(output)
+    for line in lines:
+        match = APP_LINE.fullmatch(line)
+        if match:
+            apps[match.group(1)] = [env.strip() for env in match.group(2).split(",")
+                                    if env.strip()]
+    failed = code != 0 or any(line.startswith("Failed to list") for line in lines)
+    if apps and not failed:
+        return apps, None
+    if not failed:
+        return {}, None
+    said = " ".join(line for line in lines if not line.startswith(("from ", "\tfrom ")))[-400:]
+    return None, "exit code %d: %s" % (code, said or "no output")
 
 
 def child_environment(environ):
-    """The server's environment for pulsar, less the secrets that are the server's alone."""
-    return {name: value for name, value in environ.items() if name not in SERVER_SECRETS}
+    """The server's environment for pulsar, less the secrets that are the server's alone, and
+    with the variables that silence Thor's and Bundler's deprecation lines (unless set)."""
+    child = dict(QUIET_PULSAR)
+    child.update((name, value) for name, value in environ.items() if name not in SERVER_SECRETS)
+    return child
 
 
 # ---------------------------------------------------------------- access: who may use the API
@@ -1621,6 +1994,7 @@ ROUTES = (
     Route("GET", "/app.css", "send_style"),
     Route("GET", "/tasks", "list_tasks",
           fields=("app", "env", "status", "limit", "before", "version")),
+    Route("GET", "/apps", "list_apps"),
     Route("GET", "/health", "health", public=True),
     Route("GET", "/metrics", "metrics"),
     Route("GET", "/task/:id", "read_task", fields=("offset",)),
@@ -2124,6 +2498,9 @@ class ApiHandler(RequestHandler):
         action = fields.one("action", "task", example=self._absolute_url(self.exchange.path))
         self._start(check_name("app", app), check_name("env", env), check_action(action))
 
+    def list_apps(self):
+        self.send_json(200, self.server.apps.read())
+
     def rerun_task(self, task_id):
         old = self.server.store.read(task_id)
         self._start(old["app"], old["env"], check_action(old["action"]))
@@ -2133,6 +2510,7 @@ class ApiHandler(RequestHandler):
         fields = self.exchange.fields
         queue, wait = fields.flag("queue"), fields.flag("wait")
         task = self.server.runner.start(app, env, action, self.who, queue)
+        self.server.apps.note_pair(app, env)
         reply = {"taskId": task.id, "url": self._absolute_url("/task/%d" % task.id),
                  "status": task.status}
         if wait:
@@ -2178,8 +2556,12 @@ class ApiHandler(RequestHandler):
                 task = store.wait_for_change(task_id, None, offset, self.server.poll_timeout)
             task = task or store.read(task_id, offset)
             text = task["output"]
+        # What a terminal may show; a running task's last characters that might still become
+        # an escape sequence or a lookalike of the closing line wait for the next request.
+        terminal = TerminalText()
+        text = terminal.feed(text, final=task["status"] in ENDED)
         self.send_bytes(200, text.encode("utf-8"), "text/plain; charset=utf-8", [
-            ("X-Text-Size", str(task["outputLength"])),
+            ("X-Text-Size", str(task["outputLength"] - terminal.held_back())),
             ("X-More-Data", "false" if task["status"] in ENDED else "true"),
             ("X-Task-Status", task["status"])])
 
@@ -2271,7 +2653,8 @@ class ApiHandler(RequestHandler):
         stopping = self.server.runner.stopping
         self.send_json(503 if stopping else 200, {
             "status": "stopping" if stopping else "ok",
-            "running": len(self.server.store.running()), "version": __version__})
+            "running": len(self.server.store.running()), "version": __version__,
+            "pulsar": self.server.apps.pulsar_version})
 
     def metrics(self):
         text = self.server.metrics.render(len(self.server.store.running()),
@@ -2279,28 +2662,134 @@ class ApiHandler(RequestHandler):
         self.send_bytes(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
 
 
+class TerminalText:
+    """Task output made safe to print in a terminal (GET /task/:id/stream and /output): colours
+    pass; every other escape sequence (window titles, clipboard writes, screen clears, cursor
+    moves), concealed or blinking text, and control characters but tab, newline and carriage
+    return are dropped.  A line of output that would read as the server's closing line gets a
+    visible prefix.  Output comes in pieces: a sequence cut in two, or a line whose start might
+    still turn out to look like the closing line, is held back until the next piece.
+    """
+
+    def __init__(self):
+        self._unfinished = ""       # the start of an escape sequence cut at the end of a piece
+        self._held = []             # (safe text, visible, length given) of an undecided line start
+        self._deciding = True       # the current line might still read as the closing line
+        self.coloured = False       # a colour has passed: reset it before anything of our own
+
+    def feed(self, text, final=False):
+        """The safe text for the next piece of output; `final` flushes what is held back."""
+        text = self._unfinished + text
+        self._unfinished = ""
+        out = []
+        for match in TERMINAL_TOKEN.finditer(text):
+            token = match.group()
+            if match.group("cut") is not None:
+                if not final and len(token) <= MAX_ESCAPE:
+                    self._unfinished = token
+            elif match.group("complete") is not None:
+                colour = safe_sgr(token)
+                self.coloured = self.coloured or bool(colour)
+                self._emit(out, colour, False, len(token))
+            elif token in ("\n", "\r"):
+                self._decide(out)
+                out.append(token)
+                self._deciding = True
+            elif token == "\t" or not TERMINAL_CONTROL.match(token):
+                self._emit(out, token, True, len(token))
+        if final:
+            self._decide(out)
+        return "".join(out)
+
+    def held_back(self):
+        """How many characters given so far are held back, not yet in what feed returned."""
+        return len(self._unfinished) + sum(length for _, _, length in self._held)
+
+    def _emit(self, out, text, visible, length):
+        if not self._deciding:
+            out.append(text)
+            return
+        self._held.append((text, visible, length))
+        seen = self._seen()
+        if not CLOSING_LINE_KEY.startswith(seen) or len(seen) >= len(CLOSING_LINE_KEY):
+            self._decide(out)
+
+    def _decide(self, out):
+        if self._held and self._seen().startswith(CLOSING_LINE_KEY):
+            out.append(LOOKALIKE_PREFIX)
+        out.extend(text for text, _, _ in self._held)
+        self._held = []
+        self._deciding = False
+
+    def _seen(self):
+        return lookalike_key("".join(text for text, visible, _ in self._held if visible))
+
+
+def lookalike_key(text):
+    """Text as a reader would take it, to compare with the closing line: compatibility forms
+    folded (fullwidth letters), dashes made hyphens, invisible characters, blanks, leading
+    brackets and case ignored."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    kept = ("-" if unicodedata.category(char) == "Pd" else char for char in text
+            if not char.isspace() and unicodedata.category(char) not in ("Cf", "Cc"))
+    return "".join(kept).lstrip("[(<{")
+
+
+def safe_sgr(sequence):
+    """An escape sequence reduced to the colours and styles a terminal may show of a task's
+    output, or "" when nothing of it may pass."""
+    if not sequence.startswith("\x1b[") or not sequence.endswith("m"):
+        return ""
+    params = sequence[2:-1].split(";") if len(sequence) > 3 else ["0"]
+    kept, index = [], 0
+    while index < len(params):
+        param = params[index]
+        if param in ("38", "48"):       # 38;5;N or 38;2;R;G;B: a colour from a palette or RGB
+            size = {"5": 3, "2": 5}.get(params[index + 1] if index + 1 < len(params) else "", 0)
+            if size and all(part.isdigit() and int(part) < 256
+                            for part in params[index + 2:index + size]):
+                kept += params[index:index + size]
+            index += size or len(params)
+            continue
+        if param.isdigit() and int(param) in SAFE_SGR:
+            kept.append(str(int(param)))
+        index += 1
+    return "\x1b[%sm" % ";".join(kept) if kept else ""
+
+
 class TextStream:
-    """A task's output as chunked text/plain, ending with a line that gives how it ended."""
+    """A task's output as chunked text/plain, made safe for a terminal, ending with a line that
+    gives how it ended."""
 
     def __init__(self, handler, before="\n"):
         self._handler = handler
         self._last = before         # the character before the stream's first: ends a line?
+        self._terminal = TerminalText()
         handler.start_chunked("text/plain; charset=utf-8")
 
     def send(self, task):
-        if task["output"]:
-            self._last = task["output"][-1]
-            self._handler.send_chunk(task["output"].encode("utf-8"))
-        if task["status"] in ENDED:
-            self._handler.send_chunk(("%s[pulsar-rest-api: task %d %s, exit code %s]\n" % (
-                "" if self._last == "\n" else "\n", task["id"], task["status"],
-                "none" if task["exitCode"] is None else task["exitCode"])).encode("utf-8"))
+        ended = task["status"] in ENDED
+        text = self._terminal.feed(task["output"], final=ended)
+        if text:
+            self._last = text[-1]
+            self._handler.send_chunk(text.encode("utf-8"))
+        if ended:
+            self._handler.send_chunk((("\x1b[0m" if self._terminal.coloured else "")
+                                      + ("" if self._last == "\n" else "\n")
+                                      + closing_line(task)).encode("utf-8"))
 
     def keep_alive(self):
         pass                        # plain text has no invisible filler; _client_gone() checks
 
     def close(self):
         self._handler.send_chunk(b"")
+
+
+def closing_line(task):
+    """The line that ends a task's text stream: how it ended, and why."""
+    return "[pulsar-rest-api: task %d %s, exit code %s%s]\n" % (
+        task["id"], task["status"], "none" if task["exitCode"] is None else task["exitCode"],
+        ": " + task["outcome"] if task["outcome"] else "")
 
 
 class EventStream:
@@ -2345,11 +2834,12 @@ class PulsarServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, *, settings, store, runner, metrics, access, tls):
+    def __init__(self, *, settings, store, runner, apps, metrics, access, tls):
         if ":" in settings.host:
             self.address_family = socket.AF_INET6
         self.store = store
         self.runner = runner
+        self.apps = apps
         self.metrics = metrics
         self.access = access
         self.tls = tls                  # an SSLContext, or None with --no-ssl
@@ -2455,18 +2945,28 @@ def serve(settings):
     tls, fingerprint = (None, None) if settings.no_ssl else load_tls(settings)
     history = TaskHistory(settings.db)
     signals = StopSignals()         # from here on a stop signal waits for its turn
-    recover_lost_tasks(history, settings.kill_grace)
-    metrics = Metrics()
-    store = TaskStore(history, max_output=settings.max_output)
-    runner = TaskRunner(store=store, metrics=metrics, settings=settings, environ=os.environ)
-    access = Access(settings.authenticator)
-    try:
-        server = PulsarServer(settings=settings, store=store, runner=runner, metrics=metrics,
-                              access=access, tls=tls)
-    except OSError as error:
-        raise StartupError("cannot listen on %s:%d: %s" % (settings.host, settings.port,
-                                                           error.strerror or error))
-    announce(settings, server, fingerprint, history)
+    with task_folders_for(settings.db) as task_folders:
+        environ = child_environment(os.environ)
+        command = find_pulsar(settings, environ, task_folders)
+        recover_lost_tasks(history, settings.kill_grace)
+        metrics = Metrics()
+        store = TaskStore(history, max_output=settings.max_output)
+        runner = TaskRunner(store=store, metrics=metrics, settings=settings, command=command,
+                            environ=environ, task_folders=task_folders)
+        apps = AppCatalog(command=command, environ=environ, workdir=task_folders)
+        access = Access(settings.authenticator)
+        try:
+            server = PulsarServer(settings=settings, store=store, runner=runner, apps=apps,
+                                  metrics=metrics, access=access, tls=tls)
+        except OSError as error:
+            raise StartupError("cannot listen on %s:%d: %s" % (settings.host, settings.port,
+                                                               error.strerror or error))
+        announce(settings, server, fingerprint, history, command)
+        return serve_until_stopped(settings, server, signals, store, runner, history)
+
+
+def serve_until_stopped(settings, server, signals, store, runner, history):
+    """Serve until a stop signal, stop gracefully, and close everything; the exit code."""
     threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL,), name="accept",
                      daemon=True).start()
     stopped = threading.Event()
@@ -2516,7 +3016,21 @@ def persist_periodically(store, stopped):
             logger.error("cannot write the task history: %s", error)
 
 
-def announce(settings, server, fingerprint, history):
+def task_folders_for(db):
+    """A context giving the folder in which each task gets its working folder: beside the
+    history (DB.tasks), or a temporary one removed at the end for --db :memory:."""
+    if db == ":memory:":
+        return tempfile.TemporaryDirectory(prefix="pulsar-rest-api-tasks-")
+    folder = db + ".tasks"
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError as error:
+        raise StartupError("--db: cannot create %s for the tasks' working folders: %s"
+                           % (folder, error.strerror or error))
+    return contextlib.nullcontext(folder)
+
+
+def announce(settings, server, fingerprint, history, command):
     host, port = server.server_address[:2]
     scheme = "http" if settings.no_ssl else "https"
     shown = "[%s]" % host if ":" in host else host
@@ -2539,11 +3053,15 @@ def announce(settings, server, fingerprint, history):
                        PASSWORD_VARIABLE)
     logger.info("task history: %s", history.path if history.path != ":memory:" else
                 "in memory only (--db :memory:): nothing is kept after a stop")
-    argv = settings.command.argv("APP", "ENV", "ACTION")
-    logger.info("tasks run: %s", " ".join(argv))
-    if shutil.which(settings.command.binary) is None:
-        logger.warning("%s is not an executable on PATH: tasks will fail until it is installed "
-                       "(try --pulsar-bin echo)", settings.command.binary)
+    argv = " ".join(command.argv("APP", "ENV", "ACTION"))
+    if command.version:
+        logger.info("pulsar %s, %s form: tasks run: %s", command.version, command.form, argv)
+    else:
+        logger.warning("%s --version names no pulsar version: tasks run in the classic form: %s",
+                       command.binary, argv)
+    warning = plain_folder_branch_warning(command)
+    if warning:
+        logger.warning("%s", warning)
 
 
 class StopSignals:
@@ -2582,8 +3100,8 @@ class StopSignals:
 class Settings(argparse.Namespace):
     """Everything the command line decides, as one object handed to whatever needs it: each
     flag's value under its argparse name (build_parser declares them all, with their defaults),
-    and what parse_args derives from them: `command` (how pulsar is run), `authenticator`,
-    `tls_passphrase` (read from the --ssl-passphrase file) and `password_in_argv`."""
+    and what parse_args derives from them: `authenticator`, `tls_passphrase` (read from the
+    --ssl-passphrase file) and `password_in_argv`."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -2636,9 +3154,10 @@ def build_parser():
              "own (PULSAR_CONF_REPO, ~/.pulsar/config)")
     add("--config-branch", metavar="BRANCH",
         help="branch of the configuration repository (default: master); classic pulsar only")
-    add("--pulsar-cli", choices=("classic", "v1"), default="classic",
-        help="classic: pulsar [--conf-repo R --conf-branch B] APP ENV ACTION (pulsar 0.x); "
-             "v1: pulsar task [--conf-repo R] APP ENV ACTION (pulsar 1.x)")
+    add("--pulsar-cli", choices=("auto", "classic", "v1"), default="auto",
+        help="auto (default): the form that the version `PULSAR_BIN --version` names takes; "
+             "classic: pulsar [--conf-repo R --conf-branch B] APP ENV ACTION (pulsar 0.x); "
+             "v1: pulsar task [--conf-repo R] APP ENV ACTION (pulsar 1.1+)")
     add("--pulsar-bin", metavar="PATH", default="pulsar",
         help="the pulsar executable (default: pulsar on PATH); 'echo' is a harmless way to try")
     add("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)")
@@ -2706,7 +3225,7 @@ def parse_args(argv):
     """Settings from the command line, or StartupError saying what is wrong."""
     settings = build_parser().parse_args(argv, namespace=Settings())
     if settings.pulsar_cli == "v1" and settings.config_branch:
-        raise StartupError("--config-branch: pulsar 1.x (--pulsar-cli v1) has no branch option; "
+        raise StartupError("--config-branch: pulsar 1.x (--pulsar-cli v1) has no branch option: "
                            "leave --config-branch out")
     if settings.config_branch and not settings.config_repo:
         raise StartupError("--config-branch needs --config-repo")
@@ -2723,8 +3242,6 @@ def parse_args(argv):
     settings.tls_passphrase = None
     if settings.ssl_passphrase:
         settings.tls_passphrase = read_secret("--ssl-passphrase", settings.ssl_passphrase)
-    settings.command = PulsarCommand(settings.pulsar_bin, settings.pulsar_cli,
-                                     settings.config_repo, settings.config_branch)
     settings.db = settings.db or default_db()
     return settings
 
@@ -2855,8 +3372,11 @@ PAGE_HTML = r"""<!doctype html>
   <section id="side">
     <form id="start-form">
       <h2>Start a task</h2>
-      <label>App <input name="app" required maxlength="64" pattern="[A-Za-z0-9][A-Za-z0-9._\-]*" autocapitalize="off" spellcheck="false"></label>
-      <label>Environment <input name="env" required maxlength="64" pattern="[A-Za-z0-9][A-Za-z0-9._\-]*" autocapitalize="off" spellcheck="false"></label>
+      <label>App <input name="app" list="known-apps" required maxlength="64" pattern="[A-Za-z0-9][A-Za-z0-9._\-]*" autocapitalize="off" spellcheck="false"></label>
+      <label>Environment <input name="env" list="known-envs" required maxlength="64" pattern="[A-Za-z0-9][A-Za-z0-9._\-]*" autocapitalize="off" spellcheck="false"></label>
+      <datalist id="known-apps"></datalist>
+      <datalist id="known-envs"></datalist>
+      <p id="apps-note" class="note"></p>
       <label>Action <input name="action" required maxlength="128" pattern="[A-Za-z0-9][A-Za-z0-9_:.\-]*" value="deploy" autocapitalize="off" spellcheck="false"></label>
       <label class="check"><input type="checkbox" name="queue"> Wait in line if the app is busy</label>
       <button type="submit">Start</button>
@@ -2868,6 +3388,7 @@ PAGE_HTML = r"""<!doctype html>
   <section id="task" hidden>
     <h2 id="task-title"></h2>
     <p id="task-facts"></p>
+    <p id="task-outcome"></p>
     <p class="buttons">
       <button id="kill" type="button">Kill</button>
       <button id="rerun" type="button">Run again</button>
@@ -2905,10 +3426,14 @@ button[type=submit] { background: var(--accent); border-color: var(--accent); co
 button:disabled { opacity: .5; cursor: default; }
 .error { color: var(--bad); margin: .4em 0 0; min-height: 1.2em; }
 #task-list { list-style: none; margin: 0; padding: 0; }
-#task-list a { display: grid; grid-template-columns: auto 1fr auto; gap: .1em .6em; padding: .45em .6em;
+#task-list a { display: grid; grid-template-columns: auto minmax(0, 1fr) auto; gap: .1em .6em; padding: .45em .6em;
   border-bottom: 1px solid var(--line); color: inherit; text-decoration: none; }
 #task-list a:hover, #task-list a[aria-current] { background: var(--panel); }
 .id { color: var(--muted); }
+.what { overflow-wrap: anywhere; }
+.status { white-space: nowrap; }
+.note { color: var(--muted); font-size: .85em; margin: .3em 0 0; }
+#task-outcome { margin: 0 0 .5em; overflow-wrap: anywhere; }
 .when { grid-column: 2 / 4; color: var(--muted); font-size: .85em; }
 .status { font-size: .8em; font-weight: 600; text-transform: uppercase; letter-spacing: .03em; }
 .status-running, .status-queued { color: var(--accent); }
@@ -2921,6 +3446,9 @@ button:disabled { opacity: .5; cursor: default; }
 #output { margin: .6em 0 0; padding: .7em; min-height: 10em; max-height: 72vh; overflow: auto;
   background: #0d1117; color: #e6edf3; border-radius: 6px; font: 13px/1.4 ui-monospace, Menlo, Consolas, monospace;
   white-space: pre-wrap; overflow-wrap: anywhere; }
+#output .b { font-weight: bold; } #output .d { opacity: .7; } #output .i { font-style: italic; }
+#output .u { text-decoration: underline; } #output .s { text-decoration: line-through; }
+#output .u.s { text-decoration: underline line-through; }
 """
 
 PAGE_JS = r""""use strict";
@@ -2979,6 +3507,7 @@ function renderList(tasks) {
     id.className = "id";
     id.textContent = "#" + task.id;
     const what = document.createElement("span");
+    what.className = "what";
     what.textContent = task.app + " / " + task.env + " · " + task.action;
     const time = document.createElement("span");
     time.className = "when";
@@ -3015,13 +3544,156 @@ function renderTask(task) {
   facts.replaceChildren(statusBadge(task.status), document.createTextNode(
     " · " + when(task) + (task.exitCode === null ? "" : " · exit code " + task.exitCode)
     + (task.pid === null ? "" : " · pid " + task.pid)));
+  $("task-outcome").textContent = task.outcome || "";
   $("kill").disabled = ENDED.includes(task.status);
 }
 
-function appendOutput(text) {
+// ---- output as a terminal shows it: colours (SGR) become styles, a carriage return rewrites
+// its line; every other escape sequence and control character is dropped.
+
+const TOKEN = new RegExp(
+  "(\x1b(?:\\[([0-?]*)[ -/]*([@-~])|\\][^\x07\x1b]*(?:\x07|\x1b\\\\)|[PX^_][^\x1b]*\x1b\\\\|[ -/]*[0-OQ-WYZ\\\\`-~]))"
+  + "|(\x1b(?:\\[[0-?]*[ -/]*|\\][^\x07\x1b]*\x1b?|[PX^_][^\x1b]*\x1b?|[ -/]*)$)"
+  + "|([\x00-\x1f\x7f-\x9f])|([^\x00-\x1f\x7f-\x9f]+)", "g");
+const PALETTE = ["#484f58", "#ff7b72", "#3fb950", "#d29922", "#58a6ff", "#bc8cff", "#39c5cf", "#b1bac4",
+  "#6e7681", "#ffa198", "#56d364", "#e3b341", "#79c0ff", "#d2a8ff", "#56d4dd", "#ffffff"];
+
+function colour256(n) {
+  if (n < 16) return PALETTE[n];
+  if (n >= 232) { const v = 8 + (n - 232) * 10; return "rgb(" + v + "," + v + "," + v + ")"; }
+  const level = (c) => (c ? 55 + c * 40 : 0);
+  n -= 16;
+  return "rgb(" + level(Math.floor(n / 36)) + "," + level(Math.floor(n / 6) % 6) + "," + level(n % 6) + ")";
+}
+
+class Terminal {
+  constructor(element) {
+    this.element = element;
+    this.reset();
+  }
+
+  reset() {
+    this.element.replaceChildren();
+    this.done = document.createElement("span");      // finished lines
+    this.line = document.createElement("span");      // the line being written
+    this.element.append(this.done, this.line);
+    this.pending = "";        // an escape sequence cut at the end of the last piece
+    this.style = {};          // fg, bg, b, d, i, u, s
+    this.runs = [];           // the current line: [{text, style}]
+    this.column = 0;
+  }
+
+  write(text, final) {
+    text = this.pending + text;
+    this.pending = "";
+    const finished = document.createDocumentFragment();
+    for (const match of text.matchAll(TOKEN)) {
+      if (match[1] !== undefined) {
+        if (match[3] === "m") this.sgr(match[2]);
+      } else if (match[4] !== undefined) {
+        if (!final && match[4].length <= 4096) this.pending = match[4];
+      } else if (match[5] !== undefined) {
+        const control = match[5];
+        if (control === "\n") { this.finishLine(finished); }
+        else if (control === "\r") { this.column = 0; }
+        else if (control === "\b") { this.column = Math.max(0, this.column - 1); }
+        else if (control === "\t") { this.put("\t"); }
+      } else {
+        this.put(match[6]);
+      }
+    }
+    this.done.append(finished);
+    this.line.replaceChildren(...this.runs.map((run) => this.node(run)));
+  }
+
+  sgr(text) {
+    // A new style object: the runs written so far keep theirs.
+    const params = text === "" ? [0] : text.split(";").map((part) => Number(part) || 0);
+    let style = Object.assign({}, this.style);
+    for (let i = 0; i < params.length; i++) {
+      const p = params[i];
+      if (p === 0) style = {};
+      else if (p === 1) style.b = true;
+      else if (p === 2) style.d = true;
+      else if (p === 3) style.i = true;
+      else if (p === 4) style.u = true;
+      else if (p === 9) style.s = true;
+      else if (p === 22) { delete style.b; delete style.d; }
+      else if (p === 23) delete style.i;
+      else if (p === 24 || p === 21) delete style.u;
+      else if (p === 29) delete style.s;
+      else if (p >= 30 && p <= 37) style.fg = PALETTE[p - 30];
+      else if (p >= 90 && p <= 97) style.fg = PALETTE[p - 82];
+      else if (p === 39) delete style.fg;
+      else if (p >= 40 && p <= 47) style.bg = PALETTE[p - 40];
+      else if (p >= 100 && p <= 107) style.bg = PALETTE[p - 92];
+      else if (p === 49) delete style.bg;
+      else if (p === 38 || p === 48) {
+        const key = p === 38 ? "fg" : "bg";
+        if (params[i + 1] === 5 && i + 2 < params.length) {
+          style[key] = colour256(params[i + 2] & 255);
+          i += 2;
+        } else if (params[i + 1] === 2 && i + 4 < params.length) {
+          style[key] = "rgb(" + params.slice(i + 2, i + 5).map((c) => c & 255).join(",") + ")";
+          i += 4;
+        } else {
+          break;
+        }
+      }
+    }
+    this.style = style;
+  }
+
+  put(text) {
+    // Write at the cursor: append at the end of the line, or overwrite what a carriage
+    // return went back over.
+    const style = this.style;
+    const length = this.runs.reduce((sum, run) => sum + run.text.length, 0);
+    if (this.column >= length) {
+      const last = this.runs[this.runs.length - 1];
+      if (last && last.style === style) last.text += text;
+      else this.runs.push({ text, style });
+    } else {
+      const chars = [];
+      for (const run of this.runs) for (const char of run.text) chars.push([char, run.style]);
+      let at = this.column;
+      for (const char of text) chars[at++] = [char, style];
+      this.runs = [];
+      for (const [char, charStyle] of chars) {
+        const last = this.runs[this.runs.length - 1];
+        if (last && last.style === charStyle) last.text += char;
+        else this.runs.push({ text: char, style: charStyle });
+      }
+    }
+    this.column += text.length;
+  }
+
+  finishLine(into) {
+    for (const run of this.runs) into.append(this.node(run));
+    into.append("\n");
+    this.runs = [];
+    this.column = 0;
+  }
+
+  node(run) {
+    const style = run.style;
+    if (!Object.keys(style).length) return document.createTextNode(run.text);
+    const span = document.createElement("span");
+    span.textContent = run.text;
+    const classes = ["b", "d", "i", "u", "s"].filter((name) => style[name]);
+    if (classes.length) span.className = classes.join(" ");
+    if (style.fg) span.style.color = style.fg;
+    if (style.bg) span.style.backgroundColor = style.bg;
+    return span;
+  }
+}
+
+let terminal = null;
+
+function appendOutput(text, final) {
   const output = $("output");
   const atBottom = output.scrollHeight - output.scrollTop - output.clientHeight < 8;
-  output.firstChild.appendData(text);
+  terminal.write(text, final);
   if (atBottom) output.scrollTop = output.scrollHeight;
 }
 
@@ -3031,13 +3703,13 @@ async function followTask(id) {
   shownTask = id;
   $("task").hidden = false;
   $("task-error").textContent = "";
-  $("output").replaceChildren(document.createTextNode(""));
+  terminal = new Terminal($("output"));
   while (following === me) {
     try {
       const data = await call("GET", "/task/" + id + "/state?version=" + me.version + "&offset=" + me.offset);
       if (following !== me || !data.changed) continue;
       const task = data.task;
-      appendOutput(task.output);
+      appendOutput(task.output, ENDED.includes(task.status));
       me.version = task.version;
       me.offset = task.outputLength;
       renderTask(task);
@@ -3049,11 +3721,31 @@ async function followTask(id) {
       if (error.message.startsWith("offset")) {   // the output was cut short by a crash: reread
         me.version = 0;
         me.offset = 0;
-        $("output").replaceChildren(document.createTextNode(""));
+        terminal.reset();
       }
       await pause(2000);
     }
   }
+}
+
+// ---- the apps and environments pulsar knows, offered by the form (GET /apps)
+
+let knownApps = [];
+
+async function loadApps() {
+  try {
+    knownApps = (await call("GET", "/apps")).apps;
+    $("known-apps").replaceChildren(...knownApps.map((app) => new Option(app.name)));
+    offerEnvironments();
+    $("apps-note").textContent = "";
+  } catch (error) {
+    $("apps-note").textContent = "Applications cannot be listed: " + error.message;
+  }
+}
+
+function offerEnvironments() {
+  const app = knownApps.find((known) => known.name === $("start-form").elements.app.value);
+  $("known-envs").replaceChildren(...(app ? app.envs : []).map((env) => new Option(env)));
 }
 
 function route() {
@@ -3101,9 +3793,11 @@ document.addEventListener("DOMContentLoaded", () => {
     const reply = await act($("rerun"), "/task/" + shownTask + "/rerun");
     if (reply) location.hash = "#task/" + reply.taskId;
   });
+  $("start-form").elements.app.addEventListener("input", offerEnvironments);
   window.addEventListener("hashchange", route);
   route();
   followList();
+  loadApps();
 });
 """
 

@@ -84,7 +84,7 @@ LISTENING = re.compile(r"listening on (https?)://127\.0\.0\.1:(\d+)/")
 FINGERPRINT = re.compile(r"SHA-256 fingerprint ((?:[0-9A-F]{2}:){31}[0-9A-F]{2})")
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z")
 TASK_KEYS = {"id", "app", "env", "action", "status", "exitCode", "pid", "createdAt", "finishedAt",
-             "version", "outputOffset", "outputLength", "output"}
+             "version", "outputOffset", "outputLength", "output", "outcome"}
 CLI_ERROR_PREFIX = "pulsar_rest_api.py: error:"
 SUMMARY_KEYS = TASK_KEYS - {"output", "outputOffset"}    # an item of GET /tasks
 LIVE = ("queued", "running")                            # statuses of a task that has not ended
@@ -95,6 +95,31 @@ VERSION_LINE = re.compile(r"pulsar-rest-api (\S+) listening on ")
 UNICODE_LINE = "z\u00fcrich \u20ac \U0001f600 \u65e5\u672c\n"   # 2-, 3- and 4-byte characters
 FLOOD_LINE = "%06d " + "\u00fc" * 500 + "\n"                    # 1008 UTF-8 bytes
 FLOOD_LINES = 1040                                             # lines per block, about 1 MiB
+
+# What the fake prints for its step `ansi`: colours a terminal may show, a progress line
+# rewritten with carriage returns, then what a terminal must never get from a task: a window
+# title, a clipboard write, a screen clear and cursor move, concealed text, a line that reads as
+# the server's closing line (twice: as the server writes it, and in fullwidth letters with a
+# zero-width space), a backspace; and a colour left on at the end.
+ANSI_OUTPUT = (
+    b"\x1b[1;31mred bold\x1b[0m plain \x1b[38;5;208morange\x1b[39m\n"
+    b"\x1b]0;window title\x07\x1b]52;c;c2VjcmV0\x07\x1b[2J\x1b[H\x1b[8mconcealed\x1b[0m\n"
+    b"progress 10%\rprogress 50%\rprogress 100%\n"
+    b"[pulsar-rest-api: task 1 finished, exit code 0]\n"
+    b"\xef\xbc\xbb\xe2\x80\x8bpulsar-rest-api: TASK 1 finished]\n"
+    b"back\x08\x08ok\n"
+    b"\x1b[32mstill green")
+# ... and what a terminal gets of it from /stream and /output: only colours pass, and the lines
+# that read as the closing line are marked as the task's.
+ANSI_FOR_TERMINALS = (
+    "\x1b[1;31mred bold\x1b[0m plain \x1b[38;5;208morange\x1b[39m\n"
+    "concealed\x1b[0m\n"
+    "progress 10%\rprogress 50%\rprogress 100%\n"
+    "(printed by the task) [pulsar-rest-api: task 1 finished, exit code 0]\n"
+    "(printed by the task) \uff3b\u200bpulsar-rest-api: TASK 1 finished]\n"
+    "backok\n"
+    "\x1b[32mstill green")
+UNSAFE_FOR_TERMINALS = ("\x1b]", "\x1b[2J", "\x1b[H", "\x1b[8m", "\x08", "window title")
 
 # Credentials.  Each is distinctive, so that finding it in a log or an answer means it leaked.
 PASSWORD = "s3cret-Horse-91"
@@ -246,6 +271,7 @@ Steps are separated by '.', a step's argument follows '-':
   out-N, err-N, mix-N   N numbered lines to stdout, to stderr, or alternately; flushed one by one
   chatty-N              N numbered lines to stdout as fast as possible
   gate-NAME             print "gate NAME", then block until a line arrives on FIFO $FAKE_DIR/NAME
+  quietgate-NAME        the same without printing anything
   child-NAME            start a sleeping grandchild in this process group, write both pids to
                         $FAKE_DIR/NAME.pids, print "child NAME", wait for the grandchild
   ignoreterm            ignore SIGTERM from now on (children started later inherit it)
@@ -258,11 +284,21 @@ Steps are separated by '.', a step's argument follows '-':
   html                  "<b>not bold</b>\n", which a page must show as text
   flood-N               N blocks of 1040 lines "%06d " + 500 x "\u00fc" (1008 bytes a line, about
                         1 MiB a block), one write per block
+  ansi                  colours, a carriage-return progress line, and what a terminal must
+                        never get (ANSI_LINES below)
+  succeed, fail1x       what pulsar 1.x prints last on success, or on failure (with the task's
+                        own app, environment and action)
+  say-WORD              WORD on a line of its own
+  runfolder             make a pulsar 1.x run folder $FAKE_DIR/home/.pulsar/tmp/run-TIME/cap,
+                        work in it, and print "run folder PATH"
   exit-N                exit with status N
   signal-N              send itself signal N
   anything else         print argv as JSON
-Each run first appends {argv, pid, pgid, sid, cwd, fds} as one JSON line to
-$FAKE_DIR/invocations.jsonl.
+Each run first appends {argv, pid, pgid, sid, cwd, cwd_entries, fds} as one JSON line to
+$FAKE_DIR/invocations.jsonl.  `--version` prints $FAKE_PULSAR_VERSION (default: no version);
+`list ...` (pulsar 1.x's list of apps) prints $FAKE_DIR/apps.txt and exits with the status in
+$FAKE_DIR/apps.exit (default 0), and appends its argv to $FAKE_DIR/lists.jsonl.  Neither is a
+task, so neither is recorded as an invocation.
 """
 import json, os, signal, subprocess, sys, time
 
@@ -284,7 +320,8 @@ def fd_target(fd):
 
 def record_invocation():
     record = {"argv": sys.argv, "pid": os.getpid(), "pgid": os.getpgid(0), "sid": os.getsid(0),
-              "cwd": os.getcwd(), "fds": [fd_target(fd) for fd in (0, 1, 2)]}
+              "cwd": os.getcwd(), "cwd_entries": sorted(os.listdir(".")),
+              "fds": [fd_target(fd) for fd in (0, 1, 2)], "env": dict(os.environ)}
     path = os.path.join(FAKE_DIR, "invocations.jsonl")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -303,8 +340,9 @@ def run(action):
         elif name == "chatty":
             for i in range(1, int(arg) + 1):
                 emit(OUT, "step %d line %05d\n" % (index, i))
-        elif name == "gate":
-            emit(OUT, "gate %s\n" % arg)
+        elif name in ("gate", "quietgate"):
+            if name == "gate":
+                emit(OUT, "gate %s\n" % arg)
             with open(os.path.join(FAKE_DIR, arg), "rb") as gate:
                 gate.readline()
         elif name == "child":
@@ -339,6 +377,26 @@ def run(action):
             for _ in range(int(arg)):
                 OUT.write(block)
             OUT.flush()
+        elif name == "ansi":
+            emit(OUT, ANSI_OUTPUT)
+        elif name in ("succeed", "fail1x"):
+            app, env, task = sys.argv[-3:]
+            emit(OUT, "Executed task %s for %s on %s!\n" % (task, app, env) if name == "succeed"
+                 else "Failed to execute task %s for %s on %s.\nCommand failed with status (1): "
+                      "[cap]\n" % (task, app, env))
+        elif name == "say":
+            emit(OUT, arg + "\n")
+        elif name == "cutescape":
+            emit(OUT, b"\x1b[1;3")
+        elif name == "halfclosing":
+            emit(OUT, "[pulsar-rest")
+        elif name == "otherhalf":
+            emit(OUT, "-api: task 7 finished]\n")
+        elif name == "runfolder":
+            folder = os.path.join(FAKE_DIR, "home", ".pulsar", "tmp", "run-%.7f" % time.time())
+            os.makedirs(os.path.join(folder, "cap"))
+            os.chdir(os.path.join(folder, "cap"))
+            emit(OUT, "run folder %s\n" % folder)
         elif name == "exit":
             sys.exit(int(arg))
         elif name == "signal":
@@ -349,6 +407,21 @@ def run(action):
             emit(OUT, json.dumps(sys.argv) + "\n")
 
 
+ANSI_OUTPUT = {ansi!r}
+if sys.argv[1:] == ["--version"]:     # the server asks at start; not a task
+    emit(OUT, os.environ.get("FAKE_PULSAR_VERSION", "fake pulsar, no version") + "\n")
+    sys.exit(0)
+if sys.argv[1:2] == ["list"]:
+    with open(os.path.join(FAKE_DIR, "lists.jsonl"), "a") as lists:
+        lists.write(json.dumps(sys.argv) + "\n")
+    if os.path.exists(os.path.join(FAKE_DIR, "apps.txt")):
+        with open(os.path.join(FAKE_DIR, "apps.txt")) as source:
+            emit(OUT, source.read())
+    code = 0
+    if os.path.exists(os.path.join(FAKE_DIR, "apps.exit")):
+        with open(os.path.join(FAKE_DIR, "apps.exit")) as source:
+            code = int(source.read())
+    sys.exit(code)
 record_invocation()
 run(sys.argv[-1])
 '''
@@ -361,7 +434,8 @@ class FakePulsar:
         directory.mkdir(parents=True, exist_ok=True)
         self.dir = directory
         self.path = directory / "pulsar"
-        self.path.write_text(FAKE_PULSAR.replace("{python}", sys.executable))
+        self.path.write_text(FAKE_PULSAR.replace("{python}", sys.executable)
+                             .replace("{ansi!r}", repr(ANSI_OUTPUT)))
         self.path.chmod(0o755)
         self.gates = []
 
@@ -1146,9 +1220,13 @@ def refused_connections(conn):
 
 # --- Following a task live: plain text, streams, events ---------------------------------------
 
-def end_line(task_id, status, exit_code):
-    """The last line of a plain-text stream, saying how the task ended."""
-    return "[pulsar-rest-api: task %d %s, exit code %s]\n" % (task_id, status, exit_code)
+def end_line(task_id, status, exit_code, outcome=None):
+    """The last line of a plain-text stream, saying how the task ended and why; the fake pulsar
+    runs in the classic form, where the exit code decides."""
+    if outcome is None:
+        outcome = "pulsar exited with code %s" % exit_code
+    return "[pulsar-rest-api: task %d %s, exit code %s: %s]\n" % (task_id, status, exit_code,
+                                                                 outcome)
 
 
 def open_stream(client, path, headers=None):
@@ -1440,8 +1518,16 @@ def shared_fake(shared_servers):
 
 @pytest.fixture
 def pulsarless_server(shared_servers):
-    """The shared server whose --pulsar-bin does not exist, so that every task fails at once."""
-    return shared_servers.get(pulsar_bin=shared_servers.workdir / "no-such-dir" / "pulsar")
+    """The shared server whose pulsar was removed once the server had started (a start needs
+    one), so that every task fails at once."""
+    vanishing = shared_servers.workdir / "vanishing" / "pulsar"
+    if not vanishing.parent.exists():
+        vanishing.parent.mkdir()
+        shutil.copy(str(shared_servers.fake.path), str(vanishing))
+    server = shared_servers.get(pulsar_bin=vanishing)
+    if vanishing.exists():
+        vanishing.unlink()
+    return server
 
 
 @pytest.fixture
@@ -1547,6 +1633,28 @@ def bad_db_runs(tmp_path_factory):
                                         for kind, path in paths.items()})
     yield {kind: (paths[kind], before[kind], runs[kind]) for kind in BAD_DBS}
     assert_no_process_left([str(directory) + os.sep])
+
+
+@pytest.fixture(scope="session")
+def realpulsar(tmp_path_factory):
+    """The REALPULSAR_* variables of the realpulsar kit: from the environment (CI runs the
+    kit's setup first), or from running its setup here; the tests that need it are skipped,
+    saying why, where it cannot be set up (no kit, not Debian, no packages)."""
+    names = ("REALPULSAR_BIN", "REALPULSAR_CONF", "REALPULSAR_HOME", "REALPULSAR035_BIN",
+             "REALPULSAR035_CONF", "REALPULSAR035_HOME", "REALPULSAR_DEPLOY")
+    if all(os.environ.get(name) for name in names):
+        return {name: os.environ[name] for name in names}
+    kit = Path(os.environ.get("REALPULSAR_KIT", HERE.parent / "shared" / "realpulsar"))
+    if not (kit / "setup").is_file():
+        pytest.skip("the realpulsar kit is not at %s (set REALPULSAR_KIT)" % kit)
+    directory = tmp_path_factory.mktemp("realpulsar")
+    result = subprocess.run(["bash", str(kit / "setup"), str(directory)], capture_output=True,
+                            text=True, timeout=900)
+    if result.returncode != 0:
+        pytest.skip("the realpulsar kit cannot be set up here: %s"
+                    % (result.stderr.strip().splitlines() or ["no output"])[-1])
+    found = dict(re.findall(r"^export (REALPULSAR\w+)=(\S+)", result.stdout, re.MULTILINE))
+    return {name: found[name] for name in names}
 
 
 @pytest.fixture(scope="session")
@@ -1959,7 +2067,11 @@ def test_pulsar_runs_in_its_own_session_with_null_stdin_and_one_output_pipe(
     assert run["pid"] == run["pgid"] == run["sid"] == task["pid"]
     assert run["fds"][0] == "/dev/null"
     assert run["fds"][1] == run["fds"][2] and run["fds"][1].startswith("pipe:")
-    assert os.path.realpath(run["cwd"]) == os.path.realpath(str(shared_server.workdir))
+    # Its own empty working folder (pulsar 0.x reads a config.ru there), gone once it ended.
+    folders = shared_server.workdir / "tasks.sqlite3.tasks"
+    assert os.path.realpath(run["cwd"]) == os.path.realpath(str(folders / str(task_id)))
+    assert run["cwd_entries"] == []
+    assert not (folders / str(task_id)).exists()
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -2051,8 +2163,216 @@ def test_output_with_a_nul_character_reads_back_from_every_offset_live_and_after
         for offset, (as_json, as_text) in replies.items():
             assert as_json.status == 200 and as_text.status == 200, (offset, as_json, as_text)
             assert as_json.json["output"] == text[offset:], offset
-            assert as_text.body.decode("utf-8") == text[offset:], offset
+            # As text for a terminal: the NUL, a control character, is left out.
+            assert as_text.body.decode("utf-8") == text[offset:].replace("\0", ""), offset
             assert as_json.json["outputLength"] == len(text)
+
+
+# --- pulsar's versions, how a task's end is judged, and the apps pulsar knows -----------------
+
+V1 = {"FAKE_PULSAR_VERSION": "1.1.0"}      # the fake answers --version as pulsar 1.1.0 does
+
+
+@pytest.mark.parametrize("version, form", [
+    ("1.1.0", ["task"]), ("2.0.1", ["task"]), ("0.3.5", []), (None, [])])
+def test_the_command_line_form_follows_the_version_pulsar_names(shared_server_with, version,
+                                                                 form):
+    env = {"FAKE_PULSAR_VERSION": version} if version else {}
+    server = shared_server_with(env=env)
+    client, fake = server.client(), server.fake
+    app, env_name = unique("app"), unique("env")
+
+    client.wait_ended(client.create(app, env_name, "deploy"))
+
+    assert fake.invocation_for(app)["argv"][1:] == form + [app, env_name, "deploy"]
+    assert client.get("/health").json["pulsar"] == version
+    if version:
+        assert log_lines(server, r"INFO pulsar %s, %s form: tasks run: " % (
+            re.escape(version), "v1" if form else "classic"))
+    else:
+        assert log_lines(server, r"WARNING .*pulsar --version names no pulsar version: tasks "
+                                 r"run in the classic form: ")
+
+
+# pulsar set-ups that cannot work: (id, flags, environment, what the one line must mention).
+PULSAR_CLI_ERRORS = [
+    ("pulsar-1.0", [], {"FAKE_PULSAR_VERSION": "1.0.2"}, ["1.0.2", "upgrade", "task"]),
+    ("classic-with-1.1", ["--pulsar-cli", "classic"], V1, ["classic", "1.1.0", "v1"]),
+    ("v1-with-0.3", ["--pulsar-cli", "v1"], {"FAKE_PULSAR_VERSION": "0.3.5"}, ["v1", "0.3.5"]),
+    ("branch-with-1.1", ["--config-repo", "R", "--config-branch", "X"], V1,
+     ["--config-branch", "1.1.0"]),
+    ("missing-pulsar", ["--pulsar-bin", "/nonexistent/pulsar"], {}, ["/nonexistent/pulsar",
+                                                                     "gem install pulsar"]),
+]
+
+
+@pytest.fixture(scope="module")
+def pulsar_error_runs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("pulsar-errors")
+    runs = run_side_by_side(directory, {case_id: (flags, env)
+                                        for case_id, flags, env, _ in PULSAR_CLI_ERRORS})
+    yield runs
+    assert_no_process_left([str(directory) + os.sep])
+
+
+@pytest.mark.parametrize("case_id, words", [(case[0], case[3]) for case in PULSAR_CLI_ERRORS])
+def test_a_pulsar_that_cannot_work_as_set_up_is_a_one_line_start_up_error(pulsar_error_runs,
+                                                                          case_id, words):
+    line = one_error_line(pulsar_error_runs[case_id].result())
+
+    assert line.startswith(CLI_ERROR_PREFIX), line
+    for word in words:
+        assert word in line, (word, line)
+
+
+@pytest.mark.parametrize("action, status, outcome", [
+    ("out-1.succeed", "finished", "pulsar reported success: Executed task out-1.succeed for "),
+    ("succeed.say-more", "failed", "without its success line"),
+    ("out-1.fail1x", "failed", "pulsar reported failure: Failed to execute task out-1.fail1x "),
+    ("out-2", "failed", "it printed last: 'out 2'"),
+    ("partial", "failed", "it printed last: 'no newline'"),
+    ("succeed.exit-3", "failed", "pulsar exited with code 3"),
+])
+def test_pulsar_1x_exits_0_so_only_its_success_line_as_its_last_word_makes_a_task_finished(
+        shared_server_with, action, status, outcome):
+    server = shared_server_with(env=V1)
+    client = server.client()
+    app, env = unique("app"), unique("env")
+
+    task = client.wait_ended(client.create(app, env, action))
+    stream = client.get("/task/%d/stream" % task["id"]).body.decode()
+    listed = client.listing("app=" + app)["tasks"][0]
+
+    assert (task["status"], listed["status"], listed["outcome"]) == (
+        status, status, task["outcome"])
+    assert outcome in task["outcome"], task["outcome"]
+    assert stream.endswith(end_line(task["id"], status, task["exitCode"], task["outcome"]))
+    assert log_lines(server, r"INFO task %d %s \(exit code %s\) after .*: %s" % (
+        task["id"], status, task["exitCode"], re.escape(task["outcome"])))
+
+
+def test_the_success_line_counts_even_past_max_output(start_server):
+    server = start_server("--max-output", "64K", env=V1)
+    client = server.client()
+
+    task = client.wait_ended(client.create(unique("app"), "prod", "flood-1.succeed"))
+
+    assert task["output"].endswith(DROPPED % (64 * 1024))
+    assert (task["status"], task["exitCode"]) == ("finished", 0), task["outcome"]
+
+
+def test_a_failed_deploy_is_failed_in_the_metrics_and_in_the_history_after_a_restart(
+        start_server, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    server = start_server("--db", db, env=V1)
+    client = server.client()
+    failed = client.wait_ended(client.create(unique("app"), "prod", "fail1x"))
+    finished = client.wait_ended(client.create(unique("app"), "prod", "succeed"))
+    metrics = client.metrics()
+    server.stop_cleanly()
+    again = start_server("--db", db, env=V1).client()
+
+    assert metrics['pulsar_rest_api_tasks_finished_total{status="failed"}'] == 1
+    assert metrics['pulsar_rest_api_tasks_finished_total{status="finished"}'] == 1
+    assert again.task(failed["id"]) == failed
+    assert again.task(finished["id"]) == finished
+
+
+def test_a_killed_task_leaves_no_pulsar_run_folder_and_another_tasks_stays(api, shared_fake):
+    killed = api.create(unique("app"), unique("env"), "runfolder.hang")
+    running_gate = shared_fake.gate()
+    kept = api.create(unique("app"), unique("env"), "runfolder.gate-%s" % running_gate.name)
+    folders = {}
+    for task_id in (killed, kept):
+        line = api.wait_output(task_id, "run folder ")["output"]
+        folders[task_id] = Path(re.search(r"run folder (\S+)", line).group(1))
+    assert all(folder.is_dir() for folder in folders.values())
+
+    reply = api.kill(killed)
+    running_gate.release()
+    api.wait_ended(kept)
+
+    assert reply.status == 200 and reply.json["status"] == "killed", reply
+    assert not folders[killed].exists()
+    assert folders[kept].is_dir()       # it ended by itself: pulsar removes its own folder
+    shutil.rmtree(str(folders[kept]))
+
+
+def test_pulsar_is_told_to_keep_thor_and_bundler_deprecations_to_itself(api, shared_fake):
+    app = unique("app")
+    api.wait_ended(api.create(app, unique("env"), "deploy"))
+
+    environment = shared_fake.invocation_for(app)["env"]
+
+    assert environment["THOR_SILENCE_DEPRECATION"] == "1"
+    assert environment["BUNDLE_SILENCE_DEPRECATIONS"] == "true"
+
+
+def apps_listed(server, text, code=0):
+    """Make the fake's `list` print text and exit with code."""
+    (server.fake.dir / "apps.txt").write_text(text)
+    (server.fake.dir / "apps.exit").write_text(str(code))
+
+
+def lists_run(server):
+    path = server.fake.dir / "lists.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_apps_lists_what_pulsar_knows_once_and_again_when_a_task_names_an_unknown_pair(
+        start_server, fake):
+    fake.dir.mkdir(parents=True, exist_ok=True)
+    (fake.dir / "apps.txt").write_text("\x1b[36mblog\x1b[0m: production, staging\n")
+    server = start_server("--config-repo", "file:///srv/conf", env=V1)
+    client = server.client()
+
+    first = client.get("/apps")
+    second = client.get("/apps")
+    listed_once = len(lists_run(server))
+    apps_listed(server, "blog: production, staging\nshop: production\n")
+    client.wait_ended(client.create("shop", "production", "deploy"))
+    wait_until(lambda: len(lists_run(server)) == 2, what="a second listing")
+    third = wait_until(lambda: (lambda reply: reply if len(reply.json["apps"]) == 2 else None)(
+        client.get("/apps")), what="the new list to be served")
+
+    assert first.status == 200, first
+    assert first.json["apps"] == [{"name": "blog", "envs": ["production", "staging"]}]
+    parse_utc(first.json["listedAt"])
+    assert second.json == first.json and listed_once == 1
+    assert lists_run(server)[0][1:] == ["list", "--conf-repo", "file:///srv/conf"]
+    assert third.json["apps"][1] == {"name": "shop", "envs": ["production"]}
+
+
+def test_apps_says_why_it_cannot_list_and_tasks_still_start(start_server, fake):
+    fake.dir.mkdir(parents=True, exist_ok=True)
+    (fake.dir / "apps.txt").write_text(
+        "Failed to list application and environments.\n"
+        "Command failed with status (128): [git clone --quiet --depth 1 file:///nonexi...]\n")
+    server = start_server(env=V1)
+    client = server.client()
+    classic = start_server().client()       # no pulsar-utils beside this fake
+
+    failing = client.get("/apps")
+    task = client.wait_ended(client.create(unique("app"), "prod", "succeed"))
+    cannot = classic.get("/apps")
+
+    assert_json_error(failing, 503)
+    assert "Command failed with status (128)" in failing.json["error"]
+    assert task["status"] == "finished"
+    assert_json_error(cannot, 501)
+    assert "pulsar-utils" in cannot.json["error"]
+
+
+def test_config_branch_with_a_plain_folder_and_pulsar_0x_is_a_start_up_warning(start_server,
+                                                                               tmp_path):
+    server = start_server("--config-repo", tmp_path, "--config-branch", "other",
+                          env={"FAKE_PULSAR_VERSION": "0.3.5"})
+    by_url = start_server("--config-repo", "file://%s" % tmp_path, "--config-branch", "other",
+                          env={"FAKE_PULSAR_VERSION": "0.3.5"})
+
+    assert log_lines(server, r"WARNING --config-branch other is ignored: .* give it as "
+                             r"file://%s " % re.escape(str(tmp_path)))
+    assert not log_lines(by_url, "--config-branch")
 
 
 # --- Killing ----------------------------------------------------------------------------------
@@ -2352,7 +2672,8 @@ def test_stream_of_a_task_killed_while_followed_ends_with_exit_code_none(api):
 
     assert killed.status == 200, killed
     assert first == b"out 1\n"
-    assert rest.decode("utf-8") == end_line(task_id, "killed", "none")
+    assert re.fullmatch(re.escape(end_line(task_id, "killed", "none", "killed by "))[:-4]
+                        + r"127\.0\.0\.1:\d+\]\n", rest.decode("utf-8")), rest
 
 
 def test_http_1_0_stream_comes_unchunked_and_ends_with_the_connection(api, shared_server,
@@ -2363,8 +2684,8 @@ def test_http_1_0_stream_comes_unchunked_and_ends_with_the_connection(api, share
 
     assert head.startswith(b"HTTP/1.1 200 ")
     assert b"transfer-encoding" not in head.lower()
-    assert body == (api.task(ended_task)["output"] + "[pulsar-rest-api: task %d finished, "
-                    "exit code 0]\n" % ended_task).encode()
+    assert body == (api.task(ended_task)["output"]
+                    + end_line(ended_task, "finished", 0)).encode()
 
 
 def test_event_stream_sends_status_output_and_end_and_resumes_from_last_event_id_exactly(
@@ -2442,6 +2763,46 @@ def test_client_that_leaves_mid_stream_costs_nothing_afterwards(api, shared_serv
     assert len(about_it) == 1 and "dropped" in about_it[0], about_it
     assert "Traceback" not in shared_server.log()
     assert (ended["status"], ended["output"]) == ("finished", "out 1\ngate %s\nout 1\n" % gate.name)
+
+
+def test_terminals_get_colours_but_no_other_control_sequence_and_no_lookalike_closing_line(api):
+    task_id = api.create(unique("app"), unique("env"), "ansi")
+    task = api.wait_ended(task_id)
+
+    stream = api.get("/task/%d/stream" % task_id).body.decode("utf-8")
+    text = api.get("/task/%d/output" % task_id)
+    tail = api.get("/task/%d/output?tail=3" % task_id).body.decode("utf-8")
+
+    assert task["output"] == ANSI_OUTPUT.decode("utf-8")       # the JSON keeps it as printed
+    assert stream == ANSI_FOR_TERMINALS + "\x1b[0m\n" + end_line(task_id, "finished", 0)
+    assert text.body.decode("utf-8") == ANSI_FOR_TERMINALS
+    assert text.headers["X-Text-Size"] == str(task["outputLength"])
+    assert tail == ANSI_FOR_TERMINALS.split("\n", 4)[4]
+    for unsafe in UNSAFE_FOR_TERMINALS:
+        assert unsafe not in stream + text.body.decode("utf-8") + tail, unsafe
+
+
+@pytest.mark.parametrize("first_half, second_half, shown", [
+    ("cutescape", "say-1mred", "\x1b[1;31mred\n"),
+    ("halfclosing", "otherhalf", "(printed by the task) [pulsar-rest-api: task 7 finished]\n"),
+], ids=["escape-sequence", "closing-line"])
+def test_output_of_a_running_task_holds_back_what_the_next_read_may_still_complete(
+        api, shared_fake, first_half, second_half, shown):
+    gate = shared_fake.gate()
+    task_id = api.create(unique("app"), unique("env"),
+                         "say-before.%s.quietgate-%s.%s" % (first_half, gate.name, second_half))
+    printed = {"cutescape": "\x1b[1;3", "halfclosing": "[pulsar-rest"}[first_half]
+    api.wait_output(task_id, "before\n" + printed)
+
+    running = api.get("/task/%d/output" % task_id)
+    held_at = int(running.headers["X-Text-Size"])
+    gate.release()
+    api.wait_ended(task_id)
+    rest = api.get("/task/%d/output?offset=%d" % (task_id, held_at))
+
+    assert running.body.decode() == "before\n"
+    assert held_at == len("before\n")
+    assert rest.body.decode() == shown
 
 
 # --- Waiting for the end, running again, and the list's long poll -----------------------------
@@ -2903,8 +3264,8 @@ def test_health_says_ok_with_the_running_count_and_version(start_server, fake):
     version = logged_version(server)
     assert (idle.status, busy.status, done.status) == (200, 200, 200)
     assert idle.headers["Content-Type"].startswith("application/json")
-    assert idle.json == {"status": "ok", "running": 0, "version": version}
-    assert busy.json == {"status": "ok", "running": 1, "version": version}
+    assert idle.json == {"status": "ok", "running": 0, "version": version, "pulsar": None}
+    assert busy.json == {"status": "ok", "running": 1, "version": version, "pulsar": None}
     assert done.json == idle.json
     assert_json_error(with_parameter, 400)
     assert_json_error(posted, 405)
@@ -2972,7 +3333,8 @@ def test_sigterm_lets_a_running_task_finish_while_reads_are_still_answered(start
     status = server.wait_exit()
     after = start_server("--db", db).client().task(task_id)
 
-    assert health.json == {"status": "stopping", "running": 1, "version": logged_version(server)}
+    assert health.json == {"status": "stopping", "running": 1, "version": logged_version(server),
+                           "pulsar": None}
     assert read.status == 200, read
     assert (read.json["status"], read.json["output"]) == ("running", before["output"])
     assert polled.status == 200, polled
@@ -3277,12 +3639,15 @@ def test_log_says_who_started_and_killed_each_task_and_how_it_ended(api, shared_
     expected = [
         r"INFO task %d started by 127\.0\.0\.1:%d: %s prod out-1 \(pid %d\)$"
         % (ids[0], started.local_port, app, pid),
-        r"INFO task %d finished \(exit code 0\) after \d+\.\d s$" % ids[0],
+        r"INFO task %d finished \(exit code 0\) after \d+\.\d s: pulsar exited with code 0$"
+        % ids[0],
         r"INFO task %d started by 127\.0\.0\.1:%d: %s stage exit-3 \(pid \d+\)$"
         % (ids[1], failing.local_port, app),
-        r"INFO task %d failed \(exit code 3\) after \d+\.\d s$" % ids[1],
+        r"INFO task %d failed \(exit code 3\) after \d+\.\d s: pulsar exited with code 3$"
+        % ids[1],
         r"INFO task %d: kill requested by 127\.0\.0\.1:%d$" % (ids[2], killed.local_port),
-        r"INFO task %d killed \((signal|exit code) \d+\) after \d+\.\d s$" % ids[2],
+        r"INFO task %d killed \((signal|exit code) \d+\) after \d+\.\d s: killed by "
+        r"127\.0\.0\.1:%d$" % (ids[2], killed.local_port),
     ]
     wait_until(lambda: all(log_lines(shared_server, pattern) for pattern in expected),
                what="every task event in the log")
@@ -3536,11 +3901,12 @@ def test_basic_login_is_required_on_every_route_but_health(start_server, fake, t
     refused_app, allowed_app = unique("app"), unique("app")
     routes = [("POST", "/%s/prod?action=out-1" % refused_app), ("GET", "/task/%d" % task_id),
               ("GET", "/task/%d/state?version=0" % task_id), ("GET", "/task/%d/kill" % task_id),
-              ("POST", "/task/%d/kill" % task_id), ("GET", "/tasks"), ("GET", "/metrics")]
+              ("POST", "/task/%d/kill" % task_id), ("GET", "/tasks"), ("GET", "/metrics"),
+              ("GET", "/apps")]
 
     anonymous = [server.client().request(method, path) for method, path in routes]
     mistaken = [server.client(headers=basic_auth("alice", "wrong-password")).request(method, path)
-                for method, path in routes]      # 7 failures: under the 10 that earn a 429
+                for method, path in routes]      # 8 failures: under the 10 that earn a 429
     untouched = alice.task(task_id)
     health = server.client().get("/health")
     allowed = [alice.get("/task/%d" % task_id), alice.get("/task/%d/state?version=0" % task_id),
@@ -3555,7 +3921,7 @@ def test_basic_login_is_required_on_every_route_but_health(start_server, fake, t
     assert untouched["status"] == "running"
     assert fake.actions_run_for(refused_app) == []
     assert health.status == 200, health
-    assert set(health.json) == {"status", "running", "version"}
+    assert set(health.json) == {"status", "running", "version", "pulsar"}
     assert leaked_secrets(reply_text(health)) == []
     assert [reply.status for reply in allowed] == [200] * 6, allowed
     assert allowed[-1].json["status"] == "killed"
@@ -4121,6 +4487,274 @@ def test_page_in_a_real_browser_starts_a_task_with_the_form_and_shows_its_output
     assert closed_by_itself, "Chromium left processes behind after Browser.close"
 
 
+def open_page(browser, server, fragment=""):
+    """A DevTools session on the server's page (1280 x 800, as a laptop shows it), once loaded."""
+    target = browser.call("Target.createTarget", {
+        "url": "https://127.0.0.1:%d/%s" % (server.port, fragment)})["targetId"]
+    session = browser.call("Target.attachToTarget", {"targetId": target,
+                                                     "flatten": True})["sessionId"]
+    browser.call("Emulation.setDeviceMetricsOverride", {
+        "width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": False}, session=session)
+    wait_until(lambda: page_ready(browser, session), timeout=15, what="the page to load")
+    return session
+
+
+# What the page shows of ANSI_OUTPUT: colours as styles, the progress line rewritten, the
+# backspaces as a terminal takes them, nothing of the other sequences.
+ANSI_ON_THE_PAGE = ("red bold plain orange\nconcealed\nprogress 100%\n"
+                    "[pulsar-rest-api: task 1 finished, exit code 0]\n"
+                    "\uff3b\u200bpulsar-rest-api: TASK 1 finished]\nbaok\nstill green")
+PAGE_FACTS = """(() => {
+  const output = document.getElementById('output');
+  const styled = (text) => [...output.querySelectorAll('span')].filter(
+    (span) => span.textContent === text).pop();   // the innermost
+  const style = (span) => span && [getComputedStyle(span).color, span.className];
+  const entry = [...document.querySelectorAll('#task-list a')].find(
+    (a) => a.textContent.includes(%s));
+  const badge = entry && entry.querySelector('.status');
+  return JSON.stringify({
+    text: output.textContent, red: style(styled('red bold')), orange: style(styled('orange')),
+    green: style(styled('still green')),
+    badge: badge && [badge.textContent, badge.scrollWidth <= badge.clientWidth,
+                     badge.getBoundingClientRect().right <= entry.getBoundingClientRect().right],
+    apps: [...document.getElementById('known-apps').options].map((o) => o.value),
+    outcome: document.getElementById('task-outcome').textContent});
+})()"""
+
+
+def test_page_shows_colours_and_rewritten_lines_and_a_long_action_keeps_its_status_word(
+        shared_server_with, tmp_path):
+    if shutil.which("chromium") is None:
+        pytest.skip("Chromium is not installed (the CI installs it)")
+    server = shared_server_with(env=V1)
+    apps_listed(server, "blog: production, staging\n")
+    long_action = "say-" + "a" * 110 + ".ansi"
+    task = server.client().wait_ended(server.client().create(unique("app"), "prod", long_action))
+
+    def shown_in_full():
+        facts = json.loads(browser.evaluate(session, PAGE_FACTS % json.dumps(long_action)))
+        return facts if facts.get("badge") and facts["outcome"] and facts["apps"] else None
+
+    browser = Chromium(tmp_path / "chromium")
+    try:
+        session = open_page(browser, server, "#task/%d" % task["id"])
+        facts = wait_until(shown_in_full, timeout=15,
+                           what="the task, its list entry and the apps on the page")
+        browser.evaluate(session, "(() => { const app = document.querySelector("
+                                  "'#start-form').elements.app; app.value = 'blog';"
+                                  " app.dispatchEvent(new Event('input')); })()")
+        envs = browser.evaluate(session, "[...document.getElementById('known-envs').options]"
+                                         ".map((o) => o.value).join(',')")
+    finally:
+        closed_by_itself = browser.close()
+
+    assert facts["text"] == "a" * 110 + "\n" + ANSI_ON_THE_PAGE
+    assert "\x1b" not in facts["text"] and "window title" not in facts["text"]
+    assert facts["red"] == ["rgb(255, 123, 114)", "b"]
+    assert facts["orange"] == ["rgb(255, 135, 0)", ""]
+    assert facts["green"] == ["rgb(63, 185, 80)", ""]       # still on: the task left it on
+    assert facts["badge"] == ["failed", True, True]
+    assert facts["outcome"] == task["outcome"]
+    assert facts["apps"] == ["blog"]
+    assert envs == "production,staging"
+    assert closed_by_itself, "Chromium left processes behind after Browser.close"
+
+
+# --- The real pulsar: 1.1.0 and 0.3.5 from the realpulsar kit -----------------------------------
+#
+# The kit (../shared/realpulsar, see its README) makes the real pulsar runnable offline, with
+# local configuration repositories whose app `blog` has the environments production and staging
+# and tasks that print, fail, run long and deploy.  Each version gets one server with
+# --allow-concurrent, and all of its tasks run at once, so that the slow Ruby starts overlap.
+
+class RealTasks:
+    """Tasks started together on a server of the real pulsar, each waited for by itself."""
+
+    def __init__(self, server, started):
+        self.server = server
+        self.client = server.client()
+        self.ids = {name: self.client.create(app, env, action)
+                    for name, (app, env, action) in started.items()}
+
+    def ended(self, name, timeout=60):
+        return self.client.wait_ended(self.ids[name], timeout=timeout)
+
+
+def real_server(directory, pulsar_bin, *flags, files=()):
+    """A server of the real pulsar, started in `directory` after putting `files` (names) there."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (directory / name).write_text("# not an app: pulsar must not run in this folder\n")
+    return Server(directory, FakePulsar(directory / "unused-fake"), flags + ("--kill-grace", "2"),
+                  pulsar_bin=pulsar_bin)
+
+
+@pytest.fixture(scope="module")
+def pulsar_1_1(realpulsar, tmp_path_factory):
+    """The real pulsar 1.1.0 (its form found by itself), its tasks all started at once."""
+    directory = tmp_path_factory.mktemp("pulsar-1.1")
+    server = real_server(directory / "server", realpulsar["REALPULSAR_BIN"],
+                         "--config-repo", realpulsar["REALPULSAR_CONF"], "--allow-concurrent")
+    unreachable = real_server(directory / "unreachable", realpulsar["REALPULSAR_BIN"],
+                              "--config-repo", "file://%s/nonexistent" % directory)
+    try:
+        tasks = RealTasks(server, {
+            "hello": ("blog", "production", "blog:hello"), "fail": ("blog", "staging", "blog:fail"),
+            "no-app": ("nosuch", "production", "blog:hello"),
+            "no-env": ("blog", "nosuch", "blog:hello"),
+            "no-task": ("blog", "production", "nosuch:task"),
+            "deploy": ("blog", "staging", "deploy"), "long": ("blog", "production", "blog:long")})
+        tasks.unreachable = RealTasks(unreachable, {"clone": ("blog", "production", "blog:hello")})
+        yield tasks
+    finally:
+        stop_all_cleanly([server, unreachable])
+
+
+@pytest.fixture(scope="module")
+def pulsar_0_3(realpulsar, tmp_path_factory):
+    """The real pulsar 0.3.5 (its form found by itself) on the branch `other` of its repository,
+    started in a folder that holds a config.ru, its tasks all started at once."""
+    directory = tmp_path_factory.mktemp("pulsar-0.3")
+    with_utils = directory / "bin"
+    with_utils.mkdir()
+    wrapper = Path(realpulsar["REALPULSAR035_BIN"]).read_text()
+    (with_utils / "pulsar").write_text(wrapper)
+    (with_utils / "pulsar-utils").write_text(wrapper.replace('/bin/pulsar "$@"',
+                                                             '/bin/pulsar-utils "$@"'))
+    for program in with_utils.iterdir():
+        program.chmod(0o755)
+    conf = realpulsar["REALPULSAR035_CONF"]
+    servers = []
+    try:
+        servers.append(real_server(directory / "server", realpulsar["REALPULSAR035_BIN"],
+                                   "--config-repo", conf, "--config-branch", "other",
+                                   "--allow-concurrent", files=["config.ru"]))
+        servers.append(real_server(directory / "listing", with_utils / "pulsar",
+                                   "--config-repo", conf))
+        servers.append(real_server(directory / "folder", realpulsar["REALPULSAR035_BIN"],
+                                   "--config-repo", conf[len("file://"):],
+                                   "--config-branch", "other"))
+        tasks = RealTasks(servers[0], {
+            "hello": ("blog", "production", "blog:hello"),
+            "failing": ("blog", "staging", "blog:failing"),
+            "no-app": ("nosuch", "production", "blog:hello"),
+            "no-task": ("blog", "production", "nosuch"),
+            "long": ("blog", "staging", "blog:long")})
+        tasks.listing, tasks.folder = servers[1], RealTasks(servers[2], {
+            "hello": ("blog", "production", "blog:hello")})
+        yield tasks
+    finally:
+        stop_all_cleanly(servers)
+
+
+def kill_when_printed(tasks, name, text):
+    """Kill a task once its output holds text; (the kill's reply, the task's output then)."""
+    task = tasks.client.wait_output(tasks.ids[name], text, timeout=60)
+    return tasks.client.kill(tasks.ids[name]), task["output"]
+
+
+NOISE = ("[DEPRECATED] `Bundler.with_clean_env`", "Deprecation warning: Thor")
+
+
+@pytest.mark.parametrize("name, status, outcome", [
+    ("hello", "finished",
+     "pulsar reported success: Executed task blog:hello for blog on production!"),
+    ("deploy", "finished", "pulsar reported success: Executed task deploy for blog on staging!"),
+    ("fail", "failed", "pulsar reported failure: Failed to execute task blog:fail for blog on "
+                       "staging. Command failed with status (1): "),
+    ("no-app", "failed", "pulsar reported failure: Failed to execute task blog:hello for nosuch "
+                         "on production. The application nosuch does not exist in your "
+                         "repository"),
+    ("no-env", "failed", "pulsar reported failure: Failed to execute task blog:hello for blog on "
+                         "nosuch. The application blog does not have an environment called "
+                         "nosuch"),
+    ("no-task", "failed", "pulsar reported failure: Failed to execute task nosuch:task for blog "
+                          "on production. Command failed with status (1): "),
+])
+def test_real_pulsar_1_1_finishes_only_what_it_reports_as_done_though_it_exits_0(
+        pulsar_1_1, realpulsar, name, status, outcome):
+    task = pulsar_1_1.ended(name)
+    stream = pulsar_1_1.client.get("/task/%d/stream" % task["id"]).body.decode()
+
+    assert (task["status"], task["exitCode"]) == (status, 0), task["outcome"]
+    assert task["outcome"].startswith(outcome), task["outcome"]
+    assert stream.endswith(end_line(task["id"], status, 0, task["outcome"]))
+    assert not [noise for noise in NOISE if noise in task["output"]]
+    argv = ["task", "--conf-repo", realpulsar["REALPULSAR_CONF"], task["app"], task["env"],
+            task["action"]]
+    assert log_lines(pulsar_1_1.server, r"tasks run: \S+/pulsar %s$" % re.escape(
+        " ".join(argv[:3] + ["APP", "ENV", "ACTION"])))
+    if name == "deploy":
+        assert (Path(realpulsar["REALPULSAR_DEPLOY"]) / "blog-staging" / "current").is_dir()
+
+
+def test_real_pulsar_1_1_that_cannot_clone_its_repository_is_failed_and_apps_says_why(
+        pulsar_1_1):
+    task = pulsar_1_1.unreachable.ended("clone")
+    apps = pulsar_1_1.unreachable.client.get("/apps")
+
+    assert (task["status"], task["exitCode"]) == ("failed", 0)
+    assert "Command failed with status (128): [git clone" in task["outcome"]
+    assert_json_error(apps, 503)
+    assert "Command failed with status (128)" in apps.json["error"]
+
+
+def test_real_pulsar_1_1_killed_leaves_nothing_behind_and_its_version_and_apps_are_known(
+        pulsar_1_1, realpulsar):
+    reply, printed = kill_when_printed(pulsar_1_1, "long", "child shell ")
+    child = int(re.search(r"child shell (\d+)", printed).group(1))
+    apps = pulsar_1_1.client.get("/apps")
+    health = pulsar_1_1.client.get("/health")
+    for name in pulsar_1_1.ids:
+        pulsar_1_1.ended(name)
+    run_folders = list((Path(realpulsar["REALPULSAR_HOME"]) / ".pulsar" / "tmp").glob("run-*"))
+
+    assert reply.status == 200 and reply.json["status"] == "killed", reply
+    assert is_gone(child)
+    assert run_folders == []
+    assert apps.json["apps"] == [{"name": "blog", "envs": ["production", "staging"]}]
+    assert health.json["pulsar"] == "1.1.0"
+    assert log_lines(pulsar_1_1.server, r"INFO pulsar 1\.1\.0, v1 form: ")
+
+
+@pytest.mark.parametrize("name, status, exit_code, printed", [
+    ("hello", "finished", 0, "hello from blog on production (conf035 branch other)"),
+    ("failing", "failed", 1, "RuntimeError"),
+    ("no-app", "failed", 1, "no pulsar config available for app=nosuch, stage=production"),
+    ("no-task", "failed", 1, "the task `nosuch' does not exist"),
+])
+def test_real_pulsar_0_3_is_judged_by_its_exit_status_on_the_branch_asked_for(
+        pulsar_0_3, name, status, exit_code, printed):
+    task = pulsar_0_3.ended(name)
+
+    assert (task["status"], task["exitCode"]) == (status, exit_code), task["output"][-500:]
+    assert task["outcome"] == "pulsar exited with code %d" % exit_code
+    assert printed in task["output"]
+    assert "[DEPRECATED] `Bundler.with_clean_env`" not in task["output"]
+
+
+def test_real_pulsar_0_3_killed_ends_with_its_group_and_lists_apps_with_pulsar_utils(
+        pulsar_0_3, realpulsar):
+    reply, printed = kill_when_printed(pulsar_0_3, "long", "blog:long: cap pid ")
+    cap = int(re.search(r"blog:long: cap pid (\d+)", printed).group(1))
+    cannot = pulsar_0_3.client.get("/apps")
+    apps = pulsar_0_3.listing.client().get("/apps")
+    plain_folder = pulsar_0_3.folder.ended("hello")
+    for name in pulsar_0_3.ids:
+        pulsar_0_3.ended(name)
+
+    assert reply.status == 200 and reply.json["status"] == "killed", reply
+    assert reply.json["exitCode"] in (143, None)
+    assert is_gone(cap)
+    assert_json_error(cannot, 501)
+    assert apps.json["apps"] == [{"name": "blog", "envs": ["production", "staging"]}]
+    assert pulsar_0_3.client.get("/health").json["pulsar"] == "0.3.5"
+    assert log_lines(pulsar_0_3.server, r"INFO pulsar 0\.3\.5, classic form: tasks run: \S+ "
+                                        r"--conf-repo \S+ --conf-branch other APP ENV ACTION$")
+    assert "(conf035 branch master)" in plain_folder["output"]
+    assert log_lines(pulsar_0_3.folder.server, r"WARNING --config-branch other is ignored")
+
+
 # --- In process: the route table, request fields and settings ---------------------------------
 #
 # These tests import the server module and call its parts directly: the rules of the route table
@@ -4230,3 +4864,39 @@ def test_every_answer_head_says_its_length_type_and_no_store_and_may_close():
                  "X-Content-Type-Options: nosniff", "Retry-After: 1", "Connection: close"):
         assert line in lines
     assert head.endswith(b"\r\n\r\n{}\n")
+
+
+# --- In process: pulsar's version, how its end is judged, output for terminals -----------------
+
+def test_a_pulsar_that_does_not_answer_its_version_is_a_start_up_error_and_is_ended(
+        tmp_path, monkeypatch):
+    hanging = tmp_path / "pulsar"
+    hanging.write_text("#!/bin/sh\nsleep 600\n")
+    hanging.chmod(0o755)
+    monkeypatch.setattr(server_module, "PULSAR_PROBE_TIMEOUT", 0.5)
+    settings = server_module.parse_args(["--db", ":memory:", "--pulsar-bin", str(hanging)])
+
+    with pytest.raises(server_module.StartupError) as refused:
+        server_module.find_pulsar(settings, dict(os.environ), str(tmp_path))
+
+    assert "did not answer within" in str(refused.value)
+    assert_no_process_left([str(hanging)])
+
+
+@pytest.mark.parametrize("printed, version", [
+    (b"1.1.0\n", "1.1.0"), (b"0.3.5\n", "0.3.5"), (b"v2.0.0-beta.1\n", "2.0.0-beta.1"),
+    (b"--version\n", None), (b"Python 3.11.7\n", None), (b"", None),
+    (b"Deprecation warning: Thor\n1.1.0\n", "1.1.0")])
+def test_a_version_is_a_line_that_is_a_version_number_and_nothing_else(printed, version):
+    assert server_module.named_version(printed) == version
+
+
+def test_terminal_text_is_the_same_whatever_pieces_the_output_comes_in():
+    text = ANSI_OUTPUT.decode("utf-8")
+    whole = server_module.TerminalText()
+    expected = whole.feed(text, final=True)
+    for size in (1, 2, 3, 7):
+        terminal = server_module.TerminalText()
+        pieces = [text[start:start + size] for start in range(0, len(text), size)]
+        shown = "".join(terminal.feed(piece) for piece in pieces) + terminal.feed("", final=True)
+        assert shown == expected == ANSI_FOR_TERMINALS, size
