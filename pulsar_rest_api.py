@@ -110,13 +110,13 @@ import logging.handlers
 import os
 import re
 import select
+import selectors
 import shutil
 import signal
 import socket
 import socketserver
 import sqlite3
 import ssl
-import stat
 import subprocess
 import sys
 import tempfile
@@ -159,7 +159,12 @@ APPS_FRESH = 300.0         # seconds GET /apps serves the list of apps before li
 APPS_RETRY = 10.0          # seconds a client is told to wait when the apps cannot be listed
 APPS_LOOKED_FOR = 1000     # unknown app/env pairs remembered as already looked for
 APPS_TIMEOUT = 120.0       # seconds for `pulsar list` (it clones the configuration repository)
-PERSIST_EVERY = 1.0        # seconds between writes of running tasks' output to the history
+PERSIST_EVERY = 1.0        # seconds between tries of a history write that failed
+PERSIST_SOON = 0.02        # seconds the persist thread waits to take more changes in one write
+HAND_OVER = signal.SIGUSR1     # stop at once, leaving running tasks to the next server
+MAX_QUEUED = 100           # tasks waiting in line at most; more get 429
+REAPER_IDLE = 1.0          # seconds the reaper waits when there is no child (orphans may come)
+WATCH_ROUND = 4 * 1024 * 1024  # bytes of one task's output read before the others' turn
 SHUTDOWN_TIMEOUT = 600.0   # seconds a stop waits for running tasks before killing them
 LIST_LIMIT, LIST_MAX = 50, 500  # tasks per page of GET /tasks
 MAX_TASKS = 16             # tasks running at once; more are refused (429) or wait in line
@@ -196,6 +201,10 @@ REFUSED_ACTIONS = frozenset({"shell", "invoke"})   # Capistrano tasks that run a
 QUIET_PULSAR = {"THOR_SILENCE_DEPRECATION": "1", "BUNDLE_SILENCE_DEPRECATIONS": "true"}
 VERSION_LINE = re.compile(r"v?(\d+)\.(\d+)(\.\d+)?([-.+][0-9A-Za-z.-]+)?")
 PULSAR_FAILURE = re.compile(r"Failed to (execute task \S+ for \S+ on \S+|deploy \S+ on \S+)\.")
+THOR_ERROR = re.compile(r'(ERROR: "pulsar [^"]*" was called with|Could not find command "[^"]*")')
+# What `pulsar --version` answers: 1.1.0, v2.0.0-rc1, pulsar 1.1.0, 1.1.0 (ruby 3.1).
+VERSION_ANSWER = re.compile(r"(?:pulsar\s+)?v?(\d+\.\d+(?:\.\d+)?(?:[-.+][0-9A-Za-z.-]+)?)"
+                            r"(?:\s+\(.*\))?", re.IGNORECASE)
 APP_LINE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*): (.*)")      # a line of `pulsar list`
 PULSAR_RUN_FOLDER = re.compile(r"(/\S*/\.pulsar/tmp/run-[0-9.]+)(?:/|$)")
 # Escape sequences: CSI (ESC [ ... final), OSC (ESC ] ... BEL or ST), DCS/SOS/PM/APC strings, and
@@ -218,8 +227,14 @@ MAX_ESCAPE = 4096          # characters an unfinished escape sequence may hold b
 # reversed or concealed text.
 SAFE_SGR = frozenset([0, 1, 2, 3, 4, 9, 21, 22, 23, 24, 29, 39, 49] + list(range(30, 38))
                      + list(range(40, 48)) + list(range(90, 98)) + list(range(100, 108)))
-CLOSING_LINE_KEY = "pulsar-rest-api:task"    # how a line that reads as our closing line starts
-LOOKALIKE_PREFIX = "(printed by the task) "
+CLOSING_LINE_KEY = "pulsarrestapitask"    # how a line that reads as our closing line starts
+LOOKALIKE_PREFIX = "\x1b[0m(printed by the task) "
+MAX_HOLD = 4096            # characters of a line held back to tell whether it reads as our own
+# Letters that look like those of the closing line's key: Cyrillic, Greek, IPA, and what else
+# a reader would take for them.
+LOOKALIKE_TABLE = str.maketrans("аеіјкорстухѕԁɑαεικορτυνμɩӏǀ|1$5ʟɪʀг",
+                                "aeijkopctyxsdaaeikoptuvuillllsslirr")
+NOT_A_KEY_CHARACTER = re.compile(r"[^a-z0-9]+")
 COUNT_PATTERN = re.compile(r"[0-9]{1,15}")
 HOST_PATTERN = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
@@ -394,15 +409,18 @@ class Task:
         self.app, self.env, self.action = app, env, action
         self.status = status
         self.exit_code = None
-        self.pid = None
-        self.process_start = None   # identifies pulsar's process across a server restart
+        self.pid = None             # pulsar's
+        self.process_start = None   # pulsar's start time, from servers older than keepers
+        self.keeper_pid = None      # the task's keeper, and its start time: who to adopt
+        self.keeper_start = None
         self.created_at = created_at
         self.finished_at = None
         self.outcome = None         # once ended: the sentence that says what decided its status
         self.started_by = started_by
         self.output = output if output is not None else Output()
         self.version = 1
-        self.process = None
+        self.keeper = None          # the running Keeper, if any
+        self.folder = None          # its TaskFolder, until the history holds all of it
         self.persisted = 0          # output characters already in the history ...
         self.persisted_version = 0  # ... and the version written there last
         self.changed = None         # the store's Condition for this task, while it is live
@@ -424,10 +442,12 @@ class Task:
             raise HTTPError(400, "offset %d is past the end of the output (%d characters)"
                             % (offset, self.output.length))
 
-    def record(self):
-        """What changes in a task, as the history stores it."""
+    def record(self, output_length):
+        """What changes in a task, as the history stores it, with the output length it has
+        written of it."""
         return TaskRecord(self.id, self.status, self.exit_code, self.pid, self.process_start,
-                          self.finished_at, self.version, self.output.length, self.outcome)
+                          self.finished_at, self.version, output_length, self.outcome,
+                          self.keeper_pid, self.keeper_start)
 
     def list_entry(self):
         """The task without its output, as GET /tasks lists it."""
@@ -449,7 +469,8 @@ class Task:
 # What the history stores of a task that changes: written by TaskHistory.save.
 TaskRecord = collections.namedtuple(
     "TaskRecord",
-    "id status exit_code pid process_start finished_at version output_length outcome")
+    "id status exit_code pid process_start finished_at version output_length outcome keeper_pid "
+    "keeper_start")
 
 
 class TaskSnapshot(collections.namedtuple("TaskSnapshot", "fields pieces")):
@@ -469,36 +490,57 @@ class TaskStore:
     that lock, and the store one more for tasks coming and going: every change calls notify_all
     on the task's (and, for comings and goings, the store's), and waiters use wait_for(predicate,
     timeout), so no change is missed between two waits and a busy task wakes only its own
-    followers.  Nothing else touches the dict.  A task leaves it once it has ended and its last
-    state is in the history; from then on it is read from there, so memory does not grow with
-    history.  Lock order: _persisting, then the lock; the history locks itself.
+    followers.  Nothing else touches the dict.  Under the lock only memory is touched: the
+    history is written by persist(), in the persist thread (see serve), never under it.
+
+    A task leaves the dict once it has ended and its last state and whole output are in the
+    history; until that write has succeeded (a locked or full disk is retried) it stays here,
+    and its folder stays on disk.  A running task's output is safe in its folder's output file
+    (written by its keeper), so only its record is written while it runs.
     """
 
     def __init__(self, history, *, max_output, clock=time.time):
         self._lock = threading.Lock()
         self._comings_and_goings = threading.Condition(self._lock)
         self._persisting = threading.Lock()     # one writer at a time, so writes land in order
+        self._write_soon = threading.Event()    # a change that should reach the history now
         self._tasks = {}
+        self._by_pair = collections.defaultdict(list)   # (app, env) -> its live tasks, oldest first
+        self._running = 0
         self._history = history
-        self._max_output = max_output
+        self.max_output = max_output
         self._clock = clock
         self.waiters = 0                        # long polls waiting now, for /metrics
         self.list_version = 1                   # goes up when a task comes, changes status or goes
+        self._write_failing = False             # the last write failed: say so once, not per try
+
+    # -- tasks coming
 
     def create(self, app, env, action, started_by="-", status=RUNNING):
+        """A new task, recorded in the history first: 503 when that cannot be done."""
         created_at = self._clock()
         try:
             task_id = self._history.insert(app, env, action, created_at, started_by, status)
         except sqlite3.Error as error:
             logger.error("cannot record a new task in the history: %s", error)
-            raise HTTPError(503, "the task history cannot be written, so no task was started")
-        task = Task(task_id, app, env, action, created_at, started_by, Output(self._max_output),
+            raise HTTPError(503, "the task history cannot be written, so no task was started",
+                            headers=[("Retry-After", "5")])
+        task = Task(task_id, app, env, action, created_at, started_by, Output(self.max_output),
                     status)
+        task.persisted_version = task.version
+        self.add(task)
+        return task
+
+    def add(self, task):
+        """Make a task live: a new one, or one found in the history at start."""
         task.changed = threading.Condition(self._lock)
         with self._lock:
             self._tasks[task.id] = task
+            self._by_pair[task.app, task.env].append(task)
+            self._running += task.status == RUNNING
             self._list_changed()
-        return task
+
+    # -- reading and waiting
 
     def read(self, task_id, offset=0):
         """The task as the API answers it; its fields are taken together under the lock, its
@@ -563,16 +605,17 @@ class TaskStore:
         return self.read(task_id)
 
     def wait_until_idle(self, timeout):
-        """True once no task is live, False if some still are after `timeout`."""
+        """True once no task runs or waits in line, False if some still do after `timeout`."""
         with self._lock:
-            return self._comings_and_goings.wait_for(lambda: not self._tasks, timeout)
+            return self._comings_and_goings.wait_for(
+                lambda: all(task.ended for task in self._tasks.values()), timeout)
 
-    def process_to_kill(self, task_id):
-        """The running process of a task, or HTTPError 409 if the task has ended."""
+    def keeper_to_kill(self, task_id):
+        """The keeper of a running task, or HTTPError 409 if the task has ended."""
         with self._lock:
             task = self._tasks.get(task_id)
-            if task is not None and not task.ended and task.process is not None:
-                return task.process
+            if task is not None and not task.ended and task.keeper is not None:
+                return task.keeper
         ended = self.read(task_id)
         raise HTTPError(409, "task %d has already ended (%s); there is nothing to kill"
                         % (task_id, ended["status"]))
@@ -582,30 +625,40 @@ class TaskStore:
         with self._lock:
             return [task for task in self._tasks.values() if task.status == RUNNING]
 
+    @property
+    def running_count(self):
+        return self._running
+
     def task_of_pair(self, app, env, statuses):
         """The oldest task of an app and environment in one of `statuses`, as a list entry with
-        who started it, or None."""
+        who started it, or None.  Costs what the pair has, not what the server has."""
         with self._lock:
-            for task in self._tasks.values():
-                if (task.app, task.env) == (app, env) and task.status in statuses:
+            for task in self._by_pair.get((app, env), ()):
+                if task.status in statuses:
                     return dict(task.list_entry(), startedBy=task.started_by)
         return None
+
+    def listing(self, app=None, env=None, status=None, before=None, limit=50):
+        """(list version, task summaries newest first): live tasks as they are now, the rest
+        from the history.  The version is read first, so a change while the list is made
+        shows as a newer version at the client's next poll, never as one it already has."""
+        with self._lock:
+            version = self.list_version
+        rows = self._history_read(self._history.summaries, app, env, status, before, limit)
+        with self._lock:
+            tasks = [self._tasks.get(row.id, row).list_entry() for row in rows]
+        # A task that has just ended may still be running on disk: filter its live state.
+        return version, [task for task in tasks if status is None or task["status"] == status]
+
+    # -- changes
 
     def mark_running(self, task):
         """A queued task leaves the line."""
         with self._lock:
             task.status = RUNNING
-            task.version += 1
-            task.changed.notify_all()
+            self._running += 1
+            self._changed(task)
             self._list_changed()
-
-    def listing(self, app=None, env=None, status=None, before=None, limit=50):
-        """Task summaries, newest first; live tasks as they are now, the rest from the history."""
-        rows = self._history.summaries(app, env, status, before, limit)
-        with self._lock:
-            tasks = [self._tasks.get(row.id, row).list_entry() for row in rows]
-        # A task that has just ended may still be running on disk: filter its live state.
-        return [task for task in tasks if status is None or task["status"] == status]
 
     def add_output(self, task, text):
         """Add output to a running task; False once its output is full (or it has ended)."""
@@ -618,51 +671,111 @@ class TaskStore:
                 task.changed.notify_all()
             return not (task.ended or task.output.full)
 
-    def attach(self, task, process):
+    def attach_keeper(self, task, keeper):
         with self._lock:
-            task.process = process
-            task.pid = process.pid
-            task.process_start = process_start_token(process.pid)
-            task.version += 1           # the pid is news to a follower of a queued task
-            task.changed.notify_all()
-        self.persist(task)
+            task.keeper = keeper
+            task.keeper_pid, task.keeper_start = keeper.pid, keeper.start_token
+            self._changed(task)
 
-    def end(self, task, status, exit_code, outcome):
-        """Record how a task ended, write it to the history, and let it leave the dict."""
+    def attach(self, task, pid):
+        """pulsar runs, as `pid`: news to a follower of a queued task."""
         with self._lock:
+            task.pid = pid
+            self._changed(task)
+
+    def end(self, task, status, exit_code, outcome, finished_at=None):
+        """Record how a task ended; the persist thread writes it to the history."""
+        with self._lock:
+            self._running -= task.status == RUNNING
             task.status = status
             task.exit_code = exit_code
             task.outcome = outcome
-            task.finished_at = self._clock()
-            task.process = None
-            task.version += 1
-            task.changed.notify_all()
+            task.finished_at = finished_at or self._clock()
+            task.keeper = None
+            self._changed(task)
             self._list_changed()
-        self.persist(task)
-        with self._lock:
-            self._tasks.pop(task.id, None)
-            self._comings_and_goings.notify_all()
+        self._write_soon.set()
 
-    def persist(self, task=None):
-        """Write what changed since the last write, of one task or of every live one: the new
-        output only, so a write costs what was printed since."""
+    def _changed(self, task):
+        """Note a change of a task (the lock held): its followers wake, its record is due."""
+        task.version += 1
+        task.changed.notify_all()
+        self._write_soon.set()
+
+    # -- the history
+
+    def persist(self):
+        """Write what the history lacks, in one transaction: the record of each task that
+        changed, and the whole output of each that has ended (a running task's output is safe
+        in its output file); a task that has ended then leaves the dict and its folder goes.
+        A write that fails is logged once and retried at the next call; until it succeeds
+        nothing counts as written.  True when everything is written."""
         with self._persisting:
             with self._lock:
-                tasks = [task] if task is not None else list(self._tasks.values())
-                tasks = [task for task in tasks if task.version != task.persisted_version]
-                changes = [(task.record(), task.output.pieces_since(task.persisted))
-                           for task in tasks]
-                for task in tasks:
-                    task.persisted = task.output.length
-                    task.persisted_version = task.version
-            if changes:
-                self._history.save(changes)
+                writes = []
+                for task in self._tasks.values():
+                    if task.version != task.persisted_version:
+                        length = task.output.length if task.ended else task.persisted
+                        pieces = task.output.pieces_since(task.persisted) if task.ended else []
+                        writes.append((task, task.version, length, task.record(length), pieces))
+            if not writes:
+                return True
+            try:
+                self._history.save([(record, pieces) for _, _, _, record, pieces in writes])
+            except sqlite3.Error as error:
+                if not self._write_failing:
+                    logger.error("cannot write the task history (retrying every %g s): %s",
+                                 PERSIST_EVERY, error)
+                self._write_failing = True
+                return False
+            if self._write_failing:
+                logger.info("the task history can be written again")
+                self._write_failing = False
+            gone = []
+            with self._lock:
+                for task, version, length, _, _ in writes:
+                    task.persisted_version = version
+                    task.persisted = length
+                    if task.ended and task.version == version:
+                        self._forget(task)
+                        gone.append(task)
+            for task in gone:
+                if task.folder is not None:
+                    task.folder.remove()
+            return True
+
+    def persist_until_stopped(self, stopped):
+        """The persist thread: write changes as they come (at most every PERSIST_SOON), and
+        retry failed writes every PERSIST_EVERY seconds, until `stopped` is set."""
+        while not stopped.is_set():
+            self._write_soon.wait(PERSIST_EVERY)
+            self._write_soon.clear()
+            self.persist()
+            stopped.wait(PERSIST_SOON)
+
+    def _forget(self, task):
+        """A written, ended task leaves the dict (the lock held); it is read from the history."""
+        self._tasks.pop(task.id, None)
+        pair = self._by_pair.get((task.app, task.env), [])
+        if task in pair:
+            pair.remove(task)
+        if not pair:
+            self._by_pair.pop((task.app, task.env), None)
+        self._comings_and_goings.notify_all()
 
     def _stored_snapshot(self, task_id, offset):
-        task = self._history.load(task_id, offset)
+        task = self._history_read(self._history.load, task_id, offset)
         if task is None:
             raise HTTPError(404, "no task %d" % task_id)
         return task.snapshot(offset)
+
+    def _history_read(self, read, *arguments):
+        try:
+            return read(*arguments)
+        except sqlite3.Error as error:
+            logger.error("cannot read the task history: %s", error)
+            raise HTTPError(503, "the task history cannot be read right now; try again shortly",
+                            headers=[("Retry-After", "5")])
 
 
 class TaskHistory:
@@ -673,9 +786,11 @@ class TaskHistory:
     offset fetches only the chunks it needs.  AUTOINCREMENT keeps ids rising across restarts.
     """
 
-    SCHEMA_VERSION = 2
+    SCHEMA_VERSION = 3
     MIGRATIONS = {          # from version N to N + 1
         1: "ALTER TABLE tasks ADD COLUMN outcome TEXT",
+        2: "ALTER TABLE tasks ADD COLUMN keeper_pid INTEGER; "
+           "ALTER TABLE tasks ADD COLUMN keeper_start TEXT",
     }
     SCHEMA = """
         CREATE TABLE IF NOT EXISTS tasks (
@@ -683,7 +798,8 @@ class TaskHistory:
             app TEXT NOT NULL, env TEXT NOT NULL, action TEXT NOT NULL,
             status TEXT NOT NULL, exit_code INTEGER, pid INTEGER, process_start TEXT,
             created_at REAL NOT NULL, finished_at REAL, started_by TEXT,
-            version INTEGER NOT NULL, output_length INTEGER NOT NULL, outcome TEXT);
+            version INTEGER NOT NULL, output_length INTEGER NOT NULL, outcome TEXT,
+            keeper_pid INTEGER, keeper_start TEXT);
         CREATE INDEX IF NOT EXISTS tasks_by_app ON tasks (app, env, id);
         CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id);
         CREATE TABLE IF NOT EXISTS output (
@@ -691,7 +807,8 @@ class TaskHistory:
             PRIMARY KEY (task_id, start)) WITHOUT ROWID;
     """
     COLUMNS = ("id, app, env, action, status, exit_code, pid, process_start, created_at, "
-               "finished_at, started_by, version, output_length, outcome")
+               "finished_at, started_by, version, output_length, outcome, keeper_pid, "
+               "keeper_start")
 
     def __init__(self, path):
         self.path = path
@@ -711,7 +828,7 @@ class TaskHistory:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             for step in range(max(version, 1), self.SCHEMA_VERSION) if version else ():
-                self._db.execute(self.MIGRATIONS[step])
+                self._db.executescript(self.MIGRATIONS[step])
             self._db.executescript(self.SCHEMA)
             self._db.execute("PRAGMA user_version = %d" % self.SCHEMA_VERSION)
             self._db.execute("SELECT count(*) FROM tasks").fetchone()
@@ -737,8 +854,8 @@ class TaskHistory:
                 self._db.execute(
                     "UPDATE tasks SET status = :status, exit_code = :exit_code, pid = :pid, "
                     "process_start = :process_start, finished_at = :finished_at, "
-                    "version = :version, output_length = :output_length, outcome = :outcome "
-                    "WHERE id = :id",
+                    "version = :version, output_length = :output_length, outcome = :outcome, "
+                    "keeper_pid = :keeper_pid, keeper_start = :keeper_start WHERE id = :id",
                     record._asdict())
 
     @contextlib.contextmanager
@@ -799,7 +916,8 @@ class TaskHistory:
     def _task(row, output):
         task = Task(row["id"], row["app"], row["env"], row["action"], row["created_at"],
                     row["started_by"], output, row["status"])
-        for field in ("exit_code", "pid", "process_start", "finished_at", "version", "outcome"):
+        for field in ("exit_code", "pid", "process_start", "finished_at", "version", "outcome",
+                      "keeper_pid", "keeper_start"):
             setattr(task, field, row[field])
         task.persisted, task.persisted_version = output.length, task.version
         return task
@@ -865,18 +983,30 @@ def judge_end(command, task, returncode, kill_requested, last_words):
     if returncode > 0:
         return FAILED, "pulsar exited with code %d" % returncode
     expected = command.success_line(task.app, task.env, task.action)
-    if expected is None:
-        return FINISHED, "pulsar exited with code 0"
     lines = visible_lines(last_words)
+    failure = reported_failure(lines)
+    if expected is None:
+        if failure:     # pulsar 1.x run in the classic form: it says so, and exits 0
+            return FAILED, "pulsar exited with code 0 but reported failure: %s" % failure
+        return FINISHED, "pulsar exited with code 0"
     if lines and lines[-1] == expected:
         return FINISHED, "pulsar reported success: %s" % expected
-    for index in range(len(lines) - 1, -1, -1):
-        if PULSAR_FAILURE.match(lines[index]):
-            said = printable(" ".join(lines[index:index + 2]))
-            return FAILED, "pulsar reported failure: %s" % said[:OUTCOME_MAX]
+    if failure:
+        return FAILED, "pulsar reported failure: %s" % failure
     last = "'%s'" % printable(lines[-1])[:OUTCOME_MAX] if lines else "nothing"
     return FAILED, ("pulsar exited with code 0 without its success line '%s'; it printed last: %s"
                     % (printable(expected), last))
+
+
+def reported_failure(lines):
+    """pulsar 1.x's own words about a failure, from the last ones in `lines`, or None: its
+    failure line and the error after it, or Thor's complaint about the command line."""
+    for index in range(len(lines) - 1, -1, -1):
+        if PULSAR_FAILURE.match(lines[index]):
+            return printable(" ".join(lines[index:index + 2]))[:OUTCOME_MAX]
+        if THOR_ERROR.match(lines[index]):
+            return printable(lines[index])[:OUTCOME_MAX]
+    return None
 
 
 def printable(text):
@@ -892,306 +1022,487 @@ def signal_name(number):
 
 
 def visible_lines(data):
-    """The non-empty lines of some output as a terminal shows them: escape sequences removed,
-    a line rewritten after a carriage return shown as rewritten, surrounding blanks stripped."""
+    """The non-empty lines of some output as a terminal shows them: escape sequences and
+    control characters removed, a line rewritten after a carriage return shown as rewritten,
+    surrounding blanks stripped."""
     text = ESCAPE_SEQUENCE.sub("", data.decode("utf-8", "replace"))
-    lines = (line.rstrip("\r").rpartition("\r")[2].strip() for line in text.split("\n"))
+    lines = (line.rstrip("\r").rpartition("\r")[2] for line in text.split("\n"))
+    lines = (printable(line).strip() for line in lines)
     return [line for line in lines if line]
-
-
-class TaskProcess:
-    """pulsar running for one task, in a session and process group of its own.
-
-    One thread reads the merged stdout/stderr pipe as it arrives; another waits for pulsar to exit
-    without reaping it (os.waitid with WNOWAIT), so that its pid, and with it the group id, cannot be
-    reused while the group is being signalled.  When pulsar exits, whatever it left in its group
-    gets SIGTERM, then SIGKILL after the grace period; only then is pulsar reaped.
-    """
-
-    def __init__(self, argv, env, cwd, kill_grace, on_output, on_end):
-        self._argv = argv
-        self._env = env
-        self._cwd = cwd
-        self._kill_grace = kill_grace
-        self._on_output = on_output
-        self._on_end = on_end
-        self._lock = threading.Lock()       # guards signalling against reaping
-        self._reaped = False
-        self._popen = None
-        self._reader = None
-        self._kill_timer = None
-        self._exited = False
-        self._kill_deadline = None
-        self.kill_requested = False
-        self.killed_by = None
-        self.last_words = b""           # the end of what pulsar printed, even past --max-output
-        self._left_behind = set()       # pulsar's run folders, removed if it is killed
-
-    @property
-    def pid(self):
-        return self._popen.pid
-
-    def spawn(self):
-        """Start pulsar; OSError if it cannot be started."""
-        self._popen = subprocess.Popen(
-            self._argv, env=self._env, cwd=self._cwd, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-            close_fds=True, bufsize=0)
-
-    def follow(self):
-        """Start the threads that read pulsar's output and wait for it to end."""
-        self._reader = threading.Thread(target=self._read_output, daemon=True,
-                                        name="output-%d" % self.pid)
-        self._reader.start()
-        threading.Thread(target=self._supervise, daemon=True, name="wait-%d" % self.pid).start()
-
-    def terminate(self, requested_by):
-        """SIGTERM to the whole group now, SIGKILL after the grace period."""
-        with self._lock:
-            if self._reaped or self.kill_requested or self._exited:
-                return                  # ending already: _supervise signals what is left
-            self.kill_requested = True
-            self.killed_by = requested_by
-            self._kill_deadline = time.monotonic() + self._kill_grace
-            self._left_behind |= pulsar_run_folders(self._popen.pid)
-            self._signal_group(signal.SIGTERM)
-            self._kill_timer = threading.Timer(self._kill_grace, self._kill_group)
-            self._kill_timer.daemon = True
-            self._kill_timer.start()
-
-    def _kill_group(self):
-        with self._lock:
-            if not self._reaped:
-                self._left_behind |= pulsar_run_folders(self._popen.pid)
-            self._signal_group(signal.SIGKILL)
-
-    def _signal_group(self, sig):
-        # Called with the lock held: once pulsar is reaped its pid may name someone else's group.
-        if self._reaped:
-            return
-        try:
-            os.killpg(self._popen.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def _read_output(self):
-        """Read the pipe until every writer has closed it; once on_output says the output is
-        full, keep draining it (pulsar must not block on a full pipe) without decoding."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pipe = self._popen.stdout
-        widen_pipe(pipe.fileno())
-        buffer = memoryview(bytearray(READ_SIZE))   # reused: no fresh allocation per read
-        wanted = True
-        try:
-            while True:
-                size = pipe.readinto(buffer)
-                if wanted:
-                    wanted = self._on_output(decoder.decode(buffer[:size], final=not size))
-                if not size:
-                    break
-                self.last_words = last_bytes(self.last_words, buffer[:size])
-        finally:
-            pipe.close()
-
-    def _supervise(self):
-        wait_for_exit_keeping_pid(self._popen.pid)
-        with self._lock:
-            self._exited = True
-            self._signal_group(signal.SIGTERM)      # anything pulsar left behind
-            deadline = self._kill_deadline or time.monotonic() + self._kill_grace
-        self._reader.join(max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            self._signal_group(signal.SIGKILL)
-        wait_for_empty_group(self._popen.pid, OUTPUT_DRAIN)
-        with self._lock:
-            returncode = self._popen.wait()
-            self._reaped = True
-            if self._kill_timer:
-                self._kill_timer.cancel()
-        self._reader.join(OUTPUT_DRAIN)
-        if self._reader.is_alive():
-            logger.warning("pid %d: a process outside its group still holds its output open; "
-                           "not waiting for it", self.pid)
-        if self.kill_requested:
-            remove_run_folders(self._left_behind)
-        self._on_end(returncode)
-
-
-def last_bytes(kept, new):
-    """The last LAST_WORDS bytes of kept + new, copying no more than that."""
-    if len(new) >= LAST_WORDS:
-        return bytes(new[-LAST_WORDS:])
-    return (kept + new)[-LAST_WORDS:]
-
-
-def widen_pipe(fd):
-    """Let the pipe hold PIPE_SIZE bytes (Linux), so a fast writer and this reader switch
-    less often; elsewhere, or when the system refuses, the pipe stays as it is."""
-    try:
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
-    except OSError:
-        pass
-
-
-def wait_for_exit_keeping_pid(pid):
-    """Block until `pid` exits, leaving it a zombie so its pid (and group id) stay reserved."""
-    if hasattr(os, "waitid"):
-        while True:
-            try:
-                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-                return
-            except ChildProcessError:
-                return
-            except InterruptedError:
-                continue
-    # Without waitid (macOS) the caller reaps at once; the group is signalled only before that.
-
-
-def wait_for_empty_group(pgid, timeout):
-    """Wait until no live process is left in a group (Linux /proc; elsewhere return at once).
-
-    A process that got SIGKILL closes its files a moment before it is gone; the task counts as
-    ended only once it is.  Nothing notifies us of another parent's child dying, so this re-checks.
-    """
-    deadline = time.monotonic() + timeout
-    while group_has_live_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.005)
-
-
-def group_has_live_members(pgid):
-    return bool(group_members(pgid))
 
 
 def process_start_token(pid):
     """Boot id and start time of a process: the same pid names the same process only if these
     match too (Linux /proc; None elsewhere)."""
     fields = process_status(pid)
+    boot = boot_id()
+    return None if fields is None or not boot else "%s:%s" % (boot, fields[19].decode())
+
+
+def boot_id():
     try:
         with open("/proc/sys/kernel/random/boot_id") as source:
-            boot = source.read().strip()
+            return source.read().strip()
     except OSError:
-        return None
-    return None if fields is None else "%s:%s" % (boot, fields[19].decode())
+        return ""
 
 
 def process_status(pid):
-    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...), or None
-    when the process is gone or there is no /proc."""
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, session, ...),
+    or None when the process is gone or there is no /proc."""
     try:
         with open("/proc/%s/stat" % pid, "rb") as source:
-            stat = source.read()
+            data = source.read()
     except OSError:
         return None
-    return stat[stat.rindex(b")") + 2:].split()
+    return data[data.rindex(b")") + 2:].split()
 
 
-def pulsar_run_folders(pgid):
-    """The run folders (~/.pulsar/tmp/run-TIME) that the processes of a group work in or name on
-    their command line: pulsar 1.x copies the configuration repository there and removes it at
-    its end, but not when it is killed."""
-    folders = set()
-    for pid in group_members(pgid):
-        places = []
-        with contextlib.suppress(OSError):
-            places.append(os.readlink("/proc/%d/cwd" % pid))
-        with contextlib.suppress(OSError), open("/proc/%d/cmdline" % pid, "rb") as source:
-            places += source.read().decode("utf-8", "replace").split("\0")
-        for place in places:
-            folders.update(match.group(1) for match in PULSAR_RUN_FOLDER.finditer(place))
-    return folders
-
-
-def remove_run_folders(folders):
-    """Remove pulsar run folders a killed task left, if they are still folders of this user."""
-    for folder in folders:
-        try:
-            info = os.lstat(folder)
-        except OSError:
-            continue
-        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
-            shutil.rmtree(folder, ignore_errors=True)
-            logger.info("removed %s, which pulsar leaves behind when it is killed", folder)
-
-
-def group_members(pgid):
-    """The pids of the live processes of a group (Linux /proc; none elsewhere)."""
+def processes_where(field, value):
+    """The live processes whose /proc stat field (2: group, 3: session) is `value`: a scan of
+    /proc, for the rare cases that need one (a keeper gone, a task of an old server)."""
     try:
         entries = os.listdir("/proc")
     except OSError:
         return []
-    members = []
+    found = []
     for entry in entries:
         fields = process_status(entry) if entry.isdigit() else None
-        if fields and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            members.append(int(entry))
-    return members
-
-
-def recover_lost_tasks(history, kill_grace):
-    """Mark the tasks the server was running when it died as lost, ending what is left of them.
-
-    A task runs in its own session, so it outlives a server that is killed with SIGKILL; its
-    output pipe is gone, so it cannot be followed again: its process group is killed instead of
-    being left running untracked.
-    """
-    lost = history.unfinished()
-    orphans = [task.pid for task in lost if task.pid and still_running(task)]
-    end_orphan_groups(orphans, kill_grace)
-    for task in lost:
-        note = "the server stopped while this task ran; its end is unknown"
-        if task.pid in orphans:
-            note += "; its processes (group %d) were still running and have been killed" % task.pid
-        task.output.append("\n[pulsar-rest-api: %s]\n" % note)
-        task.status, task.finished_at, task.outcome = LOST, time.time(), note
-        task.version += 1
-        history.save([(task.record(), task.output.pieces_since(task.persisted))])
-        logger.warning("task %d (%s %s %s) is lost: %s", task.id, task.app, task.env, task.action,
-                       note)
+        if fields and int(fields[field]) == value and fields[0] not in (b"Z", b"X"):
+            found.append(int(entry))
+    return found
 
 
 def still_running(task):
-    """True when the task's pulsar, or what it left in its group, still runs."""
+    """True when the pulsar an old server ran for a task, or what it left in its group, still
+    runs (tasks from before keepers: their pid was pulsar's)."""
     token = process_start_token(task.pid)
     if token is not None:
         return token == task.process_start     # else the pid now names another process
-    return group_has_live_members(task.pid)     # a live group keeps its id from being reused
+    return bool(processes_where(2, task.pid))   # a live group keeps its id from being reused
 
 
-def end_orphan_groups(pgids, kill_grace):
-    """SIGTERM, then SIGKILL after the grace period, to groups that are not our children."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pgid in pgids:
-            try:
-                os.killpg(pgid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
+def end_processes(pids_of, kill_grace):
+    """SIGTERM, then SIGKILL after the grace period, to the processes pids_of() names each
+    time, until none is left; for processes that are not the server's children, so nothing
+    tells when they end: this re-checks."""
+    for number in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids_of():
+            with contextlib.suppress(OSError):
+                os.kill(pid, number)
         deadline = time.monotonic() + kill_grace
-        for pgid in pgids:
-            wait_for_empty_group(pgid, max(0.0, deadline - time.monotonic()))
+        while pids_of() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+class Reaper:
+    """Reaps every child of the server, in one thread: the keepers, the short commands the
+    server runs (`pulsar list`), and anything else re-parented to a server that runs as PID 1 or
+    as a subreaper (a container without --init), which nobody else would reap.
+
+    A child is started through start() with the lock held, so the thread, which reaps first
+    and looks the pid up after, always knows whose it was.  Nothing else in the server waits
+    for a child once the reaper runs (Popen.wait would race it for the exit status).
+    """
+
+    def __init__(self):
+        self._lock = threading.Condition()
+        self._waiting = {}              # pid -> Exit, of children started through start()
+        threading.Thread(target=self._reap, name="reaper", daemon=True).start()
+
+    def start(self, popen):
+        """Start a child: popen() makes the Popen; its Exit tells when it has been reaped."""
+        with self._lock:
+            process = popen()
+            exit = self._waiting[process.pid] = Exit(process)
+            self._lock.notify()         # there is a child to wait for now
+        return process, exit
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:   # no child: wait for one (orphans come unannounced)
+                with self._lock:
+                    self._lock.wait(REAPER_IDLE)
+                continue
+            except InterruptedError:
+                continue
+            with self._lock:
+                exit = self._waiting.pop(pid, None)
+            if exit is not None:
+                exit.set(-os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                         else os.WEXITSTATUS(status))
+
+
+class Exit:
+    """The exit status of a child, once the Reaper has reaped it."""
+
+    def __init__(self, process):
+        self._process = process
+        self._reaped = threading.Event()
+        self._callbacks = []
+
+    def set(self, code):
+        self._process.returncode = code     # so that Popen never waits for it itself
+        self._reaped.set()
+        for callback in self._callbacks:
+            callback()
+
+    def when_set(self, callback):
+        self._callbacks.append(callback)
+        if self._reaped.is_set():
+            callback()
+
+    def wait(self, timeout=None):
+        """The exit status, or None if the child is still running after `timeout`."""
+        self._reaped.wait(timeout)
+        return self._process.returncode
+
+    @property
+    def reaped(self):
+        return self._reaped.is_set()
+
+
+class TaskFolder:
+    """A task's folder, DB.tasks/ID/, which its keeper and the servers share:
+
+      bell        a FIFO the keeper writes a byte to after each piece of output
+      output      everything pulsar printed, up to --max-output bytes (and 4 more)
+      started     JSON, once pulsar runs: its pid, or why it could not start
+      ended       JSON, written last: pulsar's exit status, whether it was killed, when it
+                  exited and when all of it had ended, the last bytes it printed
+      keeper.log  what the keeper itself had to say, if anything
+      work/       pulsar's working folder
+
+    It outlives the server: the next server reads it, and removes it once the task's end and
+    whole output are in the history.
+    """
+
+    def __init__(self, root, task_id):
+        self.path = os.path.join(root, str(task_id))
+
+    def create(self):
+        if os.path.lexists(self.path):      # from another history once at this path
+            logger.warning("removing %s, left by a task of another history", self.path)
+            self.remove()
+        os.mkdir(self.path, 0o700)
+        os.mkfifo(self.file("bell"), 0o600)
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def exists(self):
+        return os.path.isdir(self.path)
+
+    def read_json(self, name):
+        """The JSON the keeper wrote under `name`, or None when it has not (yet)."""
+        try:
+            with open(self.file(name)) as source:
+                value = json.load(source)
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def keeper_said(self):
+        """What the keeper wrote to its log, in one line (empty if nothing)."""
+        try:
+            with open(self.file("keeper.log"), "rb") as source:
+                text = source.read()[-2000:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return " / ".join(line for line in text.splitlines() if line.strip())
+
+    def remove(self):
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class Keeper:
+    """The server's side of a task's keeper (the KEEPER program): it starts it, follows its
+    doorbell and output file, and asks it to kill the task.  A keeper this server started is
+    its child until the Reaper reaps it; one adopted from an earlier server is known by its pid
+    and start time, checked before each signal."""
+
+    def __init__(self, task, folder, pid, start_token, exit=None):
+        self.task = task
+        self.folder = folder
+        self.pid = pid
+        self.start_token = start_token      # identifies the keeper across a server restart
+        self._exit = exit                   # for a child: when the Reaper reaped it
+        self.kill_requested_by = None
+        self.bell = None
+        self._output = None
+        self._offset = 0                    # bytes of the output file read so far
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pulsar_pid = None
+
+    @classmethod
+    def start(cls, task, folder, *, argv, kill_grace, keep, pool):
+        """Give a waiting keeper the order to run a task whose folder has just been created;
+        OSError if no keeper can be started."""
+        process, exit = pool.take()
+        keeper = cls(task, folder, process.pid, process_start_token(process.pid), exit)
+        keeper.open()       # before the keeper opens the bell: see TaskWatcher for why
+        order = {"folder": folder.path, "argv": argv, "kill_grace": kill_grace, "keep": keep}
+        try:
+            process.stdin.write(json.dumps(order).encode("utf-8") + b"\n")
+            process.stdin.close()
+        except OSError:
+            pass            # it died: its end (no `started`) says the rest
+        return keeper
+
+    def open(self):
+        """Open the doorbell and the output file for reading."""
+        self.bell = os.open(self.folder.file("bell"), os.O_RDONLY | os.O_NONBLOCK)
+        self._output = os.open(self.folder.file("output"), os.O_RDONLY | os.O_CREAT, 0o600)
+
+    def close(self):
+        for fd in (self.bell, self._output):
+            if fd is not None:
+                os.close(fd)
+        self.bell = self._output = None
+
+    def rung(self):
+        """Drain the doorbell; False once the keeper has closed it (it has exited)."""
+        while True:
+            try:
+                data = os.read(self.bell, 4096)
+            except BlockingIOError:
+                return True
+            if not data:
+                return False
+
+    def read_output(self, limit):
+        """The output printed since the last call, decoded, at most about `limit` bytes of
+        it; (text, whether more is waiting)."""
+        data = os.pread(self._output, limit, self._offset)
+        self._offset += len(data)
+        return self._decoder.decode(data), len(data) == limit
+
+    def last_words(self):
+        """Flush the decoder at the end of the output (an unfinished character)."""
+        return self._decoder.decode(b"", final=True)
+
+    def when_reaped(self, callback):
+        """Call callback once the Reaper has reaped this keeper (never for an adopted one,
+        which is not the server's child: its doorbell reports its end)."""
+        if self._exit is not None:
+            self._exit.when_set(callback)
+
+    def alive(self):
+        """True while the keeper runs (and its pid still names it)."""
+        if self._exit is not None:
+            return not self._exit.reaped
+        return self.start_token is not None and process_start_token(self.pid) == self.start_token
+
+    def terminate(self, requested_by):
+        """Ask the keeper to kill the task (SIGTERM to it; it ends the whole session)."""
+        self.kill_requested_by = self.kill_requested_by or requested_by
+        if self.alive():
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGTERM)
+
+
+class KeeperPool:
+    """Keepers started ahead of need: starting Python costs a task 10-20 ms it should not wait
+    for.  One keeper waits for its order (on its standard input) at a time; taking it has the
+    next one started in the background.  A waiting keeper that gets end-of-file instead (the
+    server stopped or died) exits."""
+
+    def __init__(self, *, environ, reaper):
+        self._environ = environ
+        self._reaper = reaper
+        self._lock = threading.Lock()
+        self._waiting = None                # (Popen, Exit) of the keeper waiting for an order
+        self._wanted = threading.Event()
+        self._wanted.set()
+        threading.Thread(target=self._keep_one_waiting, name="keepers", daemon=True).start()
+
+    def take(self):
+        """(Popen, Exit) of a keeper waiting for its order; OSError if none can be started."""
+        with self._lock:
+            waiting, self._waiting = self._waiting, None
+        self._wanted.set()
+        if waiting is None or waiting[1].reaped:
+            waiting = self._start()
+        return waiting
+
+    def close(self):
+        """Let the waiting keeper go (it exits on end-of-file)."""
+        with self._lock:
+            waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting[0].stdin.close()
+
+    def _keep_one_waiting(self):
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            try:
+                started = self._start()
+            except OSError as error:
+                logger.error("cannot start a keeper ahead of need: %s", error)
+                continue
+            with self._lock:
+                spare, self._waiting = self._waiting, started
+            if spare is not None:
+                spare[0].stdin.close()
+
+    def _start(self):
+        with kill_held_back():
+            return self._reaper.start(lambda: subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", KEEPER, "pulsar-rest-api-keeper"], cwd="/",
+                env=self._environ,
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True, close_fds=True))
+
+
+@contextlib.contextmanager
+def kill_held_back():
+    """SIGTERM blocked in this thread while a keeper is started, so that the keeper starts with
+    it blocked: a kill that comes before it can take one waits until it can (it unblocks it)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+class TaskWatcher:
+    """One thread that follows every running task: it waits on all keepers' doorbells at once,
+    reads each task's new output from its output file into the store, notes pulsar's pid, and
+    hands a task to `on_end` once its keeper has gone.
+
+    A doorbell is a FIFO the keeper holds open read-write, so that its rings never block and
+    never fail, whether or not a server reads them.  Opened for reading before the keeper
+    starts (or, for an adopted keeper, before its `ended` file is looked for), it reports
+    end-of-file exactly when the keeper has exited.
+    """
+
+    def __init__(self, *, store, on_end):
+        self._store = store
+        self._on_end = on_end
+        self._selector = selectors.DefaultSelector()
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._selector.register(self._wake_read, selectors.EVENT_READ)
+        self._lock = threading.Lock()
+        self._new = []                  # keepers handed over, not yet registered
+        self._poked = []                # keepers the Reaper reaped: have they ended?
+        self._followed = set()
+        self._pending = set()           # keepers with more output to read than one round took
+        threading.Thread(target=self._run, name="watcher", daemon=True).start()
+
+    def follow(self, keeper):
+        """Follow a keeper from now on (its doorbell is open already)."""
+        keeper.when_reaped(lambda: self._wake(poked=keeper))
+        self._wake(new=keeper)
+
+    def _wake(self, new=None, poked=None):
+        with self._lock:
+            if new is not None:
+                self._new.append(new)
+            if poked is not None:
+                self._poked.append(poked)
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_write, b".")
+
+    def _run(self):
+        while True:
+            ready = self._selector.select(0 if self._pending else None)
+            keepers = {key.data for key, _ in ready if key.data is not None}
+            if any(key.data is None for key, _ in ready):
+                keepers |= self._take_new()
+            keepers |= self._pending
+            self._pending = set()
+            for keeper in keepers:
+                self._serve(keeper)
+
+    def _take_new(self):
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_read, 4096)
+        with self._lock:
+            new, self._new = self._new, []
+            poked, self._poked = self._poked, []
+        for keeper in new:
+            self._selector.register(keeper.bell, selectors.EVENT_READ, keeper)
+            self._followed.add(keeper)
+        return set(new) | (set(poked) & self._followed)
+
+    def _serve(self, keeper):
+        """Read what a keeper has for its task; end the task once the keeper has gone."""
+        try:
+            # End-of-file on the doorbell comes once the keeper has exited, and also before a
+            # new keeper has opened it: the keeper is gone once it wrote its end or has died.
+            still_open = keeper.rung()
+            ended = None if still_open else keeper.folder.read_json("ended")
+            gone = not still_open and (ended is not None or not keeper.alive())
+            more = self._read_output(keeper, finish=gone)
+            if keeper.pulsar_pid is None:
+                self._note_start(keeper)
+            if more:
+                self._pending.add(keeper)
+            elif gone:
+                self._selector.unregister(keeper.bell)
+                self._followed.discard(keeper)
+                keeper.close()
+                self._on_end(keeper, ended)
+        except Exception:       # one task's trouble must not stop every task being followed
+            logger.exception("task %d: error while following its keeper", keeper.task.id)
+
+    def _read_output(self, keeper, finish):
+        """Move new output into the store, a few MiB at a time; True if more is waiting."""
+        for _ in range(WATCH_ROUND // READ_SIZE):
+            text, more = keeper.read_output(READ_SIZE)
+            if text:
+                self._store.add_output(keeper.task, text)
+            if not more:
+                if finish:
+                    self._store.add_output(keeper.task, keeper.last_words())
+                return False
+        return True
+
+    def _note_start(self, keeper):
+        started = keeper.folder.read_json("started")
+        if started is None:
+            return
+        keeper.pulsar_pid = started.get("pid") or 0
+        if started.get("error"):
+            self._store.add_output(keeper.task, started["error"] + "\n")
+        elif keeper.pulsar_pid:
+            self._store.attach(keeper.task, keeper.pulsar_pid)
+            logger.info("task %d: pulsar runs as pid %d", keeper.task.id, keeper.pulsar_pid)
 
 
 class TaskRunner:
-    """Starts pulsar for each new task, keeps the line of tasks waiting for their app and
-    environment, and ends task process groups when asked.
+    """Starts each task under a keeper, keeps the line of tasks waiting for their app and
+    environment, ends tasks when asked, and takes over at start what an earlier server left.
 
     Two deploys of one app and environment at once corrupt its releases, so a pair runs one task
-    at a time (unless one_per_pair is off); a request for a busy pair is refused, or with
-    queue=true waits in line and starts, in order, when the pair is free.  At most max_tasks run.
+    at a time (unless --allow-concurrent); a request for a busy pair is refused, or with
+    queue=true waits in line and starts, in order, when the pair is free.  At most --max-tasks
+    run, and at most MAX_QUEUED wait.  The line is kept by pair, so that a task's end looks only
+    at the pairs that have tasks waiting.  Lock order: the runner's lock, then the store's.
     """
 
-    def __init__(self, *, store, metrics, settings, command, environ, task_folders):
+    def __init__(self, *, store, metrics, settings, command, task_folders, keepers):
         self._store = store
         self._metrics = metrics
         self._command = command
         self._kill_grace = settings.kill_grace
-        self._env = environ                 # pulsar's environment: child_environment()
-        self._task_folders = task_folders   # each task's working folder is made in here
+        self._task_folders = task_folders   # each task's folder is made in here
+        self._keepers = keepers             # a KeeperPool
         self._max_tasks = settings.max_tasks
         self._one_per_pair = not settings.allow_concurrent
         self._allowed_actions = tuple(settings.allow_action)
-        self._lock = threading.Lock()     # guards the line and starts: check, create and attach
-        self._line = []                   # queued tasks, oldest first
+        self._lock = threading.Lock()       # guards the line and starts: check, create, launch
+        self._line = collections.OrderedDict()  # (app, env) -> its queued tasks, oldest first
+        self._queued = 0
         self._stopping = False
+        self._watcher = TaskWatcher(store=store, on_end=self._ended)
+
+    # -- requests
 
     def start(self, app, env, action, started_by="-", queue=False):
         """Start a task, or queue it; HTTPError 403/409/429/503 when it may not run now."""
@@ -1206,47 +1517,121 @@ class TaskRunner:
                 return task
             if not queue:
                 raise blocker
+            if self._queued >= MAX_QUEUED:
+                raise HTTPError(429, "%d tasks wait in line already, the most this server keeps; "
+                                     "try later" % self._queued, headers=[("Retry-After", "60")])
             task = self._store.create(app, env, action, started_by, status=QUEUED)
-            self._line.append(task)
+            self._enqueue(task)
         logger.info("task %d queued by %s: %s %s %s (%s)", task.id, started_by, app, env, action,
                     blocker.message)
         return task
 
     def kill(self, task_id, requested_by="-"):
-        """End a task: take it out of the line, or end its process group; the task as JSON once
-        it has ended."""
+        """End a task: take it out of the line, or have its keeper end its session; the task
+        as the API answers it once it has ended, or 409 if it ended by itself first."""
         logger.info("task %d: kill requested by %s", task_id, requested_by)
         with self._lock:
             queued = self._take_from_line(task_id)
         if queued is not None:
             self._drop(queued, "removed from the line by %s" % requested_by)
             return self._store.read(task_id)
-        process = self._store.process_to_kill(task_id)
-        process.terminate(requested_by)
-        return self._store.wait_until_ended(task_id, self._kill_grace + OUTPUT_DRAIN + 2)
+        self._store.keeper_to_kill(task_id).terminate(requested_by)
+        task = self._store.wait_until_ended(task_id, self._kill_grace + OUTPUT_DRAIN + 2)
+        if task["status"] not in (KILLED, RUNNING):
+            raise HTTPError(409, "task %d ended by itself (%s) before the kill took effect"
+                            % (task_id, task["status"]))
+        return task
 
-    def refuse_new(self):
-        """From now on a new task is answered 503; tasks waiting in line are dropped."""
+    def refuse_new(self, keep_line=False):
+        """From now on a new task is answered 503; tasks waiting in line are dropped, unless
+        they are kept for the next server (a hand-over)."""
         with self._lock:
             self._stopping = True
-            line, self._line = self._line, []
-        for task in line:
-            self._drop(task, "the server stopped before this task's turn")
+            line = [task for tasks in self._line.values() for task in tasks]
+            self._line.clear()
+            self._queued = 0
+        for task in sorted(line, key=lambda task: task.id):
+            if not keep_line:
+                self._drop(task, "the server stopped before this task's turn")
 
     @property
     def stopping(self):
         return self._stopping
 
     def stop_all(self):
-        """Refuse new tasks, kill every running one and wait for their groups to end."""
+        """Refuse new tasks, kill every running one and wait for them to end."""
         self.refuse_new()
         tasks = self._store.running()
         for task in tasks:
-            process = task.process
-            if process:
-                process.terminate("the server's stop")
+            keeper = task.keeper
+            if keeper:
+                keeper.terminate("the server's stop")
         for task in tasks:
             self._store.wait_until_ended(task.id, self._kill_grace + OUTPUT_DRAIN + 2)
+
+    # -- what an earlier server left
+
+    def take_over(self, unfinished):
+        """Take over the tasks the history says an earlier server left unfinished: adopt those
+        whose keeper still runs, end those whose keeper recorded their end, call lost those
+        whose end cannot be known, and put queued tasks back in line (unless the task before
+        them in line was lost: they were queued behind a deploy whose end is unknown)."""
+        lost_pairs = set()
+        for task in unfinished:
+            if task.status == QUEUED:
+                continue
+            how = self._take_over_running(task)
+            if how == LOST:
+                lost_pairs.add((task.app, task.env))
+        for task in unfinished:
+            if task.status != QUEUED:
+                continue
+            task.output = Output(self._store.max_output)
+            self._store.add(task)
+            if (task.app, task.env) in lost_pairs:
+                self._drop(task, "the task before it in line was lost, so it was not started")
+            else:
+                with self._lock:
+                    self._enqueue(task)
+                logger.info("task %d is back in line", task.id)
+        with self._lock:
+            self._start_from_line()
+        self._store.persist()       # the lost and dropped, before anyone reads them
+
+    def _take_over_running(self, task):
+        folder = TaskFolder(self._task_folders, task.id)
+        task.folder = folder
+        if task.keeper_pid is None:     # from a server older than keepers: pulsar was its child
+            self._store.add(task)
+            note = "the server stopped while this task ran; its end is unknown"
+            if task.pid and still_running(task):
+                end_processes(lambda: processes_where(2, task.pid), self._kill_grace)
+                note += ("; its processes (group %d) were still running and have been killed"
+                         % task.pid)
+            return self._lost(task, note)
+        if not folder.exists():
+            self._store.add(task)
+            return self._lost(task, "the server stopped while this task ran, and its folder %s "
+                                    "is gone; its end is unknown" % folder.path)
+        keeper = Keeper(task, folder, task.keeper_pid, task.keeper_start)
+        keeper.open()
+        task.output = Output(self._store.max_output)    # read again from the output file
+        task.keeper = keeper
+        self._store.add(task)
+        self._watcher.follow(keeper)    # adopted, or ended: the watcher reads its files
+        logger.info("task %d (%s %s %s) taken over from an earlier server: keeper pid %d %s",
+                    task.id, task.app, task.env, task.action, keeper.pid,
+                    "still runs" if keeper.alive() else "has ended")
+        return RUNNING
+
+    def _lost(self, task, note):
+        self._store.add_output(task, "\n[pulsar-rest-api: %s]\n" % note)
+        self._store.end(task, LOST, None, note)
+        logger.warning("task %d (%s %s %s) is lost: %s", task.id, task.app, task.env,
+                       task.action, note)
+        return LOST
+
+    # -- starting
 
     def _check_allowed(self, action):
         if self._allowed_actions and not any(fnmatch.fnmatchcase(action, pattern)
@@ -1269,51 +1654,64 @@ class TaskRunner:
                                           "status": holder["status"],
                                           "startedBy": holder["startedBy"],
                                           "startedAt": holder["createdAt"]})
-        running = len(self._store.running())
+        running = self._store.running_count
         if running >= self._max_tasks:
             return HTTPError(429, "%d tasks are running, the most this server runs at once "
                                   "(--max-tasks); try later, or add queue=true" % running)
         return None
 
     def _launch(self, task):
-        """Start pulsar for a task (the lock is held), in an empty working folder of its own
-        (pulsar 0.x takes a folder holding a config.ru for an app); a pulsar that cannot start
-        fails the task."""
+        """Start a task's keeper (the lock is held), in a new folder of the task's own; a
+        keeper that cannot start fails the task."""
         argv = self._command.argv(task.app, task.env, task.action)
-        folder = os.path.join(self._task_folders, str(task.id))
-        process = TaskProcess(argv, self._env, folder, self._kill_grace,
-                              on_output=lambda text: self._store.add_output(task, text),
-                              on_end=lambda code: self._ended(task, process, code, folder))
+        folder = TaskFolder(self._task_folders, task.id)
+        task.folder = folder
         self._metrics.task_started()
         try:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            process.spawn()
+            folder.create()
+            keeper = Keeper.start(task, folder, argv=argv, kill_grace=self._kill_grace,
+                                  keep=self._store.max_output + 4, pool=self._keepers)
         except OSError as error:
-            logger.error("task %d: could not start %s: %s", task.id, argv[0], error)
-            self._store.add_output(task, "could not start pulsar (%s): %s\n" % (argv[0], error))
-            self._store.end(task, FAILED, None, "could not start pulsar: %s" % error)
+            logger.error("task %d: could not start its keeper: %s", task.id, error)
             self._metrics.task_finished(FAILED, 0.0)
-            shutil.rmtree(folder, ignore_errors=True)
+            self._store.add_output(task, "could not start pulsar's keeper: %s\n" % error)
+            self._store.end(task, FAILED, None, "could not start pulsar's keeper: %s" % error)
             return
-        self._store.attach(task, process)
-        process.follow()
-        logger.info("task %d started by %s: %s %s %s (pid %d)",
-                    task.id, task.started_by, task.app, task.env, task.action, process.pid)
+        self._store.attach_keeper(task, keeper)
+        self._watcher.follow(keeper)
+        logger.info("task %d started by %s: %s %s %s (keeper pid %d)",
+                    task.id, task.started_by, task.app, task.env, task.action, keeper.pid)
+
+    # -- the line: by pair, each pair's tasks oldest first
+
+    def _enqueue(self, task):
+        self._line.setdefault((task.app, task.env), []).append(task)
+        self._queued += 1
 
     def _start_from_line(self):
-        """Start, oldest first, the queued tasks whose pair is free (the lock is held)."""
-        for task in list(self._line):
+        """Start, oldest first, the queued tasks whose pair is free (the lock is held): it
+        looks at the first task of each pair that waits, not at every task in line."""
+        heads = sorted((tasks[0] for tasks in self._line.values()), key=lambda task: task.id)
+        for task in heads:
             if self._stopping or self._blocker(task.app, task.env, queued=True):
                 continue
-            self._line.remove(task)
+            self._take_from_line(task.id, task)
             self._store.mark_running(task)
             self._launch(task)
+            if not self._one_per_pair:
+                self._start_from_line()     # its pair may start more than one
+                return
 
-    def _take_from_line(self, task_id):
-        for task in self._line:
-            if task.id == task_id:
-                self._line.remove(task)
-                return task
+    def _take_from_line(self, task_id, task=None):
+        """Take a queued task out of the line (the lock is held); it, or None."""
+        for pair, tasks in self._line.items():
+            for queued in tasks:
+                if queued.id == task_id:
+                    tasks.remove(queued)
+                    if not tasks:
+                        del self._line[pair]
+                    self._queued -= 1
+                    return queued
         return None
 
     def _drop(self, task, why):
@@ -1321,24 +1719,61 @@ class TaskRunner:
         self._store.end(task, KILLED, None, why)
         logger.info("task %d killed: %s", task.id, why)
 
-    def _ended(self, task, process, returncode, folder):
-        status, outcome = judge_end(self._command, task, returncode, process.kill_requested,
-                                    process.last_words)
-        if status == KILLED:
-            outcome = "killed by %s" % process.killed_by
-        exit_code = returncode if returncode >= 0 else None
-        with self._lock:    # the freed slot goes to the line, not to a newcomer in between
-            self._store.end(task, status, exit_code, outcome)
-            self._start_from_line()
-        shutil.rmtree(folder, ignore_errors=True)
-        duration = task.finished_at - task.created_at
+    # -- ending
+
+    def _ended(self, keeper, ended):
+        """A task's keeper has gone (the watcher's thread): judge how the task ended."""
+        task = keeper.task
+        status, exit_code, outcome = self._judge(keeper, ended)
+        finished_at = (ended or {}).get("ended") or time.time()
+        if status == LOST:
+            end_session_of(keeper.pid, keeper.start_token, self._kill_grace)
+            self._store.add_output(task, "\n[pulsar-rest-api: %s]\n" % outcome)
+        said = keeper.folder.keeper_said()
+        if said:
+            logger.info("task %d: its keeper said: %s", task.id, said)
+        # Counted and logged before anyone can see that it ended, so that /metrics and the
+        # log already say so when a client that saw the end looks there.
+        duration = finished_at - task.created_at
         self._metrics.task_finished(status, duration)
-        how = "signal %d" % -returncode if returncode < 0 else "exit code %d" % returncode
-        logger.info("task %d %s (%s) after %.1f s: %s", task.id, status, how, duration,
-                    outcome)
+        code = (ended or {}).get("exit")
+        how = ("no exit code" if code is None else "signal %d" % -code if code < 0
+               else "exit code %d" % code)
+        log = logger.warning if status == LOST else logger.info
+        log("task %d %s (%s) after %.1f s: %s", task.id, status, how, duration, outcome)
+        with self._lock:    # the freed slot goes to the line, not to a newcomer in between
+            self._store.end(task, status, exit_code, outcome, finished_at)
+            self._start_from_line()
+
+    def _judge(self, keeper, ended):
+        """(status, exit code, outcome) from what the keeper recorded at its end."""
+        if ended is None:
+            return LOST, None, ("its keeper (pid %d) ended without recording how the task ended "
+                                "(killed with SIGKILL, or the host restarted); its end is "
+                                "unknown" % keeper.pid)
+        if ended.get("error"):
+            return FAILED, None, ended["error"]
+        code = ended.get("exit")
+        killed = bool(ended.get("killed")) and code != 0     # it exited 0 by itself first
+        status, outcome = judge_end(self._command, keeper.task, code, killed,
+                                    ended.get("last", "").encode("latin-1"))
+        if status == KILLED:
+            outcome = "killed by %s" % (keeper.kill_requested_by or "a request to an earlier "
+                                                                    "server")
+        return status, code if code is not None and code >= 0 else None, outcome
 
 
-def find_pulsar(settings, environ, workdir):
+def end_session_of(keeper_pid, start_token, kill_grace):
+    """End, in a thread of its own, what is left of a session whose keeper died without
+    ending it: pulsar and its children would otherwise run on untracked.  The session keeps
+    the keeper's pid as its id while any of it lives, so that id cannot name anything else."""
+    if start_token is None or not start_token.startswith(boot_id() + ":"):
+        return              # another boot: nothing of it runs
+    threading.Thread(target=end_processes, name="end-session-%d" % keeper_pid, daemon=True,
+                     args=(lambda: processes_where(3, keeper_pid), kill_grace)).start()
+
+
+def find_pulsar(settings, environ, workdir, reaper):
     """The PulsarCommand for --pulsar-bin and --pulsar-cli, from what `PULSAR_BIN --version`
     says; StartupError when pulsar is missing, does not answer, or cannot work as asked."""
     binary = shutil.which(settings.pulsar_bin)
@@ -1347,12 +1782,19 @@ def find_pulsar(settings, environ, workdir):
                            "install pulsar (gem install pulsar), or try --pulsar-bin echo"
                            % settings.pulsar_bin)
     try:
-        _, output = run_bounded([binary, "--version"], PULSAR_PROBE_TIMEOUT, environ, workdir)
+        code, output = run_bounded([binary, "--version"], PULSAR_PROBE_TIMEOUT, environ,
+                                   workdir, reaper)
     except subprocess.TimeoutExpired:
         raise StartupError("%s --version did not answer within %d s; is it pulsar?"
                            % (binary, PULSAR_PROBE_TIMEOUT))
     except OSError as error:
         raise StartupError("cannot run %s: %s" % (binary, error.strerror or error))
+    if code != 0 and settings.pulsar_cli == "auto":
+        said = " ".join(visible_lines(output))[-200:] or "nothing"
+        raise StartupError("%s --version failed (%s; it printed: %s): is it pulsar? "
+                           "(--pulsar-cli classic or v1 runs it all the same)"
+                           % (binary, "exit code %d" % code if code > 0 else
+                              "signal %d" % -code, said))
     version = named_version(output)
     form = pulsar_form(settings.pulsar_cli, version)
     if form == "v1" and settings.config_branch:
@@ -1382,8 +1824,9 @@ def pulsar_form(asked, version):
 def named_version(output):
     """The version a `--version` answer names (a line such as 1.1.0), or None."""
     for line in visible_lines(output):
-        if VERSION_LINE.fullmatch(line):
-            return line.lstrip("v")
+        match = VERSION_ANSWER.fullmatch(line)
+        if match:
+            return match.group(1)
     return None
 
 
@@ -1393,20 +1836,30 @@ def sibling_program(binary, name):
     return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
 
 
-def run_bounded(argv, timeout, environ, cwd):
+def run_bounded(argv, timeout, environ, cwd, reaper):
     """(exit status, output) of a short command run in a session of its own, with its stdout
     and stderr merged; after `timeout` its whole group is killed and TimeoutExpired raised."""
-    process = subprocess.Popen(argv, env=environ, cwd=cwd, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    process, exit = reaper.start(lambda: subprocess.Popen(
+        argv, env=environ, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True))
+    deadline = time.monotonic() + timeout
+    chunks = []
+    with process.stdout:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([process.stdout], [], [], remaining)[0]:
+                break
+            data = os.read(process.stdout.fileno(), READ_SIZE)
+            if not data:
+                break
+            chunks.append(data)
+    code = exit.wait(max(0.0, deadline - time.monotonic()))
+    if code is None:
         with contextlib.suppress(OSError):
             os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    return process.returncode, output
+        exit.wait()
+        raise subprocess.TimeoutExpired(argv, timeout)
+    return code, b"".join(chunks)
 
 
 def plain_folder_branch_warning(command):
@@ -1431,8 +1884,9 @@ class AppCatalog:
     that come meanwhile wait for it.
     """
 
-    def __init__(self, *, command, environ, workdir, clock=time.monotonic):
+    def __init__(self, *, command, environ, workdir, reaper, clock=time.monotonic):
         self._command = command
+        self._reaper = reaper
         self._environ = environ
         self._workdir = workdir
         self._clock = clock
@@ -1442,6 +1896,8 @@ class AppCatalog:
         self._listed_at = None              # when that list was made (time.time())
         self._fresh_until = 0.0
         self._looked_for = set()            # unknown pairs a listing was made to look for
+        self._listing_behind = False        # a listing asked for by tasks runs in the background
+        self._again = False                 # ... and another is wanted after it
         self._problem = None                # why the last listing failed, if it did
 
     @property
@@ -1468,7 +1924,8 @@ class AppCatalog:
 
     def note_pair(self, app, env):
         """A task names app/env: if the list does not hold it, list again in the background,
-        once for each such pair (a mistyped name must not make every request list)."""
+        once for each such pair (a mistyped name must not make every request list), and one
+        listing at a time for all of them."""
         argv = self._command.list_argv()
         with self._lock:
             if argv is None or env in (self._apps or {}).get(app, ()):
@@ -1478,15 +1935,29 @@ class AppCatalog:
             if len(self._looked_for) >= APPS_LOOKED_FOR:
                 self._looked_for.clear()
             self._looked_for.add((app, env))
-        threading.Thread(target=self._refresh, args=(argv, True), name="list-apps",
+            self._again = self._listing_behind
+            if self._listing_behind:
+                return              # the listing that runs will be followed by one more
+            self._listing_behind = True
+        threading.Thread(target=self._list_behind, args=(argv,), name="list-apps",
                          daemon=True).start()
+
+    def _list_behind(self, argv):
+        while True:
+            self._refresh(argv, forced=True)
+            with self._lock:
+                if not self._again:
+                    self._listing_behind = False
+                    return
+                self._again = False
 
     def _refresh(self, argv, forced=False):
         with self._listing:
             if not forced and self._clock() < self._fresh_until:
                 return                  # another request listed them while this one waited
             try:
-                code, output = run_bounded(argv, APPS_TIMEOUT, self._environ, self._workdir)
+                code, output = run_bounded(argv, APPS_TIMEOUT, self._environ, self._workdir,
+                                           self._reaper)
                 apps, problem = parse_app_list(code, output)
             except subprocess.TimeoutExpired:
                 apps, problem = None, "%s did not answer within %d s" % (argv[0], APPS_TIMEOUT)
@@ -1496,7 +1967,10 @@ class AppCatalog:
                 self._problem = problem
                 if apps is not None:
                     self._apps, self._listed_at = apps, time.time()
-                    self._fresh_until = self._clock() + APPS_FRESH
+                # A failure is kept too, for a while: a client asking again at once must not
+                # make the server clone again (and hold one more thread) each time.
+                self._fresh_until = self._clock() + (APPS_FRESH if apps is not None
+                                                     else APPS_RETRY)
             if problem:
                 logger.warning("cannot list the applications: %s", problem)
 
@@ -1507,9 +1981,9 @@ def parse_app_list(code, output):
     lines = visible_lines(output)
     for line in lines:
         match = APP_LINE.fullmatch(line)
-        if match:
-            apps[match.group(1)] = [env.strip() for env in match.group(2).split(",")
-                                    if env.strip()]
+        envs = [env.strip() for env in match.group(2).split(",")] if match else []
+        if envs and all(NAME_PATTERN.fullmatch(name) for name in [match.group(1)] + envs):
+            apps[match.group(1)] = envs
     failed = code != 0 or any(line.startswith("Failed to list") for line in lines)
     if apps and not failed:
         return apps, None
@@ -2627,15 +3101,14 @@ class ApiHandler(RequestHandler):
         before, version = fields.count("before"), fields.count("version")
         if version is not None:     # a long poll: answer when a task comes, changes status or goes
             self.server.store.wait_for_list_change(version, self.server.poll_timeout)
-        tasks = self.server.store.listing(app, env, status, before, limit)
+        version, tasks = self.server.store.listing(app, env, status, before, limit)
         following = None
         if len(tasks) == limit:
             query = {name: value for name, value in (("app", app), ("env", env),
                                                       ("status", status)) if value}
             query.update(limit=limit, before=tasks[-1]["id"])
             following = "/tasks?" + urllib.parse.urlencode(query)
-        self.send_json(200, {"tasks": tasks, "next": following,
-                             "version": self.server.store.list_version})
+        self.send_json(200, {"tasks": tasks, "next": following, "version": version})
 
     def send_page(self):
         self._send_asset(PAGE_HTML, "text/html; charset=utf-8")
@@ -2665,16 +3138,18 @@ class ApiHandler(RequestHandler):
 class TerminalText:
     """Task output made safe to print in a terminal (GET /task/:id/stream and /output): colours
     pass; every other escape sequence (window titles, clipboard writes, screen clears, cursor
-    moves), concealed or blinking text, and control characters but tab, newline and carriage
-    return are dropped.  A line of output that would read as the server's closing line gets a
-    visible prefix.  Output comes in pieces: a sequence cut in two, or a line whose start might
-    still turn out to look like the closing line, is held back until the next piece.
+    moves), concealed or blinking text, and control characters but tab and newline are dropped;
+    a carriage return ends a line (a line rewritten in place could not be checked).  Wherever a
+    line holds text that reads as the server's closing line, a visible marker comes first.
+    Output comes in pieces: a sequence cut in two, and the end of a line that may still turn
+    into such text, are held back until the next piece.
     """
 
     def __init__(self):
         self._unfinished = ""       # the start of an escape sequence cut at the end of a piece
-        self._held = []             # (safe text, visible, length given) of an undecided line start
-        self._deciding = True       # the current line might still read as the closing line
+        self._line = []             # [safe text, visible text, length given] of the current
+                                    # line, not sent yet
+        self._after_return = False  # the last character was a carriage return
         self.coloured = False       # a colour has passed: reset it before anything of our own
 
     def feed(self, text, final=False):
@@ -2684,55 +3159,103 @@ class TerminalText:
         out = []
         for match in TERMINAL_TOKEN.finditer(text):
             token = match.group()
+            after_return, self._after_return = self._after_return, token == "\r"
             if match.group("cut") is not None:
                 if not final and len(token) <= MAX_ESCAPE:
                     self._unfinished = token
             elif match.group("complete") is not None:
                 colour = safe_sgr(token)
                 self.coloured = self.coloured or bool(colour)
-                self._emit(out, colour, False, len(token))
+                self._line.append([colour, "", len(token)])
             elif token in ("\n", "\r"):
-                self._decide(out)
-                out.append(token)
-                self._deciding = True
+                if not (token == "\n" and after_return):      # \r\n is one line end
+                    self._release(out, line_ends=True)
+                    out.append("\n")
             elif token == "\t" or not TERMINAL_CONTROL.match(token):
-                self._emit(out, token, True, len(token))
-        if final:
-            self._decide(out)
+                self._line.append([token, token, len(token)])
+        self._release(out, line_ends=final)
         return "".join(out)
 
     def held_back(self):
         """How many characters given so far are held back, not yet in what feed returned."""
-        return len(self._unfinished) + sum(length for _, _, length in self._held)
+        return len(self._unfinished) + sum(length for _, _, length in self._line)
 
-    def _emit(self, out, text, visible, length):
-        if not self._deciding:
-            out.append(text)
-            return
-        self._held.append((text, visible, length))
-        seen = self._seen()
-        if not CLOSING_LINE_KEY.startswith(seen) or len(seen) >= len(CLOSING_LINE_KEY):
-            self._decide(out)
+    def _release(self, out, line_ends):
+        """Send what is known of the current line, with the marker before each place that
+        reads as the closing line; unless the line ends, keep back the end that may still
+        become one (at most MAX_HOLD characters: past that it is marked all the same)."""
+        visible = "".join(shown for _, shown, _ in self._line)
+        starts, keep_from = lookalike_spots(visible, line_ends)
+        if keep_from is not None and len(visible) - keep_from > MAX_HOLD:
+            starts, keep_from = starts + [keep_from], None
+        position, kept = 0, []
+        for piece in self._line:
+            safe, shown, length = piece
+            for start in [start for start in starts if position <= start < position + len(shown)
+                          or not shown and start == position]:
+                cut = start - position
+                if cut:
+                    out.append(safe[:cut])
+                    safe, shown, position = safe[cut:], shown[cut:], start
+                out.append(LOOKALIKE_PREFIX)
+                starts.remove(start)
+            if keep_from is not None and position + len(shown) > keep_from:
+                cut = max(0, keep_from - position)
+                out.append(safe[:cut])
+                kept.append([safe[cut:], shown[cut:], len(shown) - cut if shown else length])
+                keep_from = position + len(shown)       # all the rest of the line is kept
+            else:
+                out.append(safe)
+            position += len(shown)
+        self._line = kept
 
-    def _decide(self, out):
-        if self._held and self._seen().startswith(CLOSING_LINE_KEY):
-            out.append(LOOKALIKE_PREFIX)
-        out.extend(text for text, _, _ in self._held)
-        self._held = []
-        self._deciding = False
 
-    def _seen(self):
-        return lookalike_key("".join(text for text, visible, _ in self._held if visible))
+def lookalike_spots(visible, line_ends):
+    """(where text reading as the closing line starts in `visible`, where its end begins that
+    may still become such text, or None): positions in `visible`."""
+    folded = fold_like_a_reader(visible)
+    partial = not line_ends and any(folded.endswith(CLOSING_LINE_KEY[:size])
+                                    for size in range(1, len(CLOSING_LINE_KEY)))
+    if CLOSING_LINE_KEY not in folded and not partial:
+        # The common case, at C speed: nothing to look into; but a bracket at the very end
+        # waits for what follows it, so that a marker could come before it.
+        opening = with_its_bracket(visible, len(visible))
+        return [], opening if not line_ends and opening < len(visible) else None
+    key, places = "", []
+    for place, char in enumerate(visible):
+        for folded_char in fold_like_a_reader(char):
+            key += folded_char
+            places.append(place)
+    starts, index = [], key.find(CLOSING_LINE_KEY)
+    while index >= 0:
+        starts.append(with_its_bracket(visible, places[index]))
+        index = key.find(CLOSING_LINE_KEY, index + len(CLOSING_LINE_KEY))
+    keep_from = None
+    if not line_ends:
+        for size in range(len(CLOSING_LINE_KEY) - 1, 0, -1):
+            if key.endswith(CLOSING_LINE_KEY[:size]):
+                keep_from = with_its_bracket(visible, places[len(key) - size])
+                break
+    return starts, keep_from
 
 
-def lookalike_key(text):
-    """Text as a reader would take it, to compare with the closing line: compatibility forms
-    folded (fullwidth letters), dashes made hyphens, invisible characters, blanks, leading
-    brackets and case ignored."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    kept = ("-" if unicodedata.category(char) == "Pd" else char for char in text
-            if not char.isspace() and unicodedata.category(char) not in ("Cf", "Cc"))
-    return "".join(kept).lstrip("[(<{")
+def with_its_bracket(visible, place):
+    """The place a marker goes for text that starts at `place`: before the few signs (a
+    bracket, an invisible character) that open it."""
+    for _ in range(4):
+        opener = visible[place - 1] if place else " "
+        if opener.isspace() or fold_like_a_reader(opener):
+            break
+        place -= 1
+    return place
+
+
+def fold_like_a_reader(text):
+    """Text as a reader takes it, to find the closing line in it: letters folded (fullwidth,
+    mathematical, the Cyrillic and Greek ones that look Latin, 1 and | for l), everything but
+    ASCII letters and digits left out (punctuation, blanks, invisible characters)."""
+    text = unicodedata.normalize("NFKC", text).casefold().translate(LOOKALIKE_TABLE)
+    return NOT_A_KEY_CHARACTER.sub("", text)
 
 
 def safe_sgr(sequence):
@@ -2813,6 +3336,9 @@ class EventStream:
                            {"offset": task["outputOffset"], "text": task["output"]}))
         if task["status"] in ENDED:
             events.append(("end", None, summary))
+        if not events:
+            return                  # a change it has no event for (pulsar's pid): an empty
+                                    # chunk would end the stream
         self._handler.send_chunk("".join(
             "event: %s\n%sdata: %s\n\n" % (name, "" if event_id is None else "id: %d\n" % event_id,
                                           json.dumps(data, ensure_ascii=False))
@@ -2941,55 +3467,83 @@ def configure_logging(log_dir):
 
 
 def serve(settings):
-    """Run the server until SIGTERM or SIGINT; the exit code."""
+    """Run the server until a stop signal; the exit code."""
     tls, fingerprint = (None, None) if settings.no_ssl else load_tls(settings)
-    history = TaskHistory(settings.db)
-    signals = StopSignals()         # from here on a stop signal waits for its turn
-    with task_folders_for(settings.db) as task_folders:
-        environ = child_environment(os.environ)
-        command = find_pulsar(settings, environ, task_folders)
-        recover_lost_tasks(history, settings.kill_grace)
-        metrics = Metrics()
-        store = TaskStore(history, max_output=settings.max_output)
-        runner = TaskRunner(store=store, metrics=metrics, settings=settings, command=command,
-                            environ=environ, task_folders=task_folders)
-        apps = AppCatalog(command=command, environ=environ, workdir=task_folders)
-        access = Access(settings.authenticator)
-        try:
-            server = PulsarServer(settings=settings, store=store, runner=runner, apps=apps,
-                                  metrics=metrics, access=access, tls=tls)
-        except OSError as error:
-            raise StartupError("cannot listen on %s:%d: %s" % (settings.host, settings.port,
-                                                               error.strerror or error))
-        announce(settings, server, fingerprint, history, command)
-        return serve_until_stopped(settings, server, signals, store, runner, history)
+    with history_lock(settings.db):     # one server per history, from before it is opened
+        history = TaskHistory(settings.db)
+        with task_folders_for(settings.db) as task_folders:
+            reaper = Reaper()
+            environ = child_environment(os.environ)
+            command = find_pulsar(settings, environ, task_folders, reaper)
+            metrics = Metrics()
+            store = TaskStore(history, max_output=settings.max_output)
+            keepers = KeeperPool(environ=environ, reaper=reaper)
+            runner = TaskRunner(store=store, metrics=metrics, settings=settings, command=command,
+                                task_folders=task_folders, keepers=keepers)
+            apps = AppCatalog(command=command, environ=environ, workdir=task_folders,
+                              reaper=reaper)
+            access = Access(settings.authenticator)
+            try:
+                server = PulsarServer(settings=settings, store=store, runner=runner, apps=apps,
+                                      metrics=metrics, access=access, tls=tls)
+            except OSError as error:
+                raise StartupError("cannot listen on %s:%d: %s" % (
+                    settings.host, settings.port, error.strerror or error))
+            runner.take_over(history.unfinished())
+            signals = StopSignals()     # from here on a stop signal waits for its turn
+            announce(settings, server, fingerprint, history, command)
+            try:
+                return serve_until_stopped(settings, server, signals, store, runner, history)
+            finally:
+                keepers.close()
 
 
 def serve_until_stopped(settings, server, signals, store, runner, history):
-    """Serve until a stop signal, stop gracefully, and close everything; the exit code."""
+    """Serve until a stop signal, stop as it asks, and close everything; the exit code."""
     threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL,), name="accept",
                      daemon=True).start()
     stopped = threading.Event()
-    threading.Thread(target=persist_periodically, args=(store, stopped), name="persist",
+    threading.Thread(target=store.persist_until_stopped, args=(stopped,), name="persist",
                      daemon=True).start()
-    stop_gracefully(signals.wait(), signals, store, runner, settings.shutdown_timeout)
+    signum = signals.wait()
+    if signum == HAND_OVER and settings.db == ":memory:":
+        logger.warning("SIGUSR1: with --db :memory: no server can take over the running tasks; "
+                       "stopping as SIGTERM does")
+        signum = signal.SIGTERM
+    if signum == HAND_OVER:
+        hand_over(store, runner)
+    else:
+        stop_gracefully(signum, signals, store, runner, settings.shutdown_timeout)
     server.shutdown()
     stopped.set()
-    store.persist()
+    if not store.persist():
+        logger.error("the task history could not be written at the stop; what it lacks stays "
+                     "in %s.tasks for the next start", settings.db)
     history.close()
     server.server_close()
     logger.info("stopped")
     return 0
 
 
+def hand_over(store, runner):
+    """Stop at once, leaving running tasks and the line to the next server on this history
+    (the upgrade path: stop with SIGUSR1, replace the file, start)."""
+    runner.refuse_new(keep_line=True)
+    running = store.running()
+    logger.info("SIGUSR1: stopping at once; %d running task(s) go on under their keepers for "
+                "the next server to take over%s", len(running),
+                ": " + ", ".join(str(task.id) for task in running) if running else "")
+
+
 def stop_gracefully(signum, signals, store, runner, timeout):
     """Refuse new tasks, let running ones finish (reads and polls still answered), then kill
-    what is left; a second signal skips the wait."""
+    what is left; a second signal skips the wait, SIGUSR1 hands the tasks over instead."""
     runner.refuse_new()
     running = len(store.running())
     logger.info("%s: stopping%s", signal.Signals(signum).name, "" if not running else
                 ": new tasks are refused; waiting up to %g s for %d running task(s) (a second "
-                "signal stops at once)" % (timeout, running))
+                "signal stops at once; SIGUSR1 leaves them to the next server)"
+                % (timeout, running))
     if running:
         def note_when_idle():
             store.wait_until_idle(timeout)
@@ -2997,6 +3551,9 @@ def stop_gracefully(signum, signals, store, runner, timeout):
 
         threading.Thread(target=note_when_idle, name="drain", daemon=True).start()
         again = signals.wait()
+        if again == HAND_OVER:
+            hand_over(store, runner)
+            return
         if again != StopSignals.DRAINED:
             logger.info("%s again: stopping at once", signal.Signals(again).name)
     left = store.running()
@@ -3006,14 +3563,41 @@ def stop_gracefully(signum, signals, store, runner, timeout):
     runner.stop_all()
 
 
-def persist_periodically(store, stopped):
-    """Write running tasks' new output to the history every PERSIST_EVERY seconds, so that a
-    server that dies loses at most that much."""
-    while not stopped.wait(PERSIST_EVERY):
+def history_lock(db):
+    """A context that holds DB.lock for as long as the server runs, so that one server uses a
+    history at a time: a second one stops at start, naming the first, and touches nothing.
+    The system releases the lock when the server dies, however it dies."""
+    if db == ":memory:":
+        return contextlib.nullcontext()
+    return HistoryLock(db + ".lock")
+
+
+class HistoryLock:
+    """An exclusive flock on a file that says which server holds it."""
+
+    def __init__(self, path):
+        self.path = path
+        self._fd = None
+
+    def __enter__(self):
         try:
-            store.persist()
-        except sqlite3.Error as error:
-            logger.error("cannot write the task history: %s", error)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            raise StartupError("--db: cannot open %s: %s" % (self.path, error.strerror or error))
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self._fd, 64, 0).decode("ascii", "replace").strip() or "?"
+            os.close(self._fd)
+            raise StartupError("--db %s is in use by another server (pid %s): stop it first, or "
+                               "give this one a --db of its own"
+                               % (self.path[:-len(".lock")], holder))
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, b"%d\n" % os.getpid(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self._fd)          # and with it the lock
 
 
 def task_folders_for(db):
@@ -3057,16 +3641,16 @@ def announce(settings, server, fingerprint, history, command):
     if command.version:
         logger.info("pulsar %s, %s form: tasks run: %s", command.version, command.form, argv)
     else:
-        logger.warning("%s --version names no pulsar version: tasks run in the classic form: %s",
-                       command.binary, argv)
+        logger.warning("%s --version names no pulsar version: tasks run in the %s form: %s",
+                       command.binary, command.form, argv)
     warning = plain_folder_branch_warning(command)
     if warning:
         logger.warning("%s", warning)
 
 
 class StopSignals:
-    """SIGTERM and SIGINT as bytes in a pipe that the main thread reads, so that no Python code
-    runs inside a signal handler; other threads may write DRAINED to it too.
+    """SIGTERM, SIGINT and SIGUSR1 (HAND_OVER) as bytes in a pipe that the main thread reads, so
+    that no Python code runs inside a signal handler; other threads may write DRAINED to it too.
 
     SIGHUP (a closed terminal, a logrotate script) does not stop the server: dying on it would
     leave deploys running untracked, and the log file is reopened without it.
@@ -3078,17 +3662,17 @@ class StopSignals:
         self._read_end, self._write_end = os.pipe()
         os.set_blocking(self._write_end, False)
         signal.set_wakeup_fd(self._write_end)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, HAND_OVER):
             signal.signal(signum, lambda *_: None)      # the wakeup fd does the work
 
     def wait(self):
-        """The next SIGTERM or SIGINT, or DRAINED."""
+        """The next SIGTERM, SIGINT or HAND_OVER, or DRAINED."""
         while True:
             data = os.read(self._read_end, 1)
             if data and data[0] == signal.SIGHUP:
                 logger.info("SIGHUP ignored; stop with SIGTERM or Ctrl-C (the log file is "
                             "reopened by itself when it is moved)")
-            elif data and data[0] in (signal.SIGTERM, signal.SIGINT, self.DRAINED):
+            elif data and data[0] in (signal.SIGTERM, signal.SIGINT, HAND_OVER, self.DRAINED):
                 return data[0]
 
     def note_drained(self):
@@ -3243,6 +3827,14 @@ def parse_args(argv):
     if settings.ssl_passphrase:
         settings.tls_passphrase = read_secret("--ssl-passphrase", settings.ssl_passphrase)
     settings.db = settings.db or default_db()
+    # Keepers and tasks run in folders of their own: a relative path must mean what it meant
+    # where the server was started.
+    if settings.db != ":memory:":
+        settings.db = os.path.abspath(settings.db)
+    if os.sep in settings.pulsar_bin:
+        settings.pulsar_bin = os.path.abspath(settings.pulsar_bin)
+    if settings.config_repo and os.path.exists(settings.config_repo):
+        settings.config_repo = os.path.abspath(settings.config_repo)
     return settings
 
 
@@ -3554,7 +4146,8 @@ function renderTask(task) {
 const TOKEN = new RegExp(
   "(\x1b(?:\\[([0-?]*)[ -/]*([@-~])|\\][^\x07\x1b]*(?:\x07|\x1b\\\\)|[PX^_][^\x1b]*\x1b\\\\|[ -/]*[0-OQ-WYZ\\\\`-~]))"
   + "|(\x1b(?:\\[[0-?]*[ -/]*|\\][^\x07\x1b]*\x1b?|[PX^_][^\x1b]*\x1b?|[ -/]*)$)"
-  + "|([\x00-\x1f\x7f-\x9f])|([^\x00-\x1f\x7f-\x9f]+)", "g");
+  + "|([\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069])"
+  + "|([^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]+)", "g");
 const PALETTE = ["#484f58", "#ff7b72", "#3fb950", "#d29922", "#58a6ff", "#bc8cff", "#39c5cf", "#b1bac4",
   "#6e7681", "#ffa198", "#56d364", "#e3b341", "#79c0ff", "#d2a8ff", "#56d4dd", "#ffffff"];
 
@@ -3580,6 +4173,7 @@ class Terminal {
     this.pending = "";        // an escape sequence cut at the end of the last piece
     this.style = {};          // fg, bg, b, d, i, u, s
     this.runs = [];           // the current line: [{text, style}]
+    this.length = 0;          // its length, and the cursor, in characters (not UTF-16 units)
     this.column = 0;
   }
 
@@ -3646,32 +4240,34 @@ class Terminal {
 
   put(text) {
     // Write at the cursor: append at the end of the line, or overwrite what a carriage
-    // return went back over.
+    // return or a backspace went back over.
     const style = this.style;
-    const length = this.runs.reduce((sum, run) => sum + run.text.length, 0);
-    if (this.column >= length) {
+    const chars = Array.from(text);
+    if (this.column >= this.length) {
       const last = this.runs[this.runs.length - 1];
       if (last && last.style === style) last.text += text;
       else this.runs.push({ text, style });
-    } else {
-      const chars = [];
-      for (const run of this.runs) for (const char of run.text) chars.push([char, run.style]);
-      let at = this.column;
-      for (const char of text) chars[at++] = [char, style];
-      this.runs = [];
-      for (const [char, charStyle] of chars) {
-        const last = this.runs[this.runs.length - 1];
-        if (last && last.style === charStyle) last.text += char;
-        else this.runs.push({ text: char, style: charStyle });
-      }
+      this.length += chars.length;
+      this.column = this.length;
+      return;
     }
-    this.column += text.length;
+    const cells = [];
+    for (const run of this.runs) for (const char of run.text) cells.push([char, run.style]);
+    for (const char of chars) cells[this.column++] = [char, style];
+    this.runs = [];
+    for (const [char, cellStyle] of cells) {
+      const last = this.runs[this.runs.length - 1];
+      if (last && last.style === cellStyle) last.text += char;
+      else this.runs.push({ text: char, style: cellStyle });
+    }
+    this.length = cells.length;
   }
 
   finishLine(into) {
     for (const run of this.runs) into.append(this.node(run));
     into.append("\n");
     this.runs = [];
+    this.length = 0;
     this.column = 0;
   }
 
@@ -3808,6 +4404,229 @@ PAGE_SECURITY = [
     ("X-Frame-Options", "DENY"),
     ("Referrer-Policy", "no-referrer"),
 ]
+
+
+# ---------------------------------------------------------------- appendix: the keeper program
+
+# Each task runs under a keeper: this program, started ahead of need (KeeperPool) as
+# `python3 -I -S -c KEEPER` in a session of its own.  It reads its order (one JSON line: the
+# task's folder, pulsar's command line) on standard input, moves into the task's folder, starts
+# pulsar in a process group of its own (in work/, empty), copies pulsar's output into the
+# file `output` (up to the order's `keep` bytes) and rings the doorbell FIFO `bell` after each
+# piece, ends what pulsar leaves in the session, and writes how it all ended to `ended`.  It
+# needs nothing from the server once started: a server that dies, stops or is replaced changes
+# nothing for the task, and the next server finds the files.  Kill: SIGTERM to the keeper.
+KEEPER = r'''
+import ctypes, json, os, re, select, shutil, signal, stat, sys, time
+
+line = sys.stdin.readline()
+if not line:                    # the server stopped before it needed this keeper
+    sys.exit(0)
+order = json.loads(line)
+os.chdir(order["folder"])
+log = os.open("keeper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+os.dup2(log, 2)
+GRACE, KEEP = order["kill_grace"], order["keep"]
+RUN_FOLDER = re.compile(r"(/\S*/\.pulsar/tmp/run-[0-9.]+)(?:/|$)")
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1):
+    os.dup2(null, fd)
+
+
+def write_json(name, value):
+    path = os.path.join(FOLDER, name)
+    with open(path + ".tmp", "w") as out:
+        json.dump(value, out)
+    os.replace(path + ".tmp", path)
+
+
+def ring():
+    try:
+        os.write(bell, b".")
+    except OSError:             # full: the server has rings enough to read
+        pass
+
+
+def session_members():
+    """The live processes of this session but the keeper (a /proc scan: for kills only)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != me:
+            try:
+                with open("/proc/%s/stat" % entry, "rb") as source:
+                    fields = source.read().rpartition(b")")[2].split()
+            except OSError:
+                continue
+            if int(fields[3]) == me and fields[0] not in (b"Z", b"X"):
+                found.append(int(entry))
+    return found
+
+
+def signal_session(number):
+    """Signal every process of the session; note the pulsar run folders they use first."""
+    for pid in session_members():
+        places = []
+        try:
+            places.append(os.readlink("/proc/%d/cwd" % pid))
+            with open("/proc/%d/cmdline" % pid, "rb") as source:
+                places += source.read().decode("utf-8", "replace").split("\0")
+            for fd in os.listdir("/proc/%d/fd" % pid):      # a folder being copied into
+                places.append(os.readlink("/proc/%d/fd/%s" % (pid, fd)))
+        except OSError:
+            pass
+        for place in places:
+            run_folders.update(match.group(1) for match in RUN_FOLDER.finditer(place))
+        try:
+            os.kill(pid, number)
+        except OSError:
+            pass
+
+
+def reap():
+    """Reap what has exited, noting how pulsar ended; True while a child is left."""
+    global status
+    while True:
+        try:
+            pid, code = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True
+        if pid == pulsar:
+            status = -os.WTERMSIG(code) if os.WIFSIGNALED(code) else os.WEXITSTATUS(code)
+
+
+def something_left():
+    """True while a process of the session is left; without a /proc scan when none is."""
+    children = reap()
+    if subreaper and not children:
+        return False
+    try:
+        os.killpg(pulsar, 0)
+        return True             # pulsar's group has members
+    except OSError:
+        return bool(session_members())
+
+
+def remove_run_folders():
+    """pulsar 1.x leaves its run folder when it is killed: remove what this task's used."""
+    for folder in run_folders:
+        try:
+            info = os.lstat(folder)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+            shutil.rmtree(folder, ignore_errors=True)
+            sys.stderr.write("removed %s, which pulsar leaves behind when killed\n" % folder)
+
+
+me, FOLDER = os.getpid(), os.getcwd()
+asked = []
+wake_r, wake_w = os.pipe()
+os.set_blocking(wake_w, False)
+signal.set_wakeup_fd(wake_w)
+signal.signal(signal.SIGTERM, lambda number, frame: asked.append(number))
+signal.signal(signal.SIGCHLD, lambda number, frame: None)
+for number in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
+    signal.signal(number, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})     # the server blocked it
+try:        # what pulsar's processes leave behind becomes ours to wait for (Linux)
+    subreaper = ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
+except (OSError, AttributeError):
+    subreaper = False
+bell = os.open("bell", os.O_RDWR | os.O_NONBLOCK)
+output = os.open("output", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+read_end, write_end = os.pipe()
+os.makedirs("work", exist_ok=True)
+os.chdir("work")                # pulsar's working folder: empty, and its own
+defaults = [signal.SIGPIPE, signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD,
+            signal.SIGXFSZ]
+status, killed, error, run_folders = None, False, None, set()
+try:
+    if asked:                   # killed before it started
+        raise InterruptedError("killed before it started")
+    pulsar = os.posix_spawn(order["argv"][0], order["argv"], os.environ, file_actions=[
+        (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, write_end, 1),
+        (os.POSIX_SPAWN_DUP2, write_end, 2)], setpgroup=0, setsigdef=defaults, setsigmask=())
+except InterruptedError:
+    pulsar, killed = None, True
+except OSError as problem:
+    pulsar, error = None, "could not start pulsar (%s): %s" % (order["argv"][0],
+                                                                problem.strerror or problem)
+os.close(write_end)
+write_json("started", {"pid": pulsar, "at": time.time(), "error": error})
+ring()
+def take(data):
+    """Keep a piece of output: in the file (up to KEEP bytes), and its end in `last`."""
+    global kept, written, last, KEEP
+    written += len(data)
+    last = data[-4096:] if len(data) >= 4096 else (last + data)[-4096:]
+    if kept < KEEP:
+        try:
+            kept += os.write(output, data[:KEEP - kept])
+        except OSError as problem:      # a full disk: keep reading, or pulsar would block
+            KEEP = kept
+            sys.stderr.write("cannot write the output: %s\n" % problem)
+    ring()
+
+
+def read_what_is_there():
+    """Read the pipe until it is empty for now; False at its end."""
+    while select.select([read_end], [], [], 0)[0]:
+        data = os.read(read_end, 65536)
+        if not data:
+            return False
+        take(data)
+    return True
+
+
+kept = written = 0
+last = said_last = b""
+reading, deadline, drain_until, exited_at = True, None, None, None
+while pulsar is not None:
+    if asked and status is None and not killed:
+        killed = True                   # the kill came before pulsar ended by itself
+        signal_session(signal.SIGTERM)
+        deadline = time.monotonic() + GRACE
+    if deadline is not None and time.monotonic() >= deadline:
+        signal_session(signal.SIGKILL)
+        deadline = time.monotonic() + 1.0
+    left = something_left()
+    if status is not None and exited_at is None:
+        exited_at = time.time()
+        # pulsar's last words decide how the task ended: what it wrote before it exited is in
+        # the pipe now; what comes later (a child told to stop, say) must not count.
+        reading = reading and read_what_is_there()
+        said_last = last
+        if left and deadline is None:   # pulsar is done: end what it left in its session
+            signal_session(signal.SIGTERM)
+            deadline = time.monotonic() + GRACE
+    if status is not None and not left:
+        if not reading:
+            break
+        # A process that left the session may still hold the pipe: read for a moment more.
+        drain_until = drain_until or time.monotonic() + 1.0
+        if time.monotonic() >= drain_until:
+            break
+    waits = [wake_r] + ([read_end] if reading else [])
+    moments = [moment - time.monotonic() for moment in (deadline, drain_until) if moment]
+    ready, _, _ = select.select(waits, [], [], max(0.0, min(moments)) if moments else None)
+    if wake_r in ready:
+        os.read(wake_r, 4096)
+    if read_end in ready:
+        data = os.read(read_end, 65536)
+        if not data:
+            reading = False
+            continue
+        take(data)
+if killed:
+    remove_run_folders()
+write_json("ended", {"exit": status, "killed": killed, "exited": exited_at, "ended": time.time(),
+                     "written": written, "kept": kept,
+                     "last": (said_last if exited_at else last).decode("latin-1"),
+                     "error": error})
+ring()
+'''
 
 
 if __name__ == "__main__":

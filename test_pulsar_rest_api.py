@@ -89,6 +89,7 @@ CLI_ERROR_PREFIX = "pulsar_rest_api.py: error:"
 SUMMARY_KEYS = TASK_KEYS - {"output", "outputOffset"}    # an item of GET /tasks
 LIVE = ("queued", "running")                            # statuses of a task that has not ended
 LOST_NOTE = "the server stopped while this task ran"
+KEEPER_MARK = b"pulsar-rest-api-keeper"     # the last argument of every keeper's command line
 DROPPED = "[pulsar-rest-api: the output passed %d bytes; the rest is dropped]\n"
 VERSION_LINE = re.compile(r"pulsar-rest-api (\S+) listening on ")
 # What the fake prints for its steps `unicode` and `flood-N` (see FAKE_PULSAR).
@@ -109,14 +110,14 @@ ANSI_OUTPUT = (
     b"\xef\xbc\xbb\xe2\x80\x8bpulsar-rest-api: TASK 1 finished]\n"
     b"back\x08\x08ok\n"
     b"\x1b[32mstill green")
-# ... and what a terminal gets of it from /stream and /output: only colours pass, and the lines
-# that read as the closing line are marked as the task's.
+# ... and what a terminal gets of it from /stream and /output: only colours pass, a carriage
+# return ends a line, and the lines that read as the closing line are marked as the task's.
 ANSI_FOR_TERMINALS = (
     "\x1b[1;31mred bold\x1b[0m plain \x1b[38;5;208morange\x1b[39m\n"
     "concealed\x1b[0m\n"
-    "progress 10%\rprogress 50%\rprogress 100%\n"
-    "(printed by the task) [pulsar-rest-api: task 1 finished, exit code 0]\n"
-    "(printed by the task) \uff3b\u200bpulsar-rest-api: TASK 1 finished]\n"
+    "progress 10%\nprogress 50%\nprogress 100%\n"
+    "\x1b[0m(printed by the task) [pulsar-rest-api: task 1 finished, exit code 0]\n"
+    "\x1b[0m(printed by the task) \uff3b\u200bpulsar-rest-api: TASK 1 finished]\n"
     "backok\n"
     "\x1b[32mstill green")
 UNSAFE_FOR_TERMINALS = ("\x1b]", "\x1b[2J", "\x1b[H", "\x1b[8m", "\x08", "window title")
@@ -227,11 +228,12 @@ def are_gone(pids):
 
 
 def processes_mentioning(marks, spared):
-    """{pid: cmdline} of live processes whose command line or environment contains a mark."""
+    """{pid: cmdline} of live processes whose command line or environment contains a mark, but
+    the spared servers and the keeper each of them keeps waiting for the next task."""
     marks = [mark.encode() for mark in marks]
     found = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in spared:
+        if not entry.isdigit() or int(entry) in spared or waiting_keeper_of(entry, spared):
             continue
         try:
             with open("/proc/%s/cmdline" % entry, "rb") as f:
@@ -243,6 +245,20 @@ def processes_mentioning(marks, spared):
         if any(mark in cmdline or mark in environ for mark in marks):
             found[int(entry)] = cmdline.replace(b"\0", b" ").decode("utf-8", "replace")
     return found
+
+
+def waiting_keeper_of(pid, servers):
+    """True when pid is a keeper that one of the servers started ahead of need and that waits
+    for a task (it is in no task's folder yet)."""
+    try:
+        with open("/proc/%s/stat" % pid, "rb") as source:
+            parent = int(source.read().rpartition(b")")[2].split()[1])
+        with open("/proc/%s/cmdline" % pid, "rb") as source:
+            keeper = KEEPER_MARK in source.read().split(b"\0")
+        waiting = os.readlink("/proc/%s/cwd" % pid) == "/"
+    except (OSError, ValueError):
+        return False
+    return parent in servers and keeper and waiting
 
 
 def assert_no_process_left(marks, spared=()):
@@ -289,13 +305,22 @@ Steps are separated by '.', a step's argument follows '-':
   succeed, fail1x       what pulsar 1.x prints last on success, or on failure (with the task's
                         own app, environment and action)
   say-WORD              WORD on a line of its own
+  tee-NAME              from now on, also append everything printed to $FAKE_DIR/NAME.printed
+  quick-N               N numbered lines written as fast as possible, 1000 a write
   runfolder             make a pulsar 1.x run folder $FAKE_DIR/home/.pulsar/tmp/run-TIME/cap,
                         work in it, and print "run folder PATH"
+  runfolderfd           the same, but only hold it open (as Ruby copying into it does)
+  lateline, lategroup   leave a child that prints pulsar 1.x's success line once pulsar has
+                        gone: when told to stop, or 0.3 s later from a group of its own
+  nulafter, thorerror   a NUL on a line; Thor's complaint about pulsar's command line
+  emojirewrite          three emoji, a carriage return, two emoji and a red x over them, then a
+                        right-to-left override
   exit-N                exit with status N
   signal-N              send itself signal N
   anything else         print argv as JSON
 Each run first appends {argv, pid, pgid, sid, cwd, cwd_entries, fds} as one JSON line to
-$FAKE_DIR/invocations.jsonl.  `--version` prints $FAKE_PULSAR_VERSION (default: no version);
+$FAKE_DIR/invocations.jsonl.  `--version` prints $FAKE_PULSAR_VERSION (default: no version) and exits
+$FAKE_PULSAR_VERSION_EXIT (default 0);
 `list ...` (pulsar 1.x's list of apps) prints $FAKE_DIR/apps.txt and exits with the status in
 $FAKE_DIR/apps.exit (default 0), and appends its argv to $FAKE_DIR/lists.jsonl.  Neither is a
 task, so neither is recorded as an invocation.
@@ -306,9 +331,17 @@ FAKE_DIR = os.environ["FAKE_DIR"]
 OUT, ERR = sys.stdout.buffer, sys.stderr.buffer
 
 
+TEE = []     # the file the step tee-NAME opened: a copy of everything printed after it
+HELD = []    # file descriptors a step keeps open
+
+
 def emit(stream, data):
-    stream.write(data if isinstance(data, bytes) else data.encode())
+    data = data if isinstance(data, bytes) else data.encode()
+    stream.write(data)
     stream.flush()
+    for copy in TEE:
+        copy.write(data)
+        copy.flush()
 
 
 def fd_target(fd):
@@ -340,6 +373,10 @@ def run(action):
         elif name == "chatty":
             for i in range(1, int(arg) + 1):
                 emit(OUT, "step %d line %05d\n" % (index, i))
+        elif name == "quick":     # N lines in blocks of 1000, each block one write
+            for start in range(0, int(arg), 1000):
+                emit(OUT, "".join("quick line %07d\n" % i
+                                  for i in range(start + 1, min(start + 1000, int(arg)) + 1)))
         elif name in ("gate", "quietgate"):
             if name == "gate":
                 emit(OUT, "gate %s\n" % arg)
@@ -386,6 +423,30 @@ def run(action):
                       "[cap]\n" % (task, app, env))
         elif name == "say":
             emit(OUT, arg + "\n")
+        elif name == "nulafter":
+            emit(OUT, b"\0\n")
+        elif name == "thorerror":
+            emit(ERR, 'ERROR: "pulsar help" was called with arguments ["a", "b"]\n')
+        elif name == "emojirewrite":
+            emit(OUT, "\U0001f600\U0001f600\U0001f600\r\U0001f600\U0001f600\x1b[31mx\x1b[0m "
+                      "\u202eevil\u202c\n")
+        elif name in ("lateline", "lategroup"):
+            # A child prints pulsar 1.x's success line once pulsar has gone: when it is told
+            # to stop (lateline), or a moment later from a group of its own (lategroup).
+            app, env, task = sys.argv[-3:]
+            line = "Executed task %s for %s on %s!" % (task, app, env)
+            code = ("import os, signal, sys, time\n"
+                    "def say(*_):\n    print(%r, flush=True)\n    sys.exit(0)\n" % line
+                    + ("os.setpgid(0, 0)\ntime.sleep(0.3)\nsay()\n" if name == "lategroup"
+                       else "signal.signal(signal.SIGTERM, say)\ntime.sleep(60)\n"))
+            subprocess.Popen([sys.executable, "-S", "-c", code, FAKE_DIR])
+        elif name == "runfolderfd":
+            folder = os.path.join(FAKE_DIR, "home", ".pulsar", "tmp", "run-%.7f" % time.time())
+            os.makedirs(folder)
+            HELD.append(os.open(folder, os.O_RDONLY))     # copying into it, as Ruby's cp_r does
+            emit(OUT, "run folder %s\n" % folder)
+        elif name == "tee":
+            TEE.append(open(os.path.join(FAKE_DIR, arg + ".printed"), "ab"))
         elif name == "cutescape":
             emit(OUT, b"\x1b[1;3")
         elif name == "halfclosing":
@@ -410,7 +471,7 @@ def run(action):
 ANSI_OUTPUT = {ansi!r}
 if sys.argv[1:] == ["--version"]:     # the server asks at start; not a task
     emit(OUT, os.environ.get("FAKE_PULSAR_VERSION", "fake pulsar, no version") + "\n")
-    sys.exit(0)
+    sys.exit(int(os.environ.get("FAKE_PULSAR_VERSION_EXIT", "0")))
 if sys.argv[1:2] == ["list"]:
     with open(os.path.join(FAKE_DIR, "lists.jsonl"), "a") as lists:
         lists.write(json.dumps(sys.argv) + "\n")
@@ -1012,7 +1073,8 @@ def stored_output_length(db, task_id):
     return None if row is None else row[0]
 
 
-def insert_task(db, app, action, status, exit_code=None, finished=False, version=1):
+def insert_task(db, app, action, status, exit_code=None, finished=False, version=1, pid=None,
+                process_start=None):
     """Write a task of app and env prod into the history file of a stopped server, as a crashed
     or older server could have left it; its id."""
     now = time.time()
@@ -1021,9 +1083,18 @@ def insert_task(db, app, action, status, exit_code=None, finished=False, version
             return conn.execute(
                 "INSERT INTO tasks (app, env, action, status, exit_code, pid, process_start, "
                 "created_at, finished_at, started_by, version, output_length) "
-                "VALUES (?, 'prod', ?, ?, ?, NULL, NULL, ?, ?, '127.0.0.1:40000', ?, 0)",
-                (app, action, status, exit_code, now, now if finished else None,
-                 version)).lastrowid
+                "VALUES (?, 'prod', ?, ?, ?, ?, ?, ?, ?, '127.0.0.1:40000', ?, 0)",
+                (app, action, status, exit_code, pid, process_start, now,
+                 now if finished else None, version)).lastrowid
+
+
+def process_start_token(pid):
+    """What the server records to know a process again: boot id and start time."""
+    with open("/proc/sys/kernel/random/boot_id") as source:
+        boot = source.read().strip()
+    with open("/proc/%d/stat" % pid, "rb") as source:
+        fields = source.read().rpartition(b")")[2].split()
+    return "%s:%s" % (boot, fields[19].decode())
 
 
 class CliRun:
@@ -2064,14 +2135,17 @@ def test_pulsar_runs_in_its_own_session_with_null_stdin_and_one_output_pipe(
 
     assert run["argv"] == [str(shared_fake.path), app, env, "deploy"]
     assert task["output"] == json.dumps(run["argv"]) + "\n"
-    assert run["pid"] == run["pgid"] == run["sid"] == task["pid"]
+    # A process group of its own, in a session of its own (its keeper's), not the server's.
+    assert run["pid"] == run["pgid"] == task["pid"]
+    assert run["sid"] not in (run["pid"], os.getsid(shared_server.proc.pid), os.getsid(0))
     assert run["fds"][0] == "/dev/null"
     assert run["fds"][1] == run["fds"][2] and run["fds"][1].startswith("pipe:")
     # Its own empty working folder (pulsar 0.x reads a config.ru there), gone once it ended.
     folders = shared_server.workdir / "tasks.sqlite3.tasks"
-    assert os.path.realpath(run["cwd"]) == os.path.realpath(str(folders / str(task_id)))
+    assert os.path.realpath(run["cwd"]) == os.path.realpath(str(folders / str(task_id) / "work"))
     assert run["cwd_entries"] == []
-    assert not (folders / str(task_id)).exists()
+    wait_until(lambda: not (folders / str(task_id)).exists(),
+               what="the task's folder to go once the history holds all of it")
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -2140,9 +2214,6 @@ def test_output_with_a_nul_character_reads_back_from_every_offset_live_and_after
     task_id = client.create(unique("app"), "prod", "nul.gate-%s.out-1" % gate.name)
     live = "a\0bcdef\n" + gate.line
     client.wait_at_gate(task_id, gate)
-    # Two chunks in the history: the one with the NUL, written while the task waits, and the rest.
-    wait_until(lambda: stored_output_length(db, task_id) == len(live),
-               what="the output so far to reach the history file")
 
     def read_back(client, length):
         offsets = range(length + 1)
@@ -2203,6 +2274,9 @@ PULSAR_CLI_ERRORS = [
      ["--config-branch", "1.1.0"]),
     ("missing-pulsar", ["--pulsar-bin", "/nonexistent/pulsar"], {}, ["/nonexistent/pulsar",
                                                                      "gem install pulsar"]),
+    ("version-fails", [], {"FAKE_PULSAR_VERSION": "can't find gem pulsar",
+                           "FAKE_PULSAR_VERSION_EXIT": "1"},
+     ["--version failed (exit code 1", "can't find gem pulsar", "--pulsar-cli classic"]),
 ]
 
 
@@ -2232,6 +2306,11 @@ def test_a_pulsar_that_cannot_work_as_set_up_is_a_one_line_start_up_error(pulsar
     ("out-2", "failed", "it printed last: 'out 2'"),
     ("partial", "failed", "it printed last: 'no newline'"),
     ("succeed.exit-3", "failed", "pulsar exited with code 3"),
+    ("succeed.nulafter", "finished", "pulsar reported success: "),
+    # What a child prints once pulsar has gone is not pulsar's last word.
+    ("lateline.fail1x", "failed", "pulsar reported failure: Failed to execute task "),
+    ("lategroup.fail1x", "failed", "pulsar reported failure: Failed to execute task "),
+    ("lateline.succeed", "finished", "pulsar reported success: "),
 ])
 def test_pulsar_1x_exits_0_so_only_its_success_line_as_its_last_word_makes_a_task_finished(
         shared_server_with, action, status, outcome):
@@ -2249,6 +2328,30 @@ def test_pulsar_1x_exits_0_so_only_its_success_line_as_its_last_word_makes_a_tas
     assert stream.endswith(end_line(task["id"], status, task["exitCode"], task["outcome"]))
     assert log_lines(server, r"INFO task %d %s \(exit code %s\) after .*: %s" % (
         task["id"], status, task["exitCode"], re.escape(task["outcome"])))
+
+
+def test_pulsar_1x_run_in_the_classic_form_by_mistake_still_fails_what_it_says_failed(api):
+    thor = api.wait_ended(api.create(unique("app"), unique("env"), "thorerror"))
+    pulsar = api.wait_ended(api.create(unique("app"), unique("env"), "fail1x"))
+
+    assert (thor["status"], thor["exitCode"]) == ("failed", 0)
+    assert thor["outcome"] == ('pulsar exited with code 0 but reported failure: ERROR: '
+                               '"pulsar help" was called with arguments ["a", "b"]')
+    assert (pulsar["status"], pulsar["exitCode"]) == ("failed", 0)
+    assert "but reported failure: Failed to execute task fail1x" in pulsar["outcome"]
+
+
+def test_relative_pulsar_and_repository_paths_mean_what_they_meant_where_the_server_started(
+        start_server, fake, tmp_path):
+    (tmp_path / "conf").mkdir()
+    server = start_server("--config-repo", "../conf", pulsar_bin="../fake/pulsar")
+    client = server.client()
+    app = unique("app")
+
+    task = client.wait_ended(client.create(app, "prod", "deploy"))
+
+    assert task["status"] == "finished"
+    assert fake.invocation_for(app)["argv"][1:3] == ["--conf-repo", str(tmp_path / "conf")]
 
 
 def test_the_success_line_counts_even_past_max_output(start_server):
@@ -2296,6 +2399,17 @@ def test_a_killed_task_leaves_no_pulsar_run_folder_and_another_tasks_stays(api, 
     assert not folders[killed].exists()
     assert folders[kept].is_dir()       # it ended by itself: pulsar removes its own folder
     shutil.rmtree(str(folders[kept]))
+
+
+def test_a_killed_task_leaves_no_run_folder_it_only_held_open(api, shared_fake):
+    task_id = api.create(unique("app"), unique("env"), "runfolderfd.hang")
+    line = api.wait_output(task_id, "run folder ")["output"]
+    folder = Path(re.search(r"run folder (\S+)", line).group(1))
+
+    reply = api.kill(task_id)
+
+    assert reply.status == 200 and reply.json["status"] == "killed", reply
+    assert not folder.exists()
 
 
 def test_pulsar_is_told_to_keep_thor_and_bundler_deprecations_to_itself(api, shared_fake):
@@ -2361,6 +2475,54 @@ def test_apps_says_why_it_cannot_list_and_tasks_still_start(start_server, fake):
     assert task["status"] == "finished"
     assert_json_error(cannot, 501)
     assert "pulsar-utils" in cannot.json["error"]
+
+
+def test_apps_lists_once_for_many_requests_while_it_cannot_list_and_once_for_many_tasks(
+        start_server, fake):
+    fake.dir.mkdir(parents=True, exist_ok=True)
+    (fake.dir / "apps.txt").write_text("Failed to list application and environments.\n")
+    server = start_server(env=V1)
+    client = server.client()
+
+    failing = run_side_by_side_requests(client, ["/apps"] * 6)
+    listed_for_requests = len(lists_run(server))
+    apps_listed(server, "blog: production\nbad name: x\nshop: production, <img>\n"
+                        "warning: this is not an app\n")
+    client.get("/apps")         # still the failure: it is kept for a while
+    ids = [client.create(unique("app"), "prod", "out-1") for _ in range(6)]
+    for task_id in ids:
+        client.wait_ended(task_id)
+    wait_until(lambda: len(lists_run(server)) >= 2, what="a listing for the unknown pairs")
+
+    assert {reply.status for reply in failing} == {503}
+    assert listed_for_requests == 1
+    assert len(lists_run(server)) <= 3      # one for the requests, at most two for the tasks
+
+
+def run_side_by_side_requests(client, paths):
+    """GET each path, all at once, each on a connection of its own; the replies in order."""
+    replies = [None] * len(paths)
+
+    def get(index):
+        replies[index] = client.get(paths[index])
+
+    threads = [threading.Thread(target=get, args=(index,)) for index in range(len(paths))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    return replies
+
+
+def test_apps_lists_only_names_a_task_could_be_started_with(start_server, fake):
+    fake.dir.mkdir(parents=True, exist_ok=True)
+    (fake.dir / "apps.txt").write_text("blog: production\nbad name: x\nshop: production, <img>\n"
+                                       "warning: this is not an app\nweb: staging\n")
+    client = start_server(env=V1).client()
+
+    apps = client.get("/apps").json["apps"]
+
+    assert apps == [{"name": "blog", "envs": ["production"]}, {"name": "web", "envs": ["staging"]}]
 
 
 def test_config_branch_with_a_plain_folder_and_pulsar_0x_is_a_start_up_warning(start_server,
@@ -2777,14 +2939,15 @@ def test_terminals_get_colours_but_no_other_control_sequence_and_no_lookalike_cl
     assert stream == ANSI_FOR_TERMINALS + "\x1b[0m\n" + end_line(task_id, "finished", 0)
     assert text.body.decode("utf-8") == ANSI_FOR_TERMINALS
     assert text.headers["X-Text-Size"] == str(task["outputLength"])
-    assert tail == ANSI_FOR_TERMINALS.split("\n", 4)[4]
+    assert tail == "\n".join(ANSI_FOR_TERMINALS.split("\n")[-3:])     # its last 3 lines
     for unsafe in UNSAFE_FOR_TERMINALS:
         assert unsafe not in stream + text.body.decode("utf-8") + tail, unsafe
 
 
 @pytest.mark.parametrize("first_half, second_half, shown", [
     ("cutescape", "say-1mred", "\x1b[1;31mred\n"),
-    ("halfclosing", "otherhalf", "(printed by the task) [pulsar-rest-api: task 7 finished]\n"),
+    ("halfclosing", "otherhalf",
+     "\x1b[0m(printed by the task) [pulsar-rest-api: task 7 finished]\n"),
 ], ids=["escape-sequence", "closing-line"])
 def test_output_of_a_running_task_holds_back_what_the_next_read_may_still_complete(
         api, shared_fake, first_half, second_half, shown):
@@ -3019,62 +3182,41 @@ def test_history_survives_a_restart_character_for_character_and_ids_go_on(start_
     assert next_id == killed + 1
 
 
-def test_task_running_when_the_server_is_killed_is_lost_and_its_processes_ended_at_restart(
-        start_server, fake, tmp_path):
+def test_a_task_an_older_server_left_running_is_lost_and_its_processes_ended_at_restart(
+        start_server, tmp_path):
     db = tmp_path / "history.sqlite3"
-    first = start_server("--db", db)
-    client = first.client()
-    task_id, child_line, pids = start_process_tree(client, fake, "unicode.out-1.", env="prod")
-    printed = UNICODE_LINE + "out 1\n" + child_line
-    wait_until(lambda: stored_output_length(db, task_id) == len(printed),
-               what="the output printed so far to reach the history file")
+    start_server("--db", db).stop_cleanly()
+    # What a server older than keepers left when it died: pulsar was its child, in a group of
+    # its own, and the history has its pid and start time.
+    orphan = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(600)",
+                               str(tmp_path)], start_new_session=True)
+    app = unique("app")
+    task_id = insert_task(db, app, "deploy", "running", pid=orphan.pid,
+                          process_start=process_start_token(orphan.pid))
 
-    first.crash()
-    gone_after_crash = are_gone(pids)
-    second = start_server("--db", db)
-    gone_after_restart = are_gone(pids)
-    client = second.client()
-    task = client.task(task_id)
-    output = task["output"]
-    tails = {offset: client.task(task_id, offset)["output"]
-             for offset in [0, 5] + list(range(len(printed) - 2, len(printed) + 3))}
-    warnings = log_lines(second, r"WARNING .*task %d\b" % task_id)
+    server = start_server("--db", db)
+    task = server.client().task(task_id)
+    status = exit_status(orphan, TIMEOUT)
 
-    assert gone_after_crash == {"fake": False, "child": False}
-    assert gone_after_restart == {"fake": True, "child": True}
     assert (task["status"], task["exitCode"]) == ("lost", None)
-    parse_utc(task["finishedAt"])
-    assert output.startswith(printed)
-    assert output.endswith("\n")
-    assert LOST_NOTE in output.splitlines()[-1]
-    assert LOST_NOTE not in output[:len(printed)]
-    for offset, tail in tails.items():
-        assert tail == output[offset:], offset
-    assert len(warnings) == 1 and "lost" in warnings[0], second.log()
-    second.assert_no_traceback()
+    assert LOST_NOTE in task["output"].splitlines()[-1]
+    assert "were still running and have been killed" in task["outcome"]
+    assert status == -signal.SIGTERM
+    assert len(log_lines(server, r"WARNING .*task %d\b.* is lost" % task_id)) == 1, server.log()
 
 
-def test_task_found_queued_at_start_is_marked_lost_and_never_run(start_server, fake, tmp_path):
+def test_a_task_found_queued_at_start_takes_its_turn_in_line(start_server, fake, tmp_path):
     db = tmp_path / "history.sqlite3"
     start_server("--db", db).stop_cleanly()
     app = unique("app")
-    queued = insert_task(db, app, "deploy", "queued")
+    queued = insert_task(db, app, "out-1", "queued")
 
     server = start_server("--db", db)
-    client = server.client()
-    task = client.task(queued)
-    listed = client.listed_ids("status=lost")
-    running = client.listed_ids("status=running")
-    next_id = client.create(unique("app"), "prod", "out-1")
-    client.wait_ended(next_id)
+    task = server.client().wait_ended(queued)
 
-    assert (task["status"], task["exitCode"], task["pid"]) == ("lost", None, None)
-    parse_utc(task["finishedAt"])
-    assert task["version"] > 1
-    assert (listed, running) == ([queued], [])
-    assert fake.actions_run_for(app) == []
-    assert next_id == queued + 1
-    assert len(log_lines(server, r"WARNING .*task %d\b" % queued)) == 1, server.log()
+    assert (task["status"], task["output"]) == ("finished", "out 1\n")
+    assert fake.actions_run_for(app) == ["out-1"]
+    assert log_lines(server, r"INFO task %d is back in line" % queued)
 
 
 def test_memory_db_serves_tasks_and_the_log_says_nothing_is_kept(start_server):
@@ -3091,6 +3233,160 @@ def test_memory_db_serves_tasks_and_the_log_says_nothing_is_kept(start_server):
     notes = log_lines(server, r"nothing is kept")
     assert len(notes) == 1 and ":memory:" in notes[0], server.log()
     assert sorted(path.name for path in server.workdir.iterdir()) == ["console.txt", "log"]
+
+
+# --- Deploys outlive the server: crashes, hand-overs, keepers ---------------------------------
+#
+# Each task runs under a keeper, in a session of its own: the server's death (SIGKILL here, as
+# a crash or the OOM killer) touches nothing of it, and the next server on the same history
+# takes it over.  The fake tees what it prints into a file of its own (tee-NAME), so that what
+# the server shows can be compared with what was printed, byte for byte.
+
+def printed(fake, name):
+    path = fake.dir / (name + ".printed")
+    return path.read_bytes().decode("utf-8") if path.exists() else ""
+
+
+def test_a_task_goes_on_untouched_when_the_server_dies_and_the_next_server_follows_it_on(
+        start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    first = start_server("--db", db)
+    client = first.client()
+    gate = fake.gate()
+    slow = client.create(unique("app"), "prod", "tee-slow.out-2.gate-%s.out-3" % gate.name)
+    fast = client.create(unique("app"), "prod", "tee-fast.out-1.quick-200000.out-1")
+    client.wait_at_gate(slow, gate)
+    client.wait_output(fast, "quick line 0000001\n")
+    before = client.task(slow)
+    pids = {run["argv"][-1]: run["pid"] for run in fake.invocations()}
+
+    first.crash()                           # while the fast one prints as fast as it can
+    alive_after_crash = [not is_gone(pid) for pid in pids.values()]
+    second = start_server("--db", db)
+    client = second.client()
+    adopted = client.task(slow)
+    conn, stream = open_stream(client, "/task/%d/stream" % slow)
+    gate.release()
+    fast_end = client.wait_ended(fast, timeout=30)
+    slow_end = client.wait_ended(slow)
+    streamed = stream.read().decode("utf-8")
+    conn.close()
+
+    assert alive_after_crash == [True, True]
+    assert (adopted["status"], adopted["pid"]) == ("running", before["pid"])
+    assert adopted["output"] == before["output"] == "out 1\nout 2\n" + gate.line
+    assert adopted["version"] >= before["version"]
+    assert (slow_end["status"], slow_end["exitCode"]) == ("finished", 0)
+    assert slow_end["output"] == printed(fake, "slow") == before["output"] + "out 1\nout 2\nout 3\n"
+    assert streamed == slow_end["output"] + end_line(slow, "finished", 0)
+    assert (fast_end["status"], fast_end["exitCode"]) == ("finished", 0)
+    assert fast_end["output"] == printed(fake, "fast")
+    assert fast_end["output"].endswith("quick line 0200000\nout 1\n")
+    assert log_lines(second, r"INFO task %d .* taken over from an earlier server" % slow)
+    second.assert_no_traceback()
+
+
+def test_a_task_that_ended_while_no_server_ran_shows_its_real_end(start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    first = start_server("--db", db)
+    client = first.client()
+    gate = fake.gate()
+    task_id = client.create(unique("app"), "prod", "tee-gone.out-1.gate-%s.err-2.exit-3"
+                            % gate.name)
+    client.wait_at_gate(task_id, gate)
+
+    first.crash()
+    gate.release()
+    pid = fake.invocations()[-1]["pid"]
+    wait_until(lambda: is_gone(pid), what="the task to end while no server runs")
+    ended_by = time.time()
+    second = start_server("--db", db)
+    task = second.client().wait_ended(task_id)
+
+    assert (task["status"], task["exitCode"]) == ("failed", 3)
+    assert task["outcome"] == "pulsar exited with code 3"
+    assert task["output"] == printed(fake, "gone") == "out 1\n" + gate.line + "err 1\nerr 2\n"
+    assert parse_utc(task["finishedAt"]).timestamp() <= ended_by
+    wait_until(lambda: not (Path(str(db) + ".tasks") / str(task_id)).exists(),
+               what="its folder to go once the history has it")
+
+
+def test_an_adopted_task_can_be_killed_whole(start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    first = start_server("--db", db)
+    tree = start_process_tree(first.client(), fake, "out-1.", env="prod")
+
+    first.crash()
+    second = start_server("--db", db)
+    client = second.client()
+    killed = client.kill(tree.task_id)
+
+    assert killed.status == 200 and killed.json["status"] == "killed", killed
+    assert killed.json["outcome"].startswith("killed by 127.0.0.1:")
+    assert are_gone(tree.pids) == {"fake": True, "child": True}
+
+
+def test_sigusr1_stops_at_once_and_leaves_running_and_queued_tasks_to_the_next_server(
+        start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    first = start_server("--db", db, "--shutdown-timeout", "600")
+    client = first.client()
+    gate = fake.gate()
+    app = unique("app")
+    running = client.create(app, "prod", "tee-run.out-1.gate-%s.out-1" % gate.name)
+    queued = client.queue(app, "prod", "out-2")
+    client.wait_at_gate(running, gate)
+
+    first.send_signal(signal.SIGUSR1)
+    status = exit_status(first.proc, TIMEOUT)
+    second = start_server("--db", db)
+    client = second.client()
+    while_waiting = client.task(queued)
+    gate.release()
+    ran = client.wait_ended(running)
+    then = client.wait_ended(queued)
+
+    assert status == 0
+    assert log_lines(first, r"INFO SIGUSR1: stopping at once; 1 running task\(s\) go on")
+    assert while_waiting["status"] == "queued"
+    assert (ran["status"], ran["output"]) == ("finished", printed(fake, "run"))
+    assert (then["status"], then["output"]) == ("finished", "out 1\nout 2\n")
+    assert fake.actions_run_for(app) == ["tee-run.out-1.gate-%s.out-1" % gate.name, "out-2"]
+
+
+def test_a_second_server_on_the_same_history_refuses_to_start_and_touches_nothing(
+        start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    first = start_server("--db", db)
+    client = first.client()
+    gate = fake.gate()
+    task_id = client.create(unique("app"), "prod", "out-1.gate-%s.out-1" % gate.name)
+    client.wait_at_gate(task_id, gate)
+
+    refused = run_cli(tmp_path / "second", fake, ["--db", db])
+    still = client.task(task_id)
+    gate.release()
+    ended = client.wait_ended(task_id)
+
+    line = one_error_line(refused)
+    assert "is in use by another server (pid %d)" % first.proc.pid in line, line
+    assert still["status"] == "running"
+    assert (ended["status"], ended["output"]) == ("finished", "out 1\n" + gate.line + "out 1\n")
+
+
+def test_a_task_whose_keeper_is_killed_is_lost_and_nothing_of_it_runs_on(api, shared_fake,
+                                                                       shared_server):
+    tree = start_process_tree(api, shared_fake, "out-1.")
+    session = os.getsid(tree.pids["fake"])      # its keeper's
+
+    os.kill(session, signal.SIGKILL)
+    task = api.wait_ended(tree.task_id)
+
+    assert (task["status"], task["exitCode"]) == ("lost", None)
+    assert ("its keeper (pid %d) ended without recording how the task ended" % session
+            in task["outcome"])
+    wait_until(lambda: all(are_gone(tree.pids).values()),
+               what="what was left of its session to be ended")
 
 
 # --- Output limit and memory ------------------------------------------------------------------
@@ -3213,10 +3509,10 @@ def test_task_list_holds_50_by_default_and_up_to_500_when_asked(pulsarless_serve
     client = pulsarless_server.client()
     app = unique("app")
     ids = []
-    conn = client.connection()      # tasks that fail at once: 51 of them cost no process
+    conn = client.connection()
     try:
-        for _ in range(51):
-            conn.request("POST", "/%s/prod?action=deploy" % app)
+        for _ in range(51):         # each fails as its keeper finds no pulsar
+            conn.request("POST", "/%s/prod?action=deploy&wait=true" % app)
             response = conn.getresponse()
             assert response.status == 200
             ids.append(json.loads(response.read().decode())["taskId"])
@@ -3637,11 +3933,12 @@ def test_log_says_who_started_and_killed_each_task_and_how_it_ended(api, shared_
     pid = api.task(ids[0])["pid"]
 
     expected = [
-        r"INFO task %d started by 127\.0\.0\.1:%d: %s prod out-1 \(pid %d\)$"
-        % (ids[0], started.local_port, app, pid),
+        r"INFO task %d started by 127\.0\.0\.1:%d: %s prod out-1 \(keeper pid \d+\)$"
+        % (ids[0], started.local_port, app),
+        r"INFO task %d: pulsar runs as pid %d$" % (ids[0], pid),
         r"INFO task %d finished \(exit code 0\) after \d+\.\d s: pulsar exited with code 0$"
         % ids[0],
-        r"INFO task %d started by 127\.0\.0\.1:%d: %s stage exit-3 \(pid \d+\)$"
+        r"INFO task %d started by 127\.0\.0\.1:%d: %s stage exit-3 \(keeper pid \d+\)$"
         % (ids[1], failing.local_port, app),
         r"INFO task %d failed \(exit code 3\) after \d+\.\d s: pulsar exited with code 3$"
         % ids[1],
@@ -3945,8 +4242,9 @@ def test_log_names_who_made_each_request_start_and_kill_but_never_the_password(
     expected = [
         r"INFO 127\.0\.0\.1:%d POST '/%s/prod\?action=gate-%s' 200 \d+ \d+ms user='alice'$"
         % (started.local_port, app, gate.name),
-        r"INFO task %d started by alice \(127\.0\.0\.1:%d\): %s prod gate-%s \(pid %d\)$"
-        % (task_id, started.local_port, app, gate.name, running["pid"]),
+        r"INFO task %d started by alice \(127\.0\.0\.1:%d\): %s prod gate-%s \(keeper pid "
+        r"\d+\)$" % (task_id, started.local_port, app, gate.name),
+        r"INFO task %d: pulsar runs as pid %d$" % (task_id, running["pid"]),
         r"INFO task %d: kill requested by alice \(127\.0\.0\.1:%d\)$" % (task_id, killed.local_port),
         r"INFO 127\.0\.0\.1:%d POST '/task/%d/kill' 200 \d+ \d+ms user='alice'$"
         % (killed.local_port, task_id),
@@ -4528,7 +4826,7 @@ def test_page_shows_colours_and_rewritten_lines_and_a_long_action_keeps_its_stat
         pytest.skip("Chromium is not installed (the CI installs it)")
     server = shared_server_with(env=V1)
     apps_listed(server, "blog: production, staging\n")
-    long_action = "say-" + "a" * 110 + ".ansi"
+    long_action = "emojirewrite.say-" + "a" * 100 + ".ansi"
     task = server.client().wait_ended(server.client().create(unique("app"), "prod", long_action))
 
     def shown_in_full():
@@ -4548,7 +4846,9 @@ def test_page_shows_colours_and_rewritten_lines_and_a_long_action_keeps_its_stat
     finally:
         closed_by_itself = browser.close()
 
-    assert facts["text"] == "a" * 110 + "\n" + ANSI_ON_THE_PAGE
+    # Emoji rewritten after a carriage return, the override left out, then the rest.
+    assert facts["text"] == ("\U0001f600\U0001f600x evil\n" + "a" * 100 + "\n"
+                             + ANSI_ON_THE_PAGE)
     assert "\x1b" not in facts["text"] and "window title" not in facts["text"]
     assert facts["red"] == ["rgb(255, 123, 114)", "b"]
     assert facts["orange"] == ["rgb(255, 135, 0)", ""]
@@ -4755,6 +5055,28 @@ def test_real_pulsar_0_3_killed_ends_with_its_group_and_lists_apps_with_pulsar_u
     assert log_lines(pulsar_0_3.folder.server, r"WARNING --config-branch other is ignored")
 
 
+def test_real_pulsar_1_1_deploy_goes_on_through_a_server_crash_and_ends_finished_whole(
+        realpulsar, start_server, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    flags = ("--db", db, "--config-repo", realpulsar["REALPULSAR_CONF"])
+    first = start_server(*flags, pulsar_bin=realpulsar["REALPULSAR_BIN"])
+    client = first.client()
+    task_id = client.create("blog", "production", "deploy")
+    seen = client.wait_output(task_id, "00:00 ", timeout=60)["output"]
+
+    first.crash()                           # in the middle of the deploy
+    second = start_server(*flags, pulsar_bin=realpulsar["REALPULSAR_BIN"])
+    task = second.client().wait_ended(task_id, timeout=60)
+
+    assert (task["status"], task["exitCode"]) == ("finished", 0), task["outcome"]
+    assert task["outcome"] == ("pulsar reported success: Executed task deploy for blog on "
+                               "production!")
+    assert task["output"].startswith(seen)
+    assert "deploy:log_revision" in task["output"]
+    assert task["output"].endswith("Executed task deploy for blog on production!\n")
+    assert (Path(realpulsar["REALPULSAR_DEPLOY"]) / "blog-production" / "current").is_dir()
+
+
 # --- In process: the route table, request fields and settings ---------------------------------
 #
 # These tests import the server module and call its parts directly: the rules of the route table
@@ -4877,7 +5199,8 @@ def test_a_pulsar_that_does_not_answer_its_version_is_a_start_up_error_and_is_en
     settings = server_module.parse_args(["--db", ":memory:", "--pulsar-bin", str(hanging)])
 
     with pytest.raises(server_module.StartupError) as refused:
-        server_module.find_pulsar(settings, dict(os.environ), str(tmp_path))
+        server_module.find_pulsar(settings, dict(os.environ), str(tmp_path),
+                                  server_module.Reaper())
 
     assert "did not answer within" in str(refused.value)
     assert_no_process_left([str(hanging)])
@@ -4889,6 +5212,77 @@ def test_a_pulsar_that_does_not_answer_its_version_is_a_start_up_error_and_is_en
     (b"Deprecation warning: Thor\n1.1.0\n", "1.1.0")])
 def test_a_version_is_a_line_that_is_a_version_number_and_nothing_else(printed, version):
     assert server_module.named_version(printed) == version
+
+
+@pytest.mark.parametrize("line", [
+    "[pulsar-rest-api: task 7 finished, exit code 0]",
+    "Zpulsar-rest-api: task 7 finished, exit code 0]\r[",        # [ over Z, on a terminal
+    "[\u0440ulsar-rest-api: task 7 finished]",                   # Cyrillic er
+    "[pu\u034flsar\ufe0f-rest\u1160-api: task 7 finished]",       # invisible joiners
+    "[pulsar\u2212rest\u2212api\u2236 task 7 finished]",           # minus, ratio
+    "\u2800" * 80 + "[pulsar-rest-api: task 7 finished]",        # blanks that wrap the line
+    "\u2800" * 5000 + "[pulsar-rest-api: task 7 finished]",
+    "\u3014pulsar-rest-api: task 7 finished\u3015",               # other brackets
+    "\x1b[30;40mxxxx\x1b[0m[pulsar-rest-api: task 7 finished]",   # black on black first
+    "\uff3bPULSAR-REST-API:TASK 7 finished]",
+    "the log says: pulsar-rest-api: task 7 finished",
+], ids=["plain", "carriage-return", "cyrillic", "joiners", "signs", "wrapping-blanks",
+        "many-blanks", "brackets", "invisible-first", "fullwidth", "mid-line"])
+def test_no_line_a_task_prints_reads_as_the_closing_line_on_a_terminal(line):
+    terminal = server_module.TerminalText()
+    shown = terminal.feed(line + "\n", final=True)
+
+    assert "\r" not in shown       # a line is never rewritten in place on a terminal
+    for row in shown.split("\n"):
+        visible = server_module.ESCAPE_SEQUENCE.sub("", row)
+        found = re.search("[pP\u0440]u|ULSAR", visible)
+        if found:   # the marker, in the terminal's own colours, before what reads as ours
+            assert "\x1b[0m(printed by the task) " in row, repr(row)
+            assert visible.index("(printed by the task) ") < found.start(), repr(row)
+
+
+def test_terminal_text_holds_back_only_what_may_still_read_as_the_closing_line():
+    terminal = server_module.TerminalText()
+
+    flood = terminal.feed("\x1b[5m" * 100000 + "x")
+    plain_end = terminal.held_back()
+    maybe = terminal.feed(" and [pulsar-r")
+    maybe_end = terminal.held_back()
+    long_maybe = terminal.feed("-" * (2 * server_module.MAX_HOLD))
+
+    assert (flood, plain_end) == ("x", 0)
+    assert (maybe, maybe_end) == (" and ", len("[pulsar-r"))
+    assert long_maybe.startswith("\x1b[0m(printed by the task) [pulsar-r")
+    assert terminal.held_back() == 0
+
+
+def test_a_pulsar_that_does_not_answer_even_with_a_child_holding_its_output_is_ended(
+        tmp_path, monkeypatch):
+    hanging = tmp_path / "pulsar"
+    hanging.write_text("#!%s -S\nimport os, time\nif os.fork() == 0:\n    os.setpgid(0, 0)\n"
+                       "time.sleep(600)\n" % sys.executable)
+    hanging.chmod(0o755)
+    monkeypatch.setattr(server_module, "PULSAR_PROBE_TIMEOUT", 0.5)
+    settings = server_module.parse_args(["--db", ":memory:", "--pulsar-bin", str(hanging)])
+
+    refused = []
+
+    def probe():
+        try:
+            server_module.find_pulsar(settings, dict(os.environ), str(tmp_path),
+                                      server_module.Reaper())
+        except server_module.StartupError as error:
+            refused.append(str(error))
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    prober.join(TIMEOUT)
+    left = processes_mentioning([str(hanging)], {os.getpid()})
+    for pid in left:            # the child that left the group, still holding the output
+        os.kill(pid, signal.SIGKILL)
+
+    assert not prober.is_alive(), "the start did not give up on a pulsar that does not answer"
+    assert refused and "did not answer within" in refused[0], refused
 
 
 def test_terminal_text_is_the_same_whatever_pieces_the_output_comes_in():
