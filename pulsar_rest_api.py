@@ -1108,6 +1108,7 @@ class Reaper:
     def __init__(self):
         self._lock = threading.Condition()
         self._waiting = {}              # pid -> Exit, of children started through start()
+        self._started = 0               # children started so far
         threading.Thread(target=self._reap, name="reaper", daemon=True).start()
 
     def start(self, popen):
@@ -1115,16 +1116,19 @@ class Reaper:
         with self._lock:
             process = popen()
             exit = self._waiting[process.pid] = Exit(process)
+            self._started += 1
             self._lock.notify()         # there is a child to wait for now
         return process, exit
 
     def _reap(self):
         while True:
+            with self._lock:
+                started = self._started
             try:
                 pid, status = os.waitpid(-1, 0)
             except ChildProcessError:   # no child: wait for one (orphans come unannounced)
                 with self._lock:
-                    self._lock.wait(REAPER_IDLE)
+                    self._lock.wait_for(lambda: self._started != started, REAPER_IDLE)
                 continue
             except InterruptedError:
                 continue
