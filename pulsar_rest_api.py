@@ -104,9 +104,11 @@ import hmac
 import http
 import http.client
 import io
+import ipaddress
 import json
 import logging
 import logging.handlers
+import math
 import os
 import re
 import select
@@ -167,6 +169,11 @@ REAPER_IDLE = 1.0          # seconds the reaper waits when there is no child (or
 WATCH_ROUND = 4 * 1024 * 1024  # bytes of one task's output read before the others' turn
 SHUTDOWN_TIMEOUT = 600.0   # seconds a stop waits for running tasks before killing them
 LIST_LIMIT, LIST_MAX = 50, 500  # tasks per page of GET /tasks
+KEEP_DAYS = 90             # days an ended task stays in the history: an audit looks back months
+KEEP_TASKS = 10000         # tasks the history keeps at most: at ~100 KB of output a deploy,
+                           # about 1 GB, which a bastion host can spare
+TRIM_EVERY = 3600.0        # seconds between two trims of the history
+TRIM_BATCH = 100           # tasks removed in one transaction, so that requests are not held up
 MAX_TASKS = 16             # tasks running at once; more are refused (429) or wait in line
 MAX_CONNECTIONS = 256      # client connections at once; more get 503 and are closed
 MAX_HEADERS = 64           # header lines in one request; more get 431
@@ -183,11 +190,17 @@ REFUSAL_LOG_EVERY = 10     # seconds between log lines about connections over th
 REFUSE_TIMEOUT = 2.0       # seconds such a 503 may take, handshake included
 AUTH_FAILURES = 10         # failed logins from one address within AUTH_WINDOW ...
 AUTH_WINDOW = 60           # ... seconds, before it is refused (429) for AUTH_WINDOW seconds
-AUTH_TRACKED = 10000       # addresses or tokens remembered at most, to bound memory
+AUTH_TRACKED = 10000       # addresses or tokens remembered before expired ones are dropped
+AUTH_CEILING = 100         # failed logins within AUTH_WINDOW from everyone together, past which
+                           # credentials that never worked are refused for a while
+GITHUB_DEADLINE = 15       # seconds one whole check of a token with GitHub may take
 GITHUB_API = "https://api.github.com"
 GITHUB_TIMEOUT = 10        # seconds for one GitHub API call
 GITHUB_CACHE_YES = 300     # seconds an allowed token is trusted without asking GitHub again
 GITHUB_CACHE_NO = 30       # seconds a refused token is refused without asking again
+GITHUB_CACHE_ERROR = 10    # seconds GitHub's failure is answered 503 without asking again
+GITHUB_RECHECK = 60        # seconds after which a grant is checked again before a change
+GITHUB_LOGIN_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}")
 GITHUB_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 PASSWORD_VARIABLE = "PULSAR_REST_API_PASSWORD"
 SERVER_SECRETS = frozenset({PASSWORD_VARIABLE})     # never passed on to pulsar
@@ -384,6 +397,10 @@ class Output:
         pieces[0] = (offset, text[offset - start:])
         return pieces
 
+    def pieces_backwards(self):
+        """(start, text) pieces from the last to the first."""
+        return zip(reversed(self._starts), reversed(self._chunks))
+
     def _chunk_index(self, offset):
         low, high = 0, len(self._starts) - 1
         while low < high:           # the last chunk that starts at or before offset
@@ -464,6 +481,26 @@ class Task:
         self.check_offset(offset)
         return TaskSnapshot(dict(self.list_entry(), outputOffset=offset),
                             self.output.pieces_since(offset))
+
+
+def last_lines(pieces_backwards, count):
+    """The last `count` lines of an output given as (start, text) pieces from its end, lines
+    ended by \\n only: (where they start, their text).  It reads no further back than they go,
+    so that it costs what the tail is, not what the output is."""
+    taken, found, last = [], 0, True
+    for start, text in pieces_backwards:
+        end = len(text) - 1 if last and text.endswith("\n") else len(text)   # the last line's end
+        last = False
+        while True:
+            end = text.rfind("\n", 0, end)
+            if end < 0:
+                break
+            found += 1
+            if found == count:
+                taken.append(text[end + 1:])
+                return start + end + 1, "".join(reversed(taken))
+        taken.append(text)
+    return 0, "".join(reversed(taken))
 
 
 # What the history stores of a task that changes: written by TaskHistory.save.
@@ -549,6 +586,24 @@ class TaskStore:
             task = self._tasks.get(task_id)
             snapshot = task.snapshot(offset) if task is not None else None
         return (snapshot or self._stored_snapshot(task_id, offset)).reply()
+
+    def read_tail(self, task_id, count):
+        """(the task without its output, its last `count` lines): read from the end, so that a
+        short tail of a long output costs what the tail is."""
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is not None:
+                return task.list_entry(), last_lines(task.output.pieces_backwards(), count)[1]
+        stored = self._history_read(self._history.load, task_id, None)
+        if stored is None:
+            raise HTTPError(404, "no task %d" % task_id)
+        return stored.list_entry(), self._history_read(self._history.tail, task_id, count)
+
+    def version_of(self, task_id):
+        """The version of a live task now, or None for one that has ended."""
+        with self._lock:
+            task = self._tasks.get(task_id)
+            return None if task is None else task.version
 
     def wait_for_change(self, task_id, version, offset, timeout):
         """The task as JSON once it has moved past (version, offset), or None after `timeout`.
@@ -744,14 +799,37 @@ class TaskStore:
                     task.folder.remove()
             return True
 
-    def persist_until_stopped(self, stopped):
-        """The persist thread: write changes as they come (at most every PERSIST_SOON), and
-        retry failed writes every PERSIST_EVERY seconds, until `stopped` is set."""
+    def persist_until_stopped(self, stopped, keep_days, keep_tasks):
+        """The persist thread: write changes as they come (at most every PERSIST_SOON), retry
+        failed writes every PERSIST_EVERY seconds, and trim the history every TRIM_EVERY
+        seconds (--keep-days, --keep-tasks), until `stopped` is set."""
+        next_trim = 0.0
         while not stopped.is_set():
             self._write_soon.wait(PERSIST_EVERY)
             self._write_soon.clear()
             self.persist()
+            if time.monotonic() >= next_trim:
+                self.trim(keep_days, keep_tasks)
+                next_trim = time.monotonic() + TRIM_EVERY
             stopped.wait(PERSIST_SOON)
+
+    def trim(self, keep_days, keep_tasks):
+        """Remove what the history keeps no longer (never a live task: only ended ones)."""
+        try:
+            removed = self._history.trim(self._clock() - keep_days * 86400, keep_tasks)
+        except sqlite3.Error as error:
+            logger.error("cannot trim the task history: %s", error)
+            return
+        if removed:
+            logger.info("removed %d task(s) older than %d days or past the newest %d from "
+                        "the history", removed, keep_days, keep_tasks)
+
+    def history_size(self):
+        """(tasks, bytes on disk) of the history, or (None, None) when it cannot be read."""
+        try:
+            return self._history.size()
+        except (sqlite3.Error, OSError):
+            return None, None
 
     def _forget(self, task):
         """A written, ended task leaves the dict (the lock held); it is read from the history."""
@@ -870,7 +948,7 @@ class TaskHistory:
             self._db.execute("COMMIT")
 
     def load(self, task_id, offset=0):
-        """The stored task with the output from `offset` on, or None."""
+        """The stored task with the output from `offset` on (None: without output), or None."""
         with self._lock:
             row = self._db.execute("SELECT %s FROM tasks WHERE id = ?" % self.COLUMNS,
                                    (task_id,)).fetchone()
@@ -878,11 +956,18 @@ class TaskHistory:
                 return None
             # From the last chunk that starts at or before offset (SQLite's length() stops at
             # a NUL character, so chunk ends are not computed in SQL).
-            chunks = self._db.execute(
+            chunks = [] if offset is None else self._db.execute(
                 "SELECT start, text FROM output WHERE task_id = ? AND start >= coalesce("
                 "(SELECT max(start) FROM output WHERE task_id = ? AND start <= ?), 0) "
                 "ORDER BY start", (task_id, task_id, offset)).fetchall()
         return self._task(row, Output.from_chunks(chunks, row["output_length"]))
+
+    def tail(self, task_id, count):
+        """The last `count` lines of a stored task's output, its chunks read from the end."""
+        with self._lock:
+            chunks = self._db.execute("SELECT start, text FROM output WHERE task_id = ? "
+                                      "ORDER BY start DESC", (task_id,))
+            return last_lines(chunks, count)[1]
 
     def summaries(self, app, env, status, before, limit):
         """Stored tasks (without output), newest first, filtered."""
@@ -899,6 +984,34 @@ class TaskHistory:
             rows = self._db.execute("SELECT %s FROM tasks %s ORDER BY id DESC LIMIT ?"
                                     % (self.COLUMNS, where), values + [limit]).fetchall()
         return [self._task(row, Output.from_chunks([], row["output_length"])) for row in rows]
+
+    def trim(self, older_than, keep):
+        """Remove ended tasks created before `older_than`, or past the newest `keep`, with
+        their output, a batch per transaction; how many went."""
+        removed = 0
+        ended = sorted(ENDED)
+        while True:
+            with self._transaction():
+                ids = [row[0] for row in self._db.execute(
+                    "SELECT id FROM tasks WHERE status IN (%s) AND (created_at < ? OR id <= "
+                    "coalesce((SELECT id FROM tasks ORDER BY id DESC LIMIT 1 OFFSET ?), 0)) "
+                    "ORDER BY id LIMIT ?" % ", ".join("?" * len(ended)),
+                    ended + [older_than, keep, TRIM_BATCH])]
+                for task_id in ids:
+                    self._db.execute("DELETE FROM output WHERE task_id = ?", (task_id,))
+                    self._db.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
+            removed += len(ids)
+            if len(ids) < TRIM_BATCH:
+                return removed
+
+    def size(self):
+        """(tasks, bytes on disk) of the history."""
+        with self._lock:
+            tasks = self._db.execute("SELECT count(*) FROM tasks").fetchone()[0]
+        if self.path == ":memory:":
+            return tasks, 0
+        files = (self.path, self.path + "-wal")
+        return tasks, sum(os.path.getsize(path) for path in files if os.path.exists(path))
 
     def unfinished(self):
         """Tasks recorded as not ended: the server stopped while they ran or waited."""
@@ -2008,64 +2121,134 @@ def child_environment(environ):
 # ---------------------------------------------------------------- access: who may use the API
 
 class Access:
-    """Decides who a request comes from: an authenticator, and a brake on addresses that keep
-    sending wrong credentials (429 for a cooling period, other addresses unaffected)."""
+    """Decides who a request comes from: an authenticator, and a brake on failed logins.
+
+    Only failed logins count: an address (an IPv6 address by its /64, which one client holds
+    whole) that fails AUTH_FAILURES times within AUTH_WINDOW seconds is refused (429) for
+    AUTH_WINDOW seconds, whatever it sends; while a slow check is running, distinct credentials
+    being checked from an address count as failures would (parallel guesses), the same
+    credentials sent many times at once count once.  Past AUTH_CEILING failures a minute from
+    everyone together, credentials not seen to work before are refused for a while too.  The
+    tables only drop what has expired, so nobody's brake is reset by someone else's flood.
+    """
 
     def __init__(self, authenticator, *, failures_allowed=AUTH_FAILURES, window=AUTH_WINDOW,
-                 clock=time.monotonic):
+                 ceiling=AUTH_CEILING, clock=time.monotonic):
         self.authenticator = authenticator
         self._failures_allowed = failures_allowed
         self._window = window
+        self._ceiling = ceiling
         self._clock = clock
         self._lock = threading.Lock()
-        self._failures = {}             # address -> times of recent failures
-        self._cooling = {}              # address -> when it may try again
-        self._in_flight = {}            # address -> attempts being checked now
+        self._failures = {}             # address key -> times of its recent failures
+        self._cooling = {}              # address key -> when it may try again
+        self._checking = {}             # address key -> {credential hash: checks running}
+        self._all_failures = collections.deque()    # times of everyone's recent failures
+        self._worked = {}               # credential hash -> when it last let someone in
 
-    def login(self, authorization, address):
-        """The client's login ("-" when the API is open), or HTTPError 401/403/429/503."""
-        self._begin_attempt(address)
+    def login(self, authorization, address, changes_state=False):
+        """The client's login ("-" when the API is open), or HTTPError 401/403/429/503.  A
+        request that changes something has a GitHub grant re-checked once it is older than
+        GITHUB_RECHECK."""
+        if isinstance(self.authenticator, OpenAccess):
+            return "-"                  # nothing to guess, nothing to brake
+        key = brake_key(address)
+        credential = hashlib.sha256((authorization or "").encode("utf-8", "replace")).digest()
+        self._begin_attempt(key, address, credential)
         try:
-            return self.authenticator.login(authorization)
+            login = self.authenticator.login(
+                authorization, fresh_within=GITHUB_RECHECK if changes_state else None)
         except HTTPError as error:
             if error.status == 401 and authorization:
-                self._failed(address)
+                self._failed(key, address)
             raise
         finally:
-            with self._lock:
-                self._in_flight[address] -= 1
-                if not self._in_flight[address]:
-                    del self._in_flight[address]
-
-    def _begin_attempt(self, address):
-        """429 while an address cools down, or when its recent failures and its attempts still
-        being checked (a slow GitHub) reach the limit: parallel guesses count too."""
+            self._end_attempt(key, credential)
         with self._lock:
-            wait = self._cooling.get(address, 0) - self._clock()
-            if wait <= 0:
-                self._cooling.pop(address, None)
-                recent = [t for t in self._failures.get(address, [])
-                          if t > self._clock() - self._window]
-                if len(recent) + self._in_flight.get(address, 0) < self._failures_allowed:
-                    self._in_flight[address] = self._in_flight.get(address, 0) + 1
-                    return
-                wait = self._window
-        raise HTTPError(429, "too many failed logins from %s; try again in %d s"
-                        % (address, wait + 1), headers=[("Retry-After", "%d" % (wait + 1))])
+            self._worked[credential] = self._clock()
+        return login
 
-    def _failed(self, address):
+    def _begin_attempt(self, key, address, credential):
+        """429 (with the truth about when to retry) while an address cools down, while its
+        failures and the distinct credentials it has being checked reach the limit, or while
+        everyone's failures pass the ceiling and these credentials never worked."""
+        with self._lock:
+            now = self._clock()
+            self._prune(now)
+            wait = self._cooling.get(key, now) - now
+            if wait <= 0:
+                checking = self._checking.setdefault(key, {})
+                guesses = self._recent_failures(key, now) + len(set(checking) - {credential})
+                if guesses >= self._failures_allowed:
+                    wait = min(GITHUB_DEADLINE, self._window)   # when the checks will be over
+                elif (len(self._all_failures) >= self._ceiling
+                      and credential not in self._worked):
+                    wait = self._all_failures[0] + self._window - now
+                else:
+                    checking[credential] = checking.get(credential, 0) + 1
+                    return
+        retry = max(1, int(math.ceil(wait)))
+        raise HTTPError(429, "too many failed logins from %s; try again in %d s"
+                        % (address, retry), headers=[("Retry-After", "%d" % retry)])
+
+    def _end_attempt(self, key, credential):
+        with self._lock:
+            checking = self._checking.get(key, {})
+            checking[credential] = checking.get(credential, 1) - 1
+            if checking[credential] <= 0:
+                del checking[credential]
+            if not checking:
+                self._checking.pop(key, None)
+
+    def _recent_failures(self, key, now):
+        times = self._failures.get(key)
+        while times and times[0] <= now - self._window:
+            times.popleft()
+        return len(times or ())
+
+    def _failed(self, key, address):
         now = self._clock()
         with self._lock:
-            if len(self._failures) > AUTH_TRACKED:      # bounded memory under a spray of addresses
-                self._failures.clear()
-            recent = [t for t in self._failures.get(address, []) if t > now - self._window]
+            self._recent_failures(key, now)
+            recent = self._failures.setdefault(key, collections.deque())
             recent.append(now)
-            self._failures[address] = recent
+            self._all_failures.append(now)
             if len(recent) >= self._failures_allowed:
-                self._cooling[address] = now + self._window
-                del self._failures[address]
+                self._cooling[key] = now + self._window
+                del self._failures[key]
                 logger.warning("%s: %d failed logins in %d s; refused for %d s", address,
                                len(recent), self._window, self._window)
+
+    def _prune(self, now):
+        """Forget what has expired (the lock held), and only that."""
+        horizon = now - self._window
+        while self._all_failures and self._all_failures[0] <= horizon:
+            self._all_failures.popleft()
+        if len(self._failures) + len(self._cooling) + len(self._worked) < AUTH_TRACKED:
+            return
+        for key in list(self._failures):
+            if not self._recent_failures(key, now):
+                del self._failures[key]
+        for key, until in list(self._cooling.items()):
+            if until <= now:
+                del self._cooling[key]
+        for credential, when in list(self._worked.items()):
+            if when <= now - GITHUB_CACHE_YES:
+                del self._worked[credential]
+
+
+def brake_key(address):
+    """What the brake counts by: an IPv4 address, or the /64 of an IPv6 one (one client has a
+    whole /64 to pick addresses from)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network("%s/64" % ip, strict=False))
+    return str(ip)
 
 
 class OpenAccess:
@@ -2074,7 +2257,7 @@ class OpenAccess:
     description = ("OPEN: no authentication (--auth-provider is not set); anyone who reaches "
                    "the port can start and kill tasks")
 
-    def login(self, authorization):
+    def login(self, authorization, fresh_within=None):
         return "-"
 
 
@@ -2086,7 +2269,7 @@ class BasicLogin:
         self._password = password.encode("utf-8")
         self.description = "HTTP Basic, user %s" % username
 
-    def login(self, authorization):
+    def login(self, authorization, fresh_within=None):
         scheme, user, secret = parse_authorization(authorization)
         if scheme != "basic":
             raise unauthorized("send a username and password (curl -u USER:PASSWORD)")
@@ -2099,84 +2282,161 @@ class BasicLogin:
 
 class GitHubLogin:
     """A GitHub token, resolved with the GitHub API: allowed when its login is one of `names`
-    (method user) or a member of the organisation `names[0]` (method org).  Answers are cached
-    briefly, keyed by a hash of the token; GitHub failing means 503, never open access."""
+    (method user) or a member of the organisation `names[0]` (method org).
+
+    Answers are cached under a hash of the token: a grant for GITHUB_CACHE_YES seconds (but a
+    request that changes something re-checks one older than GITHUB_RECHECK, so that a revoked
+    token cannot start or kill for long), a refusal for GITHUB_CACHE_NO, GitHub's own failure
+    for GITHUB_CACHE_ERROR (503 at once, without asking again).  One check of a token runs at
+    a time: requests with the same token wait for its answer.  A whole check must end within
+    GITHUB_DEADLINE, however slowly GitHub trickles.  GitHub failing means 503, never open.
+    """
 
     def __init__(self, api, method, names, server_token=None, clock=time.monotonic):
-        self._api = api.rstrip("/")
+        self._api = urllib.parse.urlsplit(api.rstrip("/"))
         self._method = method
         self._names = names
         self._server_token = server_token
         self._clock = clock
-        self._lock = threading.Lock()
-        self._cache = {}                # sha256(token) -> (expires, status, login)
+        self._lock = threading.Condition()
+        self._cache = {}                # sha256(token) -> GitHubAnswer
+        self._checking = set()          # sha256(token) of the checks running now
         self.description = "GitHub tokens via %s: %s %s" % (
-            self._api, "logins" if method == "user" else "members of organisation",
-            ", ".join(names))
+            api, "logins" if method == "user" else "members of organisation", ", ".join(names))
 
-    def login(self, authorization):
+    def login(self, authorization, fresh_within=None):
         token = github_token(parse_authorization(authorization))
-        key = hashlib.sha256(token.encode("utf-8")).hexdigest()
-        with self._lock:
-            cached = self._cache.get(key)
-        if cached is None or cached[0] <= self._clock():
-            status, login = self._decide(token)
-            lifetime = GITHUB_CACHE_YES if status == 200 else GITHUB_CACHE_NO
-            with self._lock:
-                if len(self._cache) > AUTH_TRACKED:
-                    self._cache.clear()
-                self._cache[key] = cached = (self._clock() + lifetime, status, login)
-        _, status, login = cached
-        if status == 401:
+        answer = self._answer(hashlib.sha256(token.encode("utf-8")).hexdigest(), token,
+                              fresh_within)
+        if answer.status == 401:
             raise unauthorized("GitHub does not accept this token")
-        if status == 403:
-            raise HTTPError(403, "GitHub user %s may not use this server" % login)
-        return login
+        if answer.status == 403:
+            raise HTTPError(403, "GitHub user %s may not use this server" % answer.login)
+        if answer.status == 503:
+            raise HTTPError(503, "GitHub cannot be asked who you are right now; try again "
+                                 "later", headers=[("Retry-After", "%d" % GITHUB_CACHE_ERROR)])
+        return answer.login
 
-    def _decide(self, token):
-        """(200, login) allowed, (403, login) not allowed, (401, None) not a valid token."""
-        status, user = self._get("/user", token)
+    def _answer(self, key, token, fresh_within):
+        """The cached answer for a token, or a new one: asked here, or by the request that
+        is asking GitHub about the same token now."""
+        with self._lock:
+            while True:
+                answer = self._cache.get(key)
+                now = self._clock()
+                if answer is not None and answer.expires > now and not (
+                        fresh_within is not None and answer.status == 200
+                        and now - answer.asked > fresh_within):
+                    return answer
+                if key not in self._checking:
+                    break
+                self._lock.wait()
+            self._checking.add(key)
+        answer = None
+        try:
+            answer = self._ask(token)
+            return answer
+        finally:
+            with self._lock:
+                self._checking.discard(key)
+                if answer is not None:
+                    self._forget_expired()
+                    self._cache[key] = answer
+                self._lock.notify_all()
+
+    def _ask(self, token):
+        asked = self._clock()
+        try:
+            status, login = self._decide(token, asked + GITHUB_DEADLINE)
+        except GitHubUnavailable as error:
+            logger.error("GitHub API unavailable while checking credentials: %s", error)
+            return GitHubAnswer(503, None, asked, asked + GITHUB_CACHE_ERROR)
+        lifetime = GITHUB_CACHE_YES if status == 200 else GITHUB_CACHE_NO
+        return GitHubAnswer(status, login, asked, asked + lifetime)
+
+    def _forget_expired(self):
+        if len(self._cache) > AUTH_TRACKED:
+            now = self._clock()
+            for key in [key for key, answer in self._cache.items() if answer.expires <= now]:
+                del self._cache[key]
+
+    def _decide(self, token, deadline):
+        """(200, login) allowed, (403, login) not allowed, (401, None) not a valid token;
+        GitHubUnavailable when GitHub cannot say."""
+        status, user = self._get("/user", token, deadline)
         if status == 401:
             return 401, None
         if status != 200 or not isinstance(user, dict) or not isinstance(user.get("login"), str):
-            raise github_unavailable("GET /user answered %s" % status)
+            raise GitHubUnavailable("GET /user answered %s" % status)
         login = user["login"]
+        if not GITHUB_LOGIN_PATTERN.fullmatch(login):
+            raise GitHubUnavailable("GET /user answered a login that no GitHub account can "
+                                    "have: %s" % quoted(login))
         if self._method == "user":
             return (200 if login.lower() in (name.lower() for name in self._names) else 403), login
         status, _ = self._get("/orgs/%s/members/%s" % (urllib.parse.quote(self._names[0], safe=""),
-                                                       urllib.parse.quote(login, safe="")),
-                              self._server_token or token)
+                                                       login),
+                              self._server_token or token, deadline)
         if status == 204:
             return 200, login
         if status in (302, 404):
             return 403, login
-        raise github_unavailable("the organisation membership check answered %s" % status)
+        raise GitHubUnavailable("the organisation membership check answered %s" % status)
 
-    def _get(self, path, token):
-        request = urllib.request.Request(self._api + path, headers={
-            "Authorization": "token " + token, "Accept": "application/vnd.github+json",
-            "User-Agent": SERVER_NAME})
+    def _get(self, path, token, deadline):
+        """(status, JSON body or None) of one GET; a redirect is answered as it is, never
+        followed (that would hand the token to wherever it points)."""
+        connection = github_connection(self._api, GITHUB_TIMEOUT)
+        # The socket's timeout bounds each read; this bounds them all together.
+        guard = threading.Timer(max(0.0, deadline - self._clock()), give_up_on, [connection])
+        guard.start()
         try:
-            with GITHUB_OPENER.open(request, timeout=GITHUB_TIMEOUT) as response:
-                body = response.read(MAX_BODY)
-                return response.status, json.loads(body) if body else None
-        except urllib.error.HTTPError as error:
-            error.close()
-            return error.code, None
-        except (urllib.error.URLError, OSError, ValueError, RecursionError,
-                http.client.HTTPException) as error:
-            raise github_unavailable(str(getattr(error, "reason", error)))
+            connection.request("GET", self._api.path + path, headers={
+                "Authorization": "token " + token, "Accept": "application/vnd.github+json",
+                "User-Agent": SERVER_NAME})
+            response = connection.getresponse()
+            body = response.read(MAX_BODY)
+            if response.status != 200:
+                return response.status, None
+            return response.status, json.loads(body)
+        except (OSError, http.client.HTTPException, ValueError, RecursionError) as error:
+            late = self._clock() >= deadline
+            raise GitHubUnavailable("no answer within %d s" % GITHUB_DEADLINE if late
+                                    else str(error) or type(error).__name__)
+        finally:
+            guard.cancel()
+            connection.close()
 
 
-class NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect from the GitHub API is answered as it is: following it would hand the token
-    to wherever it points."""
-
-    def redirect_request(self, *args):
-        return None
+GitHubAnswer = collections.namedtuple("GitHubAnswer", "status login asked expires")
 
 
-GITHUB_OPENER = urllib.request.build_opener(NoRedirects)
+class GitHubUnavailable(Exception):
+    """GitHub could not say who a token belongs to (an error, no answer, nonsense)."""
+
+
+def github_connection(api, timeout):
+    """An HTTP(S) connection to the GitHub API, through the proxy the environment names for
+    it (https_proxy, no_proxy), as urllib would use."""
+    https = api.scheme == "https"
+    connect = http.client.HTTPSConnection if https else http.client.HTTPConnection
+    options = {"timeout": timeout}
+    if https:
+        options["context"] = ssl.create_default_context()
+    proxy = urllib.request.getproxies().get(api.scheme)
+    if proxy and not urllib.request.proxy_bypass(api.hostname):
+        proxy = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        connection = connect(proxy.hostname, proxy.port or 8080, **options)
+        connection.set_tunnel(api.hostname, api.port)
+        return connection
+    return connect(api.hostname, api.port, **options)
+
+
+def give_up_on(connection):
+    """Shut a connection's socket, so that whatever waits on it returns now."""
+    if connection.sock is not None:
+        with contextlib.suppress(OSError):
+            connection.sock.shutdown(socket.SHUT_RDWR)
 
 
 def parse_authorization(header):
@@ -2210,10 +2470,6 @@ def unauthorized(message):
     return HTTPError(401, message, headers=[("WWW-Authenticate", 'Basic realm="pulsar-rest-api"')])
 
 
-def github_unavailable(reason):
-    logger.error("GitHub API unavailable while checking credentials: %s", reason)
-    return HTTPError(503, "GitHub cannot be asked who you are right now; try again later",
-                     headers=[("Retry-After", "30")])
 
 
 # ---------------------------------------------------------------- metrics
@@ -2265,7 +2521,7 @@ class Metrics:
         with self._lock:
             self._refused += 1
 
-    def render(self, running, waiters):
+    def render(self, running, waiters, history_size):
         with self._lock:
             finished = sum(self._finished.values())
             buckets = [('{le="%s"}' % bound, count)
@@ -2285,6 +2541,10 @@ class Metrics:
                  [('{code="%d"}' % code, count) for code, count in sorted(self._requests.items())]),
                 ("long_poll_waiters", "gauge", "Long polls waiting for a change now.",
                  [("", waiters)]),
+                ("history_tasks", "gauge", "Tasks in the history.",
+                 [("", history_size[0])] if history_size[0] is not None else []),
+                ("history_bytes", "gauge", "Bytes the history takes on disk.",
+                 [("", history_size[1])] if history_size[1] is not None else []),
                 ("open_connections", "gauge", "Client connections open now.",
                  [("", self.connections)]),
                 ("refused_connections_total", "counter",
@@ -2805,7 +3065,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             exchange.route, arguments = find_route(self.command, exchange.path)
             if not exchange.route.public:
                 exchange.login = self.server.access.login(self.headers.get("Authorization"),
-                                                          self.client_address[0])
+                                                          self.client_address[0],
+                                                          exchange.route.changes_state)
             if exchange.route.changes_state:
                 self._check_same_site()
             content_type = None
@@ -2820,9 +3081,14 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise                       # the client went away: handle() logs one line
         except Exception:
             incident = uuid.uuid4().hex[:12]
+            self.close_connection = True
+            if exchange.head_sent:      # a second answer would land inside the first
+                logger.exception("internal error %s in %s %s after its answer had begun; the "
+                                 "connection is closed", incident, self.command,
+                                 quoted(self.path))
+                return
             logger.exception("internal error %s in %s %s", incident, self.command,
                              quoted(self.path))
-            self.close_connection = True
             self.send_json(500, {"error": "internal error", "id": incident})
 
     def _answer_error(self, error):
@@ -2899,6 +3165,18 @@ class RequestHandler(BaseHTTPRequestHandler):
             address = self.connection.getsockname()
             host = ("[%s]:%d" if ":" in address[0] else "%s:%d") % address[:2]
         return "%s://%s%s" % (scheme, host, path)
+
+    def _wait_while_here(self, wait):
+        """wait(timeout)'s answer once it has one, or None after the poll timeout; asked in
+        slices of STREAM_CHECK, so that a client that leaves frees its thread and connection
+        within a second (ConnectionAbortedError), not at the end of the poll."""
+        deadline = time.monotonic() + self.server.poll_timeout
+        while True:
+            answer = wait(max(0.0, min(STREAM_CHECK, deadline - time.monotonic())))
+            if answer is not None or time.monotonic() >= deadline:
+                return answer
+            if self._client_gone():
+                raise ConnectionAbortedError("went away during a long poll")
 
     def _client_gone(self):
         """True when the client has closed its end (or sent something it should not have)."""
@@ -3012,8 +3290,11 @@ class ApiHandler(RequestHandler):
 
     def poll_task(self, task_id):
         fields = self.exchange.fields
-        task = self.server.store.wait_for_change(task_id, fields.count("version"),
-                                                 fields.count("offset"), self.server.poll_timeout)
+        version, offset = fields.count("version"), fields.count("offset")
+        if version is None:     # the client has seen the task as it is now: wait for a change
+            version = self.server.store.version_of(task_id)
+        task = self._wait_while_here(lambda timeout: self.server.store.wait_for_change(
+            task_id, version, offset, timeout))
         self.send_json(200, {"changed": True, "task": task} if task else {"changed": False})
 
     def read_output(self, task_id):
@@ -3025,13 +3306,13 @@ class ApiHandler(RequestHandler):
         if tail is not None:
             if offset is not None or wait or not 0 < tail <= MAX_TAIL:
                 raise HTTPError(400, "tail takes 1 to %d lines, without offset or wait" % MAX_TAIL)
-            task = store.read(task_id)
-            text = "".join(task["output"].splitlines(True)[-tail:])
+            task, text = store.read_tail(task_id, tail)
         else:
             offset = offset or 0
             task = None
             if wait:
-                task = store.wait_for_change(task_id, None, offset, self.server.poll_timeout)
+                task = self._wait_while_here(lambda timeout: store.wait_for_change(
+                    task_id, None, offset, timeout))
             task = task or store.read(task_id, offset)
             text = task["output"]
         # What a terminal may show; a running task's last characters that might still become
@@ -3104,7 +3385,10 @@ class ApiHandler(RequestHandler):
                 check_name(kind, name)
         before, version = fields.count("before"), fields.count("version")
         if version is not None:     # a long poll: answer when a task comes, changes status or goes
-            self.server.store.wait_for_list_change(version, self.server.poll_timeout)
+            def changed(timeout):       # True once the list is past `version`, else None
+                return self.server.store.wait_for_list_change(version, timeout) != version or None
+
+            self._wait_while_here(changed)
         version, tasks = self.server.store.listing(app, env, status, before, limit)
         following = None
         if len(tasks) == limit:
@@ -3134,8 +3418,9 @@ class ApiHandler(RequestHandler):
             "pulsar": self.server.apps.pulsar_version})
 
     def metrics(self):
-        text = self.server.metrics.render(len(self.server.store.running()),
-                                          self.server.store.waiters)
+        store = self.server.store
+        text = self.server.metrics.render(store.running_count, store.waiters,
+                                          store.history_size())
         self.send_bytes(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -3493,7 +3778,11 @@ def serve(settings):
             except OSError as error:
                 raise StartupError("cannot listen on %s:%d: %s" % (
                     settings.host, settings.port, error.strerror or error))
-            runner.take_over(history.unfinished())
+            try:
+                runner.take_over(history.unfinished())
+            except (sqlite3.Error, OSError) as error:
+                raise StartupError("cannot take over the tasks an earlier server left in %s: %s"
+                                   % (settings.db, error))
             signals = StopSignals()     # from here on a stop signal waits for its turn
             announce(settings, server, fingerprint, history, command)
             try:
@@ -3507,8 +3796,8 @@ def serve_until_stopped(settings, server, signals, store, runner, history):
     threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL,), name="accept",
                      daemon=True).start()
     stopped = threading.Event()
-    threading.Thread(target=store.persist_until_stopped, args=(stopped,), name="persist",
-                     daemon=True).start()
+    threading.Thread(target=store.persist_until_stopped, name="persist", daemon=True,
+                     args=(stopped, settings.keep_days, settings.keep_tasks)).start()
     signum = signals.wait()
     if signum == HAND_OVER and settings.db == ":memory:":
         logger.warning("SIGUSR1: with --db :memory: no server can take over the running tasks; "
@@ -3805,6 +4094,11 @@ def build_parser():
     add("--allow-action", action="append", default=[], metavar="PATTERN",
         help="only run actions matching this shell-style pattern (deploy, deploy:*); repeatable; "
              "shell and invoke stay refused")
+    add("--keep-days", type=positive_count, default=KEEP_DAYS, metavar="DAYS",
+        help="remove ended tasks and their output from the history once they are this old "
+             "(default: %(default)d)")
+    add("--keep-tasks", type=positive_count, default=KEEP_TASKS, metavar="N",
+        help="keep at most the newest N tasks in the history (default: %(default)d)")
     add("--version", action="version", version="%(prog)s " + __version__)
     return parser
 
@@ -3882,14 +4176,27 @@ def authenticator_from(settings, environ):
                            "--auth-method user; did you mean --auth-provider basic, or "
                            "--auth-method org (where it is the server's own GitHub token)?")
     api = settings.github_api or GITHUB_API
-    if urllib.parse.urlsplit(api).scheme not in ("http", "https"):
-        raise StartupError("--github-api must be an http:// or https:// URL, got %r" % api)
+    parts = urllib.parse.urlsplit(api)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StartupError("--github-api must be an https:// URL, got %r" % api)
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise StartupError("--github-api %s: every token would cross the network in clear "
+                           "text; use https:// (http:// is for a GitHub on this host only)" % api)
     names = [name.strip() for name in settings.auth_username.split(",") if name.strip()]
     if method == "org":
         if len(names) != 1:
             raise StartupError("--auth-method org takes one organisation in --auth-username")
         return GitHubLogin(api, "org", names, server_token=password)
     return GitHubLogin(api, "user", names)
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_pattern(pattern):
@@ -3928,9 +4235,17 @@ def read_secret(flag, path):
         raise StartupError("%s: cannot read %s: %s" % (flag, path, error))
 
 
+def log_thread_exceptions(arguments):
+    """threading.excepthook: a thread's exception goes to the log, not to a raw traceback on
+    standard error that a log reader never sees."""
+    logger.error("thread %s failed", arguments.thread.name if arguments.thread else "?",
+                 exc_info=(arguments.exc_type, arguments.exc_value, arguments.exc_traceback))
+
+
 def main(argv=None):
     """Start the server from command-line arguments; the process exit code."""
     settings = None
+    threading.excepthook = log_thread_exceptions
     try:
         settings = parse_args(sys.argv[1:] if argv is None else argv)
         configure_logging(settings.log_dir)

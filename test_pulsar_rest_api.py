@@ -40,6 +40,7 @@ import fcntl
 import hashlib
 import http.client
 import json
+import logging
 import os
 import re
 import select
@@ -53,6 +54,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.parse
 import uuid
 import warnings
@@ -313,14 +315,17 @@ Steps are separated by '.', a step's argument follows '-':
   lateline, lategroup   leave a child that prints pulsar 1.x's success line once pulsar has
                         gone: when told to stop, or 0.3 s later from a group of its own
   nulafter, thorerror   a NUL on a line; Thor's complaint about pulsar's command line
+  othergroup-NAME       start a sleeping child in a process group of its own (as GNU timeout
+                        does), write both pids to $FAKE_DIR/NAME.pids, print "other group NAME"
+  lineends              "a\rb\fc\u2028d\ne\nf": one line ended by \n, then two
   emojirewrite          three emoji, a carriage return, two emoji and a red x over them, then a
                         right-to-left override
   exit-N                exit with status N
   signal-N              send itself signal N
   anything else         print argv as JSON
 Each run first appends {argv, pid, pgid, sid, cwd, cwd_entries, fds} as one JSON line to
-$FAKE_DIR/invocations.jsonl.  `--version` prints $FAKE_PULSAR_VERSION (default: no version) and exits
-$FAKE_PULSAR_VERSION_EXIT (default 0);
+$FAKE_DIR/invocations.jsonl.  `--version` prints $FAKE_PULSAR_VERSION (default: no version)
+and exits $FAKE_PULSAR_VERSION_EXIT (default 0);
 `list ...` (pulsar 1.x's list of apps) prints $FAKE_DIR/apps.txt and exits with the status in
 $FAKE_DIR/apps.exit (default 0), and appends its argv to $FAKE_DIR/lists.jsonl.  Neither is a
 task, so neither is recorded as an invocation.
@@ -423,6 +428,16 @@ def run(action):
                       "[cap]\n" % (task, app, env))
         elif name == "say":
             emit(OUT, arg + "\n")
+        elif name == "othergroup":    # as GNU timeout does: a child in a group of its own
+            code = "import os, time\nos.setpgid(0, 0)\ntime.sleep(600)\n"
+            child = subprocess.Popen([sys.executable, "-S", "-c", code, FAKE_DIR])
+            path = os.path.join(FAKE_DIR, arg + ".pids")
+            with open(path + ".tmp", "w") as f:
+                json.dump({"fake": os.getpid(), "child": child.pid}, f)
+            os.rename(path + ".tmp", path)
+            emit(OUT, "other group %s\n" % arg)
+        elif name == "lineends":
+            emit(OUT, "a\rb\x0cc\u2028d\ne\nf")
         elif name == "nulafter":
             emit(OUT, b"\0\n")
         elif name == "thorerror":
@@ -683,16 +698,18 @@ class FakeGitHubHandler(BaseHTTPRequestHandler):
 class Server:
     """One pulsar_rest_api.py process started with the real command line."""
 
-    def __init__(self, workdir, fake, args=(), env=None, script=SCRIPT, pulsar_bin=None):
+    def __init__(self, workdir, fake, args=(), env=None, script=SCRIPT, pulsar_bin=None,
+                 launcher=()):
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.fake = fake
         self.log_path = workdir / "log" / LOG_NAME
         self.console_path = workdir / "console.txt"
-        command = [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
-                   "--pulsar-bin", str(pulsar_bin or fake.path),
-                   "--log-dir", str(workdir / "log"), "--db", str(workdir / "tasks.sqlite3"),
-                   "--shutdown-timeout", "1"] + [str(arg) for arg in args]
+        command = list(launcher) + [
+            sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
+            "--pulsar-bin", str(pulsar_bin or fake.path),
+            "--log-dir", str(workdir / "log"), "--db", str(workdir / "tasks.sqlite3"),
+            "--shutdown-timeout", "1"] + [str(arg) for arg in args]
         full_env = dict(os.environ, FAKE_DIR=str(fake.dir))
         full_env.update(env or {})
         with open(str(self.console_path), "wb") as console:
@@ -1074,10 +1091,10 @@ def stored_output_length(db, task_id):
 
 
 def insert_task(db, app, action, status, exit_code=None, finished=False, version=1, pid=None,
-                process_start=None):
+                process_start=None, created=None):
     """Write a task of app and env prod into the history file of a stopped server, as a crashed
     or older server could have left it; its id."""
-    now = time.time()
+    now = created or time.time()
     with contextlib.closing(sqlite3.connect(str(db))) as conn:
         with conn:
             return conn.execute(
@@ -1631,7 +1648,8 @@ def fake(tmp_path):
 
 @pytest.fixture
 def start_server(tmp_path, fake):
-    """start_server(*flags, env=, script=, pulsar_bin=) starts a dedicated server for one test."""
+    """start_server(*flags, env=, script=, pulsar_bin=, launcher=) starts a dedicated server
+    for one test."""
     servers = []
 
     def start(*args, **kwargs):
@@ -3389,6 +3407,165 @@ def test_a_task_whose_keeper_is_killed_is_lost_and_nothing_of_it_runs_on(api, sh
                what="what was left of its session to be ended")
 
 
+# --- Reliability: the server's own faults ------------------------------------------------------
+
+def test_kill_and_the_end_of_a_task_end_every_process_of_its_session_whatever_its_group(
+        api, shared_fake):
+    killed = api.create(unique("app"), unique("env"), "othergroup-k.hang")
+    api.wait_output(killed, "other group k\n")
+    ended = api.create(unique("app"), unique("env"), "othergroup-e.out-1")
+    api.wait_output(ended, "other group e\n")
+
+    reply = api.kill(killed)
+    finished = api.wait_ended(ended)
+
+    assert reply.status == 200 and reply.json["status"] == "killed", reply
+    assert finished["status"] == "finished"
+    for name in ("k", "e"):
+        wait_until(lambda: all(are_gone(shared_fake.pids(name)).values()),
+                   what="the task's child in a group of its own (%s) to be ended" % name)
+
+
+def test_a_kill_racing_a_natural_exit_never_shows_an_exit_0_as_killed(api):
+    answers = []
+    for _ in range(20):
+        task_id = api.create(unique("app"), unique("env"), "exit-0")
+        answers.append((api.kill(task_id), api.wait_ended(task_id)))
+
+    for reply, task in answers:
+        if reply.status == 200:
+            assert reply.json["status"] == task["status"] == "killed", (reply, task)
+            assert task["exitCode"] != 0, task
+        else:
+            assert_json_error(reply, 409)
+            assert (task["status"], task["exitCode"]) == ("finished", 0), task
+
+
+def test_the_line_holds_at_most_100_tasks_and_refuses_more_with_429(start_server, fake):
+    client = start_server("--max-tasks", "1").client()
+    gate = fake.gate()
+    app = unique("app")
+    running = client.create(app, "prod", "gate-%s.out-1" % gate.name)
+    client.wait_at_gate(running, gate)
+
+    queued = [client.queue(app, "prod", "out-1") for _ in range(100)]
+    refused = client.request("POST", "/%s/prod?action=out-1&queue=true" % app)
+    other = client.request("POST", "/%s/stage?action=out-1&queue=true" % app)
+
+    assert len(queued) == 100
+    assert_json_error(refused, 429)
+    assert "100 tasks wait in line" in refused.json["error"]
+    assert refused.headers["Retry-After"]
+    assert_json_error(other, 429)          # the limit is the server's, not a pair's
+
+
+def test_tail_reads_lines_ended_by_a_newline_only_live_and_from_the_history(api, shared_fake):
+    gate = shared_fake.gate()
+    task_id = api.create(unique("app"), unique("env"), "lineends.gate-%s" % gate.name)
+    api.wait_at_gate(task_id, gate)
+    live = api.get("/task/%d/output?tail=2" % task_id).body.decode()
+    gate.release()
+    api.wait_ended(task_id)
+    stored = {count: api.get("/task/%d/output?tail=%d" % (task_id, count)).body.decode()
+              for count in (1, 2, 3)}
+
+    # The \r, form feed and line separator end no line; on a terminal the \r ends its line.
+    assert live == "e\nfgate %s\n" % gate.name
+    assert stored[1] == "fgate %s\n" % gate.name
+    assert stored[2] == "e\nfgate %s\n" % gate.name
+    assert stored[3] == "a\nb" + "c\u2028d\ne\nfgate %s\n" % gate.name
+
+
+@pytest.mark.parametrize("path", ["/task/%d/state", "/task/%d/output?wait=1",
+                                  "/tasks?version=%d"], ids=["state", "output", "list"])
+def test_a_long_poll_whose_client_left_frees_its_thread_and_connection_within_seconds(
+        start_server, fake, path):
+    server = start_server()     # its poll timeout is 30 s
+    client = server.client()
+    gate = fake.gate()
+    task_id = client.create(unique("app"), "prod", "gate-%s" % gate.name)
+    client.wait_at_gate(task_id, gate)
+    version = client.listing()["version"] if path.startswith("/tasks") else task_id
+
+    with tls_connection(server) as tls:
+        tls.sendall(b"GET " + (path % version).encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(lambda: metrics_when(client, lambda m: m[CONNECTIONS] == 2),
+                   what="the long poll to be waiting")
+    settled = wait_until(lambda: metrics_when(client, lambda m: m[CONNECTIONS] == 1
+                                              and m[WAITERS] == 0),
+                         timeout=3, what="the long poll's connection to be closed")
+    gate.release()
+    client.wait_ended(task_id)
+
+    assert (settled[CONNECTIONS], settled[WAITERS]) == (1, 0)
+
+
+def test_an_open_server_never_refuses_parallel_requests_as_failed_logins(api):
+    replies = run_side_by_side_requests(api, ["/tasks"] * 40)
+
+    assert sorted(reply.status for reply in replies) == [200] * 40
+
+
+# Runs the server as a subreaper, as PID 1 of a container would be: every orphan below it
+# becomes its child.  (The attribute survives the exec.)
+AS_A_SUBREAPER = [sys.executable, "-S", "-c", "import ctypes, os, sys; "
+                  "ctypes.CDLL(None).prctl(36, 1, 0, 0, 0); os.execv(sys.argv[1], sys.argv[1:])"]
+
+
+def zombie_children(pid):
+    return [child for child in os.listdir("/proc") if child.isdigit()
+            and (lambda fields: fields and int(fields[1]) == pid and fields[0] == "Z")(
+                proc_stat(child))]
+
+
+def proc_stat(pid):
+    try:
+        with open("/proc/%s/stat" % pid) as source:
+            return source.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def test_a_server_that_inherits_orphans_reaps_them(start_server, fake):
+    server = start_server(launcher=AS_A_SUBREAPER)
+    client = server.client()
+    tree = start_process_tree(client, fake, "out-1.")
+    keeper = os.getsid(tree.pids["fake"])
+
+    os.kill(keeper, signal.SIGKILL)     # its processes become the server's: it ends and reaps them
+    task = client.wait_ended(tree.task_id)
+    wait_until(lambda: all(are_gone(tree.pids).values()), what="the task's processes to end")
+
+    assert task["status"] == "lost"
+    wait_until(lambda: not zombie_children(server.proc.pid), timeout=5,
+               what="the server to reap what it inherited")
+
+
+def test_the_history_keeps_the_newest_tasks_and_the_recent_days_and_metrics_say_its_size(
+        start_server, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    first = start_server("--db", db)
+    client = first.client()
+    ids = [client.wait_ended(client.create(unique("app"), "prod", "out-1"))["id"]
+           for _ in range(5)]
+    first.stop_cleanly()
+    old = insert_task(db, unique("app"), "deploy", "finished", exit_code=0, finished=True,
+                      created=time.time() - 100 * 86400)
+
+    second = start_server("--db", db, "--keep-tasks", "4", "--keep-days", "30")
+    client = second.client()
+    wait_until(lambda: client.get("/task/%d" % ids[1]).status == 404,
+               what="the oldest tasks to be trimmed")
+    metrics = client.metrics()
+
+    assert [client.get("/task/%d" % task_id).status for task_id in ids] == [404, 404, 200, 200,
+                                                                            200]
+    assert client.get("/task/%d" % old).status == 404      # among the newest 4, but too old
+    assert metrics["pulsar_rest_api_history_tasks"] == 3
+    assert metrics["pulsar_rest_api_history_bytes"] > 0
+    assert log_lines(second, r"INFO removed \d+ task\(s\) older than 30 days")
+
+
 # --- Output limit and memory ------------------------------------------------------------------
 
 def test_output_past_max_output_is_dropped_after_a_marker_and_the_task_runs_to_its_end(
@@ -4338,16 +4515,17 @@ def test_github_failing_answers_503_and_never_lets_a_request_through(start_serve
     created = client.request("POST", "/%s/prod?action=out-1" % app)
     listed = client.get("/tasks")
     github.failing = None
-    recovered = client.get("/tasks") if failure == "answers-500" else None
+    meanwhile = client.get("/tasks")
 
-    for reply in (created, listed):
+    for reply in (created, listed, meanwhile):
         assert_json_error(reply, 503)
         assert "GitHub" in reply.json["error"], reply
-        assert reply.headers["Retry-After"], reply.headers
+        assert reply.headers["Retry-After"] == "10", reply.headers
         assert_not_cached_and_not_sniffed(reply)
     assert fake.actions_run_for(app) == []
-    if recovered is not None:       # a failure is not remembered as a refusal
-        assert recovered.status == 200, recovered
+    # Its failure is kept for 10 s: GitHub is not asked once per request meanwhile, and the
+    # answer is not a refusal of the token.
+    assert len(github.requests) == (1 if failure == "answers-500" else 0)
     assert leaked_secrets(server.log() + server.console()) == []
 
 
@@ -4427,16 +4605,17 @@ def test_ten_wrong_logins_from_one_address_get_429_even_with_the_right_password_
     assert leaked_secrets(server.log()) == []
 
 
-def test_parallel_wrong_tokens_count_against_the_brake_while_github_is_slow(start_server, github):
+def test_parallel_guesses_with_distinct_tokens_count_against_the_brake_while_github_is_slow(
+        start_server, github):
     server = start_github_server(start_server, github, "--auth-username", "alice")
     github.hold = threading.Event()
-    client = server.client(headers=bearer_auth(UNKNOWN_TOKEN))
     replies = []
 
-    def guess():
-        replies.append(client.get("/tasks"))
+    def guess(number):
+        token = "gho_guess_%04d" % number
+        replies.append(server.client(headers=bearer_auth(token)).get("/tasks"))
 
-    guessers = [threading.Thread(target=guess) for _ in range(20)]
+    guessers = [threading.Thread(target=guess, args=(number,)) for number in range(20)]
     for guesser in guessers:
         guesser.start()
     try:
@@ -4451,6 +4630,28 @@ def test_parallel_wrong_tokens_count_against_the_brake_while_github_is_slow(star
     assert asked_meanwhile == 10
     assert sorted(reply.status for reply in replies) == [401] * 10 + [429] * 10
     assert len(github.requests) == 10
+
+
+def test_parallel_requests_with_one_token_ask_github_once_and_good_ones_are_never_refused(
+        start_server, github):
+    server = start_github_server(start_server, github, "--auth-username", "alice")
+    github.hold = threading.Event()
+    replies = []
+
+    def request(token):
+        replies.append(server.client(headers=bearer_auth(token)).get("/tasks"))
+
+    requests = [threading.Thread(target=request, args=(token,))
+                for token in [ALICE_TOKEN] * 30 + [UNKNOWN_TOKEN] * 5]
+    for thread in requests:
+        thread.start()
+    wait_until(lambda: len(github.requests) == 2, what="one question about each token")
+    github.hold.set()
+    for thread in requests:
+        thread.join(TIMEOUT)
+
+    assert len(github.requests) == 2
+    assert sorted(reply.status for reply in replies) == [200] * 30 + [401] * 5
 
 
 def test_cross_site_requests_may_not_start_or_kill_tasks_but_may_read_them(api, shared_server,
@@ -5299,3 +5500,140 @@ def test_terminal_text_is_the_same_whatever_pieces_the_output_comes_in():
         pieces = [text[start:start + size] for start in range(0, len(text), size)]
         shown = "".join(terminal.feed(piece) for piece in pieces) + terminal.feed("", final=True)
         assert shown == expected == ANSI_FOR_TERMINALS, size
+
+
+# --- In process: faults of the history, and of an answer half sent -----------------------------
+
+class FlakyHistory:
+    """A TaskHistory whose writes fail (as a locked or full disk makes them) while `failing`."""
+
+    def __init__(self, history):
+        self._history = history
+        self.failing = False
+        self.tries = 0
+
+    def __getattr__(self, name):
+        return getattr(self._history, name)
+
+    def insert(self, *arguments):
+        if self.failing:
+            raise sqlite3.OperationalError("database is locked")
+        return self._history.insert(*arguments)
+
+    def save(self, changes):
+        self.tries += 1
+        if self.failing:
+            raise sqlite3.OperationalError("database is locked")
+        return self._history.save(changes)
+
+
+def test_a_history_write_that_fails_is_retried_and_nothing_counts_as_written_till_then(tmp_path):
+    history = FlakyHistory(server_module.TaskHistory(str(tmp_path / "history.sqlite3")))
+    store = server_module.TaskStore(history, max_output=1 << 20)
+    task = store.create("blog", "prod", "deploy")
+    folder = server_module.TaskFolder(str(tmp_path), task.id)
+    folder.create()
+    task.folder = folder
+    for line in range(1, 2001):
+        store.add_output(task, "line %d\n" % line)
+
+    history.failing = True
+    store.end(task, "finished", 0, "pulsar exited with code 0")
+    first_try = store.persist()
+    while_failing = store.read(task.id)
+    second_try = store.persist()
+    refused = None
+    try:
+        store.create("blog", "stage", "deploy")
+    except server_module.HTTPError as error:
+        refused = error
+    history.failing = False
+    written = store.persist()
+    stored = server_module.TaskHistory(str(tmp_path / "history.sqlite3")).load(task.id)
+
+    assert (first_try, second_try, written) == (False, False, True)
+    assert while_failing["status"] == "finished"
+    assert while_failing["output"] == "".join("line %d\n" % n for n in range(1, 2001))
+    assert folder.exists() is False
+    assert refused is not None and refused.status == 503
+    assert stored.status == "finished"
+    assert stored.snapshot(0).reply()["output"] == while_failing["output"]   # no hole
+    assert history.tries == 3
+
+
+def test_a_list_is_given_the_version_from_before_it_was_made(tmp_path):
+    history = server_module.TaskHistory(str(tmp_path / "history.sqlite3"))
+    store = server_module.TaskStore(history, max_output=1 << 20)
+    task = store.create("blog", "prod", "deploy", status="queued")
+    listing = history.summaries
+
+    def summaries_while_a_task_changes(*arguments):
+        rows = listing(*arguments)
+        store.mark_running(task)        # a change while the list is being made
+        return rows
+
+    history.summaries = summaries_while_a_task_changes
+    version, tasks = store.listing()
+
+    assert version < store.list_version     # the client's next poll answers at once
+    assert [listed["status"] for listed in tasks] == ["running"]
+
+
+def test_an_exception_in_a_thread_goes_to_the_log(caplog):
+    thread = threading.Thread(target=lambda: 1 / 0, name="doomed")
+    before = threading.excepthook
+    threading.excepthook = server_module.log_thread_exceptions
+    try:
+        with caplog.at_level(logging.ERROR, logger="pulsar-rest-api"):
+            thread.start()
+            thread.join(TIMEOUT)
+    finally:
+        threading.excepthook = before
+
+    assert "thread doomed failed" in caplog.text
+    assert "ZeroDivisionError" in caplog.text
+
+
+def test_an_error_after_the_answer_began_closes_the_connection_and_adds_nothing(
+        tmp_path, monkeypatch, caplog):
+    history = server_module.TaskHistory(str(tmp_path / "history.sqlite3"))
+    store = server_module.TaskStore(history, max_output=1 << 20)
+    task = store.create("blog", "prod", "deploy")
+    store.add_output(task, "first line\n")
+    settings = server_module.parse_args(["--db", ":memory:", "--no-ssl", "--host", "127.0.0.1",
+                                         "--port", "0"])
+    server = server_module.PulsarServer(
+        settings=settings, store=store, runner=types.SimpleNamespace(stopping=False), apps=None,
+        metrics=server_module.Metrics(), access=server_module.Access(server_module.OpenAccess()),
+        tls=None)
+    sends = []
+
+    def send_then_fail(stream, task):
+        sends.append(task)
+        if len(sends) > 1:
+            raise RuntimeError("something the server did not foresee")
+        return original(stream, task)
+
+    original = server_module.TextStream.send
+    monkeypatch.setattr(server_module.TextStream, "send", send_then_fail)
+    serving = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    serving.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="pulsar-rest-api"):
+            with socket.create_connection(server.server_address, timeout=TIMEOUT) as sock:
+                sock.sendall(b"GET /task/%d/stream HTTP/1.1\r\nHost: x\r\n\r\n" % task.id)
+                received = b""
+                while b"first line" not in received:
+                    received += sock.recv(65536)
+                store.add_output(task, "second line\n")      # its send fails
+                received += read_until_closed(sock)
+    finally:
+        server.shutdown()
+        server.server_close()
+        serving.join(TIMEOUT)
+
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"internal error" not in body and b"HTTP/1.1" not in body
+    assert re.search(r"internal error \w+ in GET '/task/\d+/stream' after its answer had begun",
+                     caplog.text), caplog.text
