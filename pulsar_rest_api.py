@@ -61,20 +61,31 @@ pass them back:  GET /task/7/state?version=V&offset=N  answers at once if the ta
 them (or has ended), otherwise when it next changes; its `output` then holds only the characters
 from N on.  Start with version=0&offset=0, stop when status is no longer `running`.
 
-Threading: ThreadingHTTPServer gives each connection a thread, which does its own TLS handshake.
-TaskStore's Condition guards every running task; changes notify_all, long polls wait_for a
-predicate.  Each task has two threads: one reads its output pipe, one waits for pulsar and ends
-its group.  A persist thread writes new output to SQLite every second; ended tasks live only there.
+Tasks: each runs under a keeper (the KEEPER program, appendix B), in a session of its own, which
+writes pulsar's output to DB.tasks/ID/output, rings a doorbell FIFO after each piece, ends what
+pulsar leaves in its session and records the end in DB.tasks/ID/ended.  The server's death
+touches no task; the next server on the same history takes over what still runs, records what
+ended meanwhile, and calls lost only a task whose keeper died too.  SIGUSR1 stops at once and
+leaves tasks and the line to the next server; SIGTERM waits for tasks, then kills them.
 
-History: tasks and their output are kept in SQLite (--db).  A task found running when the server
-starts (the server died during it) is marked lost, and its process group is killed if it still
-runs, since nobody can follow it any more.  Tasks are never re-queued after a restart.
+Threading: ThreadingHTTPServer gives each connection a thread, which does its own TLS handshake.
+TaskStore's Condition guards every live task; changes notify_all, long polls wait_for a predicate.
+One watcher thread follows every keeper (selectors on the doorbells), one reaper thread reaps
+every child, one persist thread writes to SQLite (the history is never written under the store's
+lock), and KeeperPool keeps a keeper started ahead of need.  Lock order: TaskRunner's lock, then
+TaskStore's; TaskStore._persisting, then its lock; TaskHistory's lock is taken alone, never with
+another held but _persisting.  Under TaskStore's lock only memory is touched.
+
+History: tasks and their output are kept in SQLite (--db): a running task's record as it
+changes, its output once it has ended (until then its output file keeps it); a failed write is
+retried every second.  One server per history (DB.lock).  --keep-days and --keep-tasks trim it.
 
 The file reads top to bottom in the order a request's data flows: constants, errors, input
 checks, the task model, the store and the history, running pulsar, access, metrics, TLS, HTTP
 (routes, fields, responses), the request handler, the endpoints, the server, the lifecycle, the
-command line and main; the web page's HTML, CSS and script are an appendix at the end.  Each
-part starts with a banner line: search for "# ----" to jump between them.
+command line and main; the web page's HTML, CSS and script are appendix A at the end, and the
+keeper's program appendix B.  Each part starts with a banner line: search for "# ----" to jump
+between them.
 
 Security: every name is checked against a strict pattern before anything runs (pulsar 1.x passes
 the action through a shell; pulsar 0.3 expands globs in app names); the Capistrano tasks `shell`
@@ -4259,7 +4270,7 @@ def main(argv=None):
         return done.code
 
 
-# ---------------------------------------------------------------- appendix: the web page
+# ---------------------------------------------------------------- appendix A: the web page
 
 # GET / serves one page, with its script and style from this server only (no inline code, so
 # that the Content-Security-Policy can forbid everything else).  Everything the page shows is set
@@ -4725,7 +4736,7 @@ PAGE_SECURITY = [
 ]
 
 
-# ---------------------------------------------------------------- appendix: the keeper program
+# ---------------------------------------------------------------- appendix B: the keeper
 
 # Each task runs under a keeper: this program, started ahead of need (KeeperPool) as
 # `python3 -I -S -c KEEPER` in a session of its own.  It reads its order (one JSON line: the
