@@ -323,10 +323,10 @@ Steps are separated by '.', a step's argument follows '-':
   exit-N                exit with status N
   signal-N              send itself signal N
   anything else         print argv as JSON
-Each run first appends {argv, pid, pgid, sid, cwd, cwd_entries, fds} as one JSON line to
+Each run first appends {argv, pid, pgid, sid, cwd, cwd_entries, fds, env} as one JSON line to
 $FAKE_DIR/invocations.jsonl.  `--version` prints $FAKE_PULSAR_VERSION (default: no version)
-and exits $FAKE_PULSAR_VERSION_EXIT (default 0);
-`list ...` (pulsar 1.x's list of apps) prints $FAKE_DIR/apps.txt and exits with the status in
+and exits $FAKE_PULSAR_VERSION_EXIT (default 0).  `list ...` (pulsar 1.x's list of apps) sleeps
+the seconds in $FAKE_DIR/apps.sleep, prints $FAKE_DIR/apps.txt, exits with the status in
 $FAKE_DIR/apps.exit (default 0), and appends its argv to $FAKE_DIR/lists.jsonl.  Neither is a
 task, so neither is recorded as an invocation.
 """
@@ -490,6 +490,9 @@ if sys.argv[1:] == ["--version"]:     # the server asks at start; not a task
 if sys.argv[1:2] == ["list"]:
     with open(os.path.join(FAKE_DIR, "lists.jsonl"), "a") as lists:
         lists.write(json.dumps(sys.argv) + "\n")
+    if os.path.exists(os.path.join(FAKE_DIR, "apps.sleep")):   # as a slow clone would be
+        with open(os.path.join(FAKE_DIR, "apps.sleep")) as source:
+            time.sleep(float(source.read()))
     if os.path.exists(os.path.join(FAKE_DIR, "apps.txt")):
         with open(os.path.join(FAKE_DIR, "apps.txt")) as source:
             emit(OUT, source.read())
@@ -2507,6 +2510,7 @@ def test_apps_lists_once_for_many_requests_while_it_cannot_list_and_once_for_man
     apps_listed(server, "blog: production\nbad name: x\nshop: production, <img>\n"
                         "warning: this is not an app\n")
     client.get("/apps")         # still the failure: it is kept for a while
+    (fake.dir / "apps.sleep").write_text("0.5")
     ids = [client.create(unique("app"), "prod", "out-1") for _ in range(6)]
     for task_id in ids:
         client.wait_ended(task_id)
@@ -2514,7 +2518,9 @@ def test_apps_lists_once_for_many_requests_while_it_cannot_list_and_once_for_man
 
     assert {reply.status for reply in failing} == {503}
     assert listed_for_requests == 1
-    assert len(lists_run(server)) <= 3      # one for the requests, at most two for the tasks
+    # One for the requests; for the six tasks, one listing, and one more for those that came
+    # while it ran.
+    assert len(lists_run(server)) <= 3
 
 
 def run_side_by_side_requests(client, paths):
@@ -5091,31 +5097,48 @@ def real_server(directory, pulsar_bin, *flags, files=()):
 
 
 @pytest.fixture(scope="module")
-def pulsar_1_1(realpulsar, tmp_path_factory):
-    """The real pulsar 1.1.0 (its form found by itself), its tasks all started at once."""
-    directory = tmp_path_factory.mktemp("pulsar-1.1")
-    server = real_server(directory / "server", realpulsar["REALPULSAR_BIN"],
-                         "--config-repo", realpulsar["REALPULSAR_CONF"], "--allow-concurrent")
-    unreachable = real_server(directory / "unreachable", realpulsar["REALPULSAR_BIN"],
-                              "--config-repo", "file://%s/nonexistent" % directory)
+def real_pulsars(realpulsar, tmp_path_factory):
+    """The tasks of both versions, all started at once, so that their slow starts overlap:
+    (those of pulsar 1.1.0, those of pulsar 0.3.5)."""
+    servers = []
     try:
-        tasks = RealTasks(server, {
-            "hello": ("blog", "production", "blog:hello"), "fail": ("blog", "staging", "blog:fail"),
-            "no-app": ("nosuch", "production", "blog:hello"),
-            "no-env": ("blog", "nosuch", "blog:hello"),
-            "no-task": ("blog", "production", "nosuch:task"),
-            "deploy": ("blog", "staging", "deploy"), "long": ("blog", "production", "blog:long")})
-        tasks.unreachable = RealTasks(unreachable, {"clone": ("blog", "production", "blog:hello")})
-        yield tasks
+        yield (start_pulsar_1_1(realpulsar, tmp_path_factory.mktemp("pulsar-1.1"), servers),
+               start_pulsar_0_3(realpulsar, tmp_path_factory.mktemp("pulsar-0.3"), servers))
     finally:
-        stop_all_cleanly([server, unreachable])
+        stop_all_cleanly(servers)
 
 
-@pytest.fixture(scope="module")
-def pulsar_0_3(realpulsar, tmp_path_factory):
+@pytest.fixture
+def pulsar_1_1(real_pulsars):
+    return real_pulsars[0]
+
+
+@pytest.fixture
+def pulsar_0_3(real_pulsars):
+    return real_pulsars[1]
+
+
+def start_pulsar_1_1(realpulsar, directory, servers):
+    """The real pulsar 1.1.0 (its form found by itself), its tasks all started at once."""
+    servers.append(real_server(directory / "server", realpulsar["REALPULSAR_BIN"],
+                               "--config-repo", realpulsar["REALPULSAR_CONF"],
+                               "--allow-concurrent"))
+    servers.append(real_server(directory / "unreachable", realpulsar["REALPULSAR_BIN"],
+                               "--config-repo", "file://%s/nonexistent" % directory))
+    tasks = RealTasks(servers[-2], {
+        "hello": ("blog", "production", "blog:hello"), "fail": ("blog", "staging", "blog:fail"),
+        "no-app": ("nosuch", "production", "blog:hello"),
+        "no-env": ("blog", "nosuch", "blog:hello"),
+        "no-task": ("blog", "production", "nosuch:task"),
+        "deploy": ("blog", "staging", "deploy"), "long": ("blog", "production", "blog:long")})
+    tasks.unreachable = RealTasks(servers[-1], {"clone": ("blog", "production", "blog:hello")})
+    return tasks
+
+
+def start_pulsar_0_3(realpulsar, directory, servers):
     """The real pulsar 0.3.5 (its form found by itself) on the branch `other` of its repository,
-    started in a folder that holds a config.ru, its tasks all started at once."""
-    directory = tmp_path_factory.mktemp("pulsar-0.3")
+    started in a folder that holds a config.ru, its tasks all started at once; and beside it,
+    one with pulsar-utils beside pulsar, and one with the repository as a plain folder."""
     with_utils = directory / "bin"
     with_utils.mkdir()
     wrapper = Path(realpulsar["REALPULSAR035_BIN"]).read_text()
@@ -5125,27 +5148,23 @@ def pulsar_0_3(realpulsar, tmp_path_factory):
     for program in with_utils.iterdir():
         program.chmod(0o755)
     conf = realpulsar["REALPULSAR035_CONF"]
-    servers = []
-    try:
-        servers.append(real_server(directory / "server", realpulsar["REALPULSAR035_BIN"],
-                                   "--config-repo", conf, "--config-branch", "other",
-                                   "--allow-concurrent", files=["config.ru"]))
-        servers.append(real_server(directory / "listing", with_utils / "pulsar",
-                                   "--config-repo", conf))
-        servers.append(real_server(directory / "folder", realpulsar["REALPULSAR035_BIN"],
-                                   "--config-repo", conf[len("file://"):],
-                                   "--config-branch", "other"))
-        tasks = RealTasks(servers[0], {
-            "hello": ("blog", "production", "blog:hello"),
-            "failing": ("blog", "staging", "blog:failing"),
-            "no-app": ("nosuch", "production", "blog:hello"),
-            "no-task": ("blog", "production", "nosuch"),
-            "long": ("blog", "staging", "blog:long")})
-        tasks.listing, tasks.folder = servers[1], RealTasks(servers[2], {
-            "hello": ("blog", "production", "blog:hello")})
-        yield tasks
-    finally:
-        stop_all_cleanly(servers)
+    servers.append(real_server(directory / "server", realpulsar["REALPULSAR035_BIN"],
+                               "--config-repo", conf, "--config-branch", "other",
+                               "--allow-concurrent", files=["config.ru"]))
+    servers.append(real_server(directory / "listing", with_utils / "pulsar",
+                               "--config-repo", conf))
+    servers.append(real_server(directory / "folder", realpulsar["REALPULSAR035_BIN"],
+                               "--config-repo", conf[len("file://"):],
+                               "--config-branch", "other"))
+    tasks = RealTasks(servers[-3], {
+        "hello": ("blog", "production", "blog:hello"),
+        "failing": ("blog", "staging", "blog:failing"),
+        "no-app": ("nosuch", "production", "blog:hello"),
+        "no-task": ("blog", "production", "nosuch"),
+        "long": ("blog", "staging", "blog:long")})
+    tasks.listing, tasks.folder = servers[-2], RealTasks(servers[-1], {
+        "hello": ("blog", "production", "blog:hello")})
+    return tasks
 
 
 def kill_when_printed(tasks, name, text):
