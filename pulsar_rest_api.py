@@ -130,6 +130,7 @@ import socket
 import socketserver
 import sqlite3
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -198,6 +199,10 @@ CHATTY_GAP = 0.005         # seconds between two outputs that make a task chatty
 MAX_TAIL = 100000          # lines GET /task/:id/output?tail= may ask for
 REFUSERS = 8               # threads that may answer 503 to connections over the limit at once
 REFUSAL_LOG_EVERY = 10     # seconds between log lines about connections over the limit
+MAX_PER_ADDRESS = 64       # connections at once from one address (an IPv6 /64), but loopback
+LOG_WINDOW = 60            # seconds over which log lines about clients without credentials ...
+REFUSALS_PER_ADDRESS = 30  # ... are written at most this many per address ...
+REFUSALS_LOGGED = 300      # ... and this many in all, the rest summed up
 REFUSE_TIMEOUT = 2.0       # seconds such a 503 may take, handshake included
 AUTH_FAILURES = 10         # failed logins from one address within AUTH_WINDOW ...
 AUTH_WINDOW = 60           # ... seconds, before it is refused (429) for AUTH_WINDOW seconds
@@ -205,6 +210,7 @@ AUTH_TRACKED = 10000       # addresses or tokens remembered before expired ones 
 AUTH_CEILING = 100         # failed logins within AUTH_WINDOW from everyone together, past which
                            # credentials that never worked are refused for a while
 GITHUB_DEADLINE = 15       # seconds one whole check of a token with GitHub may take
+NAME_LOOKUP_TIMEOUT = 2.0  # seconds to learn this host's fully qualified name for a certificate
 GITHUB_API = "https://api.github.com"
 GITHUB_TIMEOUT = 10        # seconds for one GitHub API call
 GITHUB_CACHE_YES = 300     # seconds an allowed token is trusted without asking GitHub again
@@ -214,6 +220,7 @@ GITHUB_RECHECK = 60        # seconds after which a grant is checked again before
 GITHUB_LOGIN_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}")
 GITHUB_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 PASSWORD_VARIABLE = "PULSAR_REST_API_PASSWORD"
+PASSWORD_HANDOVER = "PULSAR_REST_API_PASSWORD_PIPE"     # FD:ORIGIN, from a restart that hid it
 SERVER_SECRETS = frozenset({PASSWORD_VARIABLE})     # never passed on to pulsar
 LOG_NAME = "pulsar-rest-api.log"
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -2157,6 +2164,11 @@ class Access:
         self._all_failures = collections.deque()    # times of everyone's recent failures
         self._worked = {}               # credential hash -> when it last let someone in
 
+    @property
+    def requires_credentials(self):
+        """False for an open server."""
+        return not isinstance(self.authenticator, OpenAccess)
+
     def login(self, authorization, address, changes_state=False):
         """The client's login ("-" when the API is open), or HTTPError 401/403/429/503.  A
         request that changes something has a GitHub grant re-checked once it is older than
@@ -2262,6 +2274,53 @@ def brake_key(address):
     return str(ip)
 
 
+class RefusalLog:
+    """Log lines about what clients without credentials do (their requests, connections
+    dropped before a request): REFUSALS_PER_ADDRESS per address in each LOG_WINDOW, no more than
+    REFUSALS_LOGGED in all, then one summary line per address at the window's end.  So nothing a
+    client without credentials sends grows the log faster than about 2 x REFUSALS_LOGGED lines
+    a window, however many addresses it has."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._window_ends = 0.0
+        self._logged = collections.Counter()    # brake_key(address) -> lines this window
+        self._silenced = collections.Counter()  # brake_key(address) -> lines not logged
+        self._summary = None                    # the Timer that writes the summary lines
+
+    def info(self, address, message, *arguments):
+        if is_loopback(address):    # a proxy in front, or someone on this host: not told apart
+            logger.info(message, *arguments)
+            return
+        key = brake_key(address)
+        with self._lock:
+            if self._clock() >= self._window_ends:
+                self._window_ends = self._clock() + LOG_WINDOW
+                self._logged.clear()
+            if self._logged[key] >= REFUSALS_PER_ADDRESS or sum(
+                    self._logged.values()) >= REFUSALS_LOGGED:
+                self._silenced[key] += 1
+                if self._summary is None:
+                    self._summary = threading.Timer(max(0.0, self._window_ends - self._clock()),
+                                                    self._summarize)
+                    self._summary.daemon = True
+                    self._summary.start()
+                return
+            self._logged[key] += 1
+        logger.info(message, *arguments)
+
+    def _summarize(self):
+        with self._lock:
+            silenced, self._silenced = self._silenced, collections.Counter()
+            self._summary = None
+        for key, count in silenced.most_common(REFUSALS_LOGGED):
+            logger.info("%s: %d more requests or connections without credentials in the last "
+                        "%d s, not logged one by one", key, count, LOG_WINDOW)
+        if len(silenced) > REFUSALS_LOGGED:
+            logger.info("and %d more addresses", len(silenced) - REFUSALS_LOGGED)
+
+
 class OpenAccess:
     """No authentication: anyone who reaches the port may use the API."""
 
@@ -2276,16 +2335,17 @@ class BasicLogin:
     """One username and password, sent as HTTP Basic, compared in constant time."""
 
     def __init__(self, username, password):
-        self._username = username.encode("utf-8")
-        self._password = password.encode("utf-8")
+        self._username = nfc(username).encode("utf-8")
+        self._password = nfc(password).encode("utf-8")
         self.description = "HTTP Basic, user %s" % username
 
     def login(self, authorization, fresh_within=None):
         scheme, user, secret = parse_authorization(authorization)
         if scheme != "basic":
             raise unauthorized("send a username and password (curl -u USER:PASSWORD)")
-        user_ok = hmac.compare_digest(user.encode("utf-8"), self._username)
-        password_ok = hmac.compare_digest(secret.encode("utf-8"), self._password)
+        # Compared as NFC: the same name typed on another system may come composed otherwise.
+        user_ok = hmac.compare_digest(nfc(user).encode("utf-8"), self._username)
+        password_ok = hmac.compare_digest(nfc(secret).encode("utf-8"), self._password)
         if not (user_ok and password_ok):
             raise unauthorized("wrong username or password")
         return user
@@ -2460,12 +2520,21 @@ def parse_authorization(header):
         return "bearer", value, None
     if scheme.lower() == "basic":
         try:
-            user, colon, secret = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError, ValueError):
+            decoded = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
             raise unauthorized("the Basic credentials are not valid base64 of user:password")
+        try:
+            user, colon, secret = decoded.decode("utf-8").partition(":")
+        except UnicodeDecodeError:
+            raise unauthorized("the Basic credentials are not UTF-8 (send the username and "
+                               "password encoded as UTF-8)")
         if colon:
             return "basic", user, secret
     raise unauthorized("send HTTP Basic credentials or a Bearer token")
+
+
+def nfc(text):
+    return unicodedata.normalize("NFC", text)
 
 
 def github_token(credentials):
@@ -2571,16 +2640,16 @@ class Metrics:
 
 # ---------------------------------------------------------------- TLS
 
-DEV_CERT_CONFIG = """\
+SELF_SIGNED_CONFIG = """\
 [req]
 distinguished_name = dn
 x509_extensions = ext
 prompt = no
 [dn]
-CN = pulsar.local
+CN = %(name)s
 O = pulsar-rest-api self-signed certificate
 [ext]
-subjectAltName = DNS:*.pulsar.local, DNS:pulsar.local, DNS:localhost, IP:127.0.0.1, IP:::1
+subjectAltName = %(names)s
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
 extendedKeyUsage = serverAuth
@@ -2589,10 +2658,17 @@ authorityKeyIdentifier = keyid:always
 """
 
 
-def self_signed_pair(folder):
-    """(cert, key) paths in `folder`, made once with the openssl command and reused afterwards."""
+def self_signed_pair(folder, names):
+    """(cert, key) paths in `folder`, made with the openssl command for `names` (subject
+    alternative names such as DNS:host, IP:10.0.0.5) and reused while the names stay those."""
     cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
-    if os.path.isfile(cert) and os.path.isfile(key):
+    named = os.path.join(folder, "names.txt")
+    try:
+        with open(named) as source:
+            made_for = source.read().strip()
+    except OSError:
+        made_for = None
+    if os.path.isfile(cert) and os.path.isfile(key) and made_for == ", ".join(names):
         return cert, key
     openssl = shutil.which("openssl")
     if openssl is None:
@@ -2604,7 +2680,8 @@ def self_signed_pair(folder):
         os.chmod(folder, 0o700)         # the key is written here before it is locked down
         config = os.path.join(folder, "openssl.cnf")
         with open(config, "w") as out:
-            out.write(DEV_CERT_CONFIG)
+            out.write(SELF_SIGNED_CONFIG % {"name": names[0].partition(":")[2],
+                                            "names": ", ".join(names)})
         run_openssl([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
                      "ec_paramgen_curve:prime256v1", "-nodes", "-days", "3660", "-config", config,
                      "-keyout", key + ".new", "-out", cert + ".new"], "make a certificate")
@@ -2612,10 +2689,35 @@ def self_signed_pair(folder):
         os.replace(key + ".new", key)
         os.replace(cert + ".new", cert)
         os.remove(config)
+        with open(named, "w") as out:
+            out.write(", ".join(names) + "\n")
     except OSError as error:
         raise StartupError("cannot make a self-signed certificate in %s: %s" % (folder, error))
-    logger.info("made a self-signed certificate in %s", folder)
+    logger.info("made a self-signed certificate in %s for %s", folder, ", ".join(names))
     return cert, key
+
+
+def this_hosts_names(listen_host):
+    """What clients may call this host, for a self-made certificate: its name and fully
+    qualified name, the address it listens on when that is a specific one, and loopback."""
+    names = [socket.gethostname()]
+    found = []
+    lookup = threading.Thread(target=lambda: found.append(socket.getfqdn()), daemon=True)
+    lookup.start()
+    lookup.join(NAME_LOOKUP_TIMEOUT)    # a broken DNS must not stall the start
+    names += found
+    if listen_host not in ("", "0.0.0.0", "::"):
+        names.append(listen_host)
+    names += ["localhost", "127.0.0.1", "::1"]
+    entries = []
+    for name in names:
+        try:
+            entry = "IP:%s" % ipaddress.ip_address(name)
+        except ValueError:
+            entry = "DNS:%s" % name
+        if name and entry not in entries:
+            entries.append(entry)
+    return entries
 
 
 def run_openssl(argv, purpose, stdin=b""):
@@ -2684,7 +2786,8 @@ def pfx_tls_context(pfx_file, passphrase):
 
 
 def certificate_fingerprint(cert_file):
-    """SHA-256 of the first certificate in a PEM file, as AA:BB:... (what browsers show)."""
+    """(SHA-256 of the first certificate in a PEM file, as AA:BB:... (what browsers show),
+    SHA-256 of its public key in base64, as curl --pinnedpubkey sha256//... takes it)."""
     try:
         with open(cert_file, encoding="ascii", errors="replace") as source:
             text = source.read()
@@ -2693,7 +2796,45 @@ def certificate_fingerprint(cert_file):
     except (OSError, ValueError) as error:
         raise StartupError("cannot read a certificate from %s: %s" % (cert_file, error))
     digest = hashlib.sha256(der).hexdigest().upper()
-    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+    fingerprint = ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+    try:
+        pin = base64.b64encode(hashlib.sha256(public_key_info(der)).digest()).decode("ascii")
+    except (IndexError, ValueError):
+        pin = None                  # a certificate this small parser does not follow
+    return fingerprint, pin
+
+
+def public_key_info(der):
+    """The DER SubjectPublicKeyInfo of a DER certificate: Certificate is a SEQUENCE holding
+    tbsCertificate, a SEQUENCE of an optional [0] version, serialNumber, signature, issuer,
+    validity, subject, subjectPublicKeyInfo, ..."""
+    certificate = der_elements(der)[0][1]
+    tbs = der_elements(certificate)[0][1]
+    fields = der_elements(tbs)
+    if fields[0][0] == 0xA0:            # the version
+        fields = fields[1:]
+    return fields[5][2]
+
+
+def der_elements(data):
+    """[(tag, content, whole element)] of the DER elements one after the other in `data`."""
+    elements, at = [], 0
+    while at < len(data):
+        length, start = der_length(data, at + 1)
+        elements.append((data[at], data[start:start + length], data[at:start + length]))
+        at = start + length
+    return elements
+
+
+def der_length(data, at):
+    """(length, where the content starts) of a DER element whose length begins at `at`."""
+    first = data[at]
+    if first < 0x80:
+        return first, at + 1
+    size = first & 0x7F
+    if not 0 < size <= 4:
+        raise ValueError("a DER length of %d bytes" % size)
+    return int.from_bytes(data[at + 1:at + 1 + size], "big"), at + 1 + size
 
 
 def load_tls(settings):
@@ -2707,7 +2848,7 @@ def load_tls(settings):
         if os.path.isfile(os.path.join(bundled, "cert.pem")):
             cert, key = os.path.join(bundled, "cert.pem"), os.path.join(bundled, "key.pem")
         else:
-            cert, key = self_signed_pair(state_dir())
+            cert, key = self_signed_pair(state_dir(), this_hosts_names(settings.host))
     return tls_context(cert, key, settings.tls_passphrase), certificate_fingerprint(cert)
 
 
@@ -2997,6 +3138,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._reader = DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self._reader, SOCKET_BUFFER)
         self.exchange = None            # the request being answered; None before the first
+        self.proven = False             # a request here has shown good credentials (or, on an
+                                        # open server, has been answered)
         self._chunked = False           # the streamed answer being sent is chunked
 
     def handle(self):
@@ -3007,7 +3150,14 @@ class RequestHandler(BaseHTTPRequestHandler):
             while not self.close_connection:
                 self.handle_one_request()
         except (ConnectionError, ssl.SSLError, socket.timeout) as error:
-            logger.info("%s: connection dropped: %s", self.peer, describe_socket_error(error))
+            self._note("%s: connection dropped: %s", self.peer, describe_socket_error(error))
+
+    def _note(self, message, *arguments):
+        """Log a line about this connection; throttled while it has not shown credentials."""
+        if self.proven:
+            logger.info(message, *arguments)
+        else:
+            self.server.refusals.info(self.client_address[0], message, *arguments)
 
     def _handshake(self):
         deadline = time.monotonic() + self.server.request_timeout
@@ -3015,7 +3165,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         try:
             first = socket.socket.recv(self.connection, 1, socket.MSG_PEEK)
             if not first:
-                logger.info("%s: closed before a TLS hello", self.peer)
+                self._note("%s: closed before a TLS hello", self.peer)
                 return False
             if first.isalpha():
                 self._answer_plain_http()
@@ -3024,10 +3174,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.connection.do_handshake()      # the timeout bounds the whole handshake
             return True
         except socket.timeout:
-            logger.info("%s: no TLS handshake within %g s; dropped", self.peer,
-                        self.server.request_timeout)
+            self._note("%s: no TLS handshake within %g s; dropped", self.peer,
+                       self.server.request_timeout)
         except (ssl.SSLError, OSError) as error:
-            logger.info("%s: TLS handshake failed: %s", self.peer, describe_socket_error(error))
+            self._note("%s: TLS handshake failed: %s", self.peer, describe_socket_error(error))
         return False
 
     def _answer_plain_http(self):
@@ -3035,12 +3185,16 @@ class RequestHandler(BaseHTTPRequestHandler):
         body = b"This server speaks HTTPS: use https:// (curl -k https://HOST:PORT/...).\n"
         socket.socket.sendall(self.connection, whole_response(     # beneath TLS, as plain bytes
             400, body, "text/plain; charset=utf-8", close=True))
-        logger.info("%s: plain HTTP on the TLS port; answered 400", self.peer)
+        self._note("%s: plain HTTP on the TLS port; answered 400", self.peer)
 
     def handle_one_request(self):
         first = self.exchange is None
+        # A connection that has not shown good credentials may wait for its next request no
+        # longer than a request may take, so that clients without them cannot hold on to the
+        # connections users need.
+        idle = IDLE_TIMEOUT if self.proven else self.server.request_timeout
         self._reader.deadline = time.monotonic() + (
-            self.server.request_timeout if first else IDLE_TIMEOUT)
+            self.server.request_timeout if first else idle)
         if not self.rfile.peek(1):      # the client closed a keep-alive connection
             self.close_connection = True
             return
@@ -3078,6 +3232,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                 exchange.login = self.server.access.login(self.headers.get("Authorization"),
                                                           self.client_address[0],
                                                           exchange.route.changes_state)
+                self.proven = True
             if exchange.route.changes_state:
                 self._check_same_site()
             content_type = None
@@ -3103,7 +3258,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.send_json(500, {"error": "internal error", "id": incident})
 
     def _answer_error(self, error):
-        self.close_connection = self.close_connection or error.close
+        # A 401 to a request without credentials is what a client that has none gets: it
+        # keeps no connection for it.
+        closes = error.close or (error.status == 401 and not self.headers.get("Authorization"))
+        self.close_connection = self.close_connection or closes
         self.send_json(error.status, error.reply(), error.headers)
 
     def _check_header_limits(self):
@@ -3118,7 +3276,13 @@ class RequestHandler(BaseHTTPRequestHandler):
         """Refuse a state change that a browser sends for another page than this server's:
         browsers add Basic credentials by themselves, so an <img> on any other page (another
         site, or another port or subdomain of this one) could kill a task.  curl and bots send
-        none of these headers."""
+        none of these headers.  A prefetch or prerender is never a person asking: refused too
+        (a browser may fetch a kill URL while its user is still typing it)."""
+        purposes = " ".join(self.headers.get(name, "") for name in (
+            "Sec-Purpose", "Purpose", "X-Purpose", "X-Moz")).lower()
+        if "prefetch" in purposes or "prerender" in purposes or "preview" in purposes:
+            raise HTTPError(403, "a prefetch or prerender may not start or kill tasks; open the "
+                                 "page and ask again")
         fetched_from = self.headers.get("Sec-Fetch-Site", "").strip().lower()
         if fetched_from not in ("", "same-origin", "none"):
             raise HTTPError(403, "requests from another page (%s) may not start or kill tasks"
@@ -3246,10 +3410,15 @@ class RequestHandler(BaseHTTPRequestHandler):
         """Count and log an answer that has been written whole."""
         self.server.metrics.request_answered(status)
         exchange = self.exchange
-        logger.info("%s %s %s %d %d %.0fms%s", self.peer, quoted(exchange.method, 20)[1:-1],
-                    quoted(exchange.target, 200), status, size,
-                    (time.monotonic() - exchange.started) * 1000,
-                    "" if exchange.login == "-" else " user=%s" % quoted(exchange.login))
+        log = logger.info if exchange.login != "-" else self._note_unknown
+        log("%s %s %s %d %d %.0fms%s", self.peer, quoted(exchange.method, 20)[1:-1],
+            quoted(exchange.target, 200), status, size,
+            (time.monotonic() - exchange.started) * 1000,
+            "" if exchange.login == "-" else " user=%s" % quoted(exchange.login))
+
+    def _note_unknown(self, message, *arguments):
+        """A request nobody logged in for: throttled like the connection's other lines."""
+        self.server.refusals.info(self.client_address[0], message, *arguments)
 
     def log_message(self, format, *args):
         logger.info("%s: %s", self.peer, format % args)
@@ -3422,6 +3591,8 @@ class ApiHandler(RequestHandler):
         self.send_bytes(200, text.encode("utf-8"), content_type, PAGE_SECURITY)
 
     def health(self):
+        if not self.proven and self.server.access.requires_credentials:
+            self.close_connection = True    # /health is public: it must not hold connections
         stopping = self.server.runner.stopping
         self.send_json(503 if stopping else 200, {
             "status": "stopping" if stopping else "ok",
@@ -3674,6 +3845,9 @@ class PulsarServer(ThreadingHTTPServer):
         self.request_timeout = settings.request_timeout
         self._refusing = threading.BoundedSemaphore(REFUSERS)
         self._refusal_logged = -REFUSAL_LOG_EVERY
+        self._lock = threading.Lock()
+        self._per_address = collections.Counter()   # brake_key(address) -> connections open
+        self.refusals = RefusalLog()
         super().__init__((settings.host, settings.port), ApiHandler)
 
     def server_bind(self):
@@ -3696,13 +3870,18 @@ class PulsarServer(ThreadingHTTPServer):
         return sock, address
 
     def process_request(self, request, client_address):
+        if not self._count_in(client_address[0]):
+            self._refuse(request, client_address, "from its address (%d)" % MAX_PER_ADDRESS)
+            return
         if not self.metrics.open_connection(self.max_connections):
-            self._refuse(request, client_address)
+            self._count_out(client_address[0])
+            self._refuse(request, client_address, "(--max-connections)")
             return
         try:
             super().process_request(request, client_address)
         except RuntimeError as error:      # can't start new thread
             self.metrics.close_connection()
+            self._count_out(client_address[0])
             logger.error("%s:%s: dropped: %s", client_address[0], client_address[1], error)
             self.shutdown_request(request)
 
@@ -3711,17 +3890,36 @@ class PulsarServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.metrics.close_connection()
+            self._count_out(client_address[0])
 
-    def _refuse(self, request, client_address):
-        """Over --max-connections: answer 503 and close, in a thread of a few kept for this, so
-        that the accept loop goes on; when those are busy too, just close."""
+    def _count_in(self, address):
+        """Count a connection from `address`; False (not counted) when that address has
+        MAX_PER_ADDRESS open already.  This host's own addresses are not capped: they are a
+        proxy in front, or someone already on the bastion."""
+        key = brake_key(address)
+        with self._lock:
+            if self._per_address[key] >= MAX_PER_ADDRESS and not is_loopback(address):
+                return False
+            self._per_address[key] += 1
+            return True
+
+    def _count_out(self, address):
+        key = brake_key(address)
+        with self._lock:
+            self._per_address[key] -= 1
+            if self._per_address[key] <= 0:
+                del self._per_address[key]
+
+    def _refuse(self, request, client_address, limit):
+        """Over a limit of connections: answer 503 and close, in a thread of a few kept for
+        this, so that the accept loop goes on; when those are busy too, just close."""
         self.metrics.connection_refused()
         now = time.monotonic()
         if now - self._refusal_logged >= REFUSAL_LOG_EVERY:
             self._refusal_logged = now
-            logger.warning("%s:%s: %d connections open, the most allowed (--max-connections); "
-                           "refusing more (next note in %d s at the earliest)", client_address[0],
-                           client_address[1], self.max_connections, REFUSAL_LOG_EVERY)
+            logger.warning("%s:%s: refused: as many connections are open as allowed %s "
+                           "(next note in %d s at the earliest)", client_address[0],
+                           client_address[1], limit, REFUSAL_LOG_EVERY)
         if not self._refusing.acquire(blocking=False):
             self.shutdown_request(request)
             return
@@ -3750,9 +3948,12 @@ class PulsarServer(ThreadingHTTPServer):
 def configure_logging(log_dir):
     if log_dir:
         try:
-            os.makedirs(log_dir, exist_ok=True)
-            # WatchedFileHandler reopens the file when logrotate moves it away.
-            handler = logging.handlers.WatchedFileHandler(os.path.join(log_dir, LOG_NAME))
+            os.makedirs(log_dir, mode=0o700, exist_ok=True)
+            if os.stat(log_dir).st_mode & stat.S_IWOTH:
+                raise StartupError("--log-dir %s is writable by every user, who could put a "
+                                   "link there in place of the log: give a folder of its own"
+                                   % log_dir)
+            handler = PrivateLogFile(os.path.join(log_dir, LOG_NAME))
         except OSError as error:
             raise StartupError("--log-dir: cannot write %s: %s" % (log_dir, error))
     else:
@@ -3764,6 +3965,17 @@ def configure_logging(log_dir):
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+class PrivateLogFile(logging.handlers.WatchedFileHandler):
+    """The log file, reopened when logrotate moves it away (WatchedFileHandler), created
+    readable by its owner only whatever the umask, and never through a symbolic link that
+    someone put in its place."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename,
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
 
 
 def serve(settings):
@@ -3927,7 +4139,10 @@ def announce(settings, server, fingerprint, history, command):
         logger.info("reachable as %s://%s:%d/ on this host's addresses", scheme,
                     socket.gethostname(), port)
     if fingerprint:
-        logger.info("TLS certificate SHA-256 fingerprint %s", fingerprint)
+        logger.info("TLS certificate SHA-256 fingerprint %s", fingerprint[0])
+        if fingerprint[1]:
+            logger.info("TLS public key pin: curl --pinnedpubkey sha256//%s (with -k, this "
+                        "checks the key whatever name the certificate gives)", fingerprint[1])
     else:
         logger.warning("TLS IS OFF (--no-ssl): requests and answers travel in clear text; use "
                        "this only behind a TLS-terminating proxy")
@@ -4130,8 +4345,15 @@ def parse_args(argv):
         check_readable("--" + flag.replace("_", "-"), getattr(settings, flag))
     for pattern in settings.allow_action:
         check_pattern(pattern)
-    settings.authenticator = authenticator_from(settings, os.environ)
+    handed, origin = handed_over_password(os.environ)
+    environ = dict(os.environ)
+    if origin == "command line":
+        settings.auth_password = handed
+    elif origin == "environment":
+        environ[PASSWORD_VARIABLE] = handed
+    settings.authenticator = authenticator_from(settings, environ)
     settings.password_in_argv = settings.auth_password is not None
+    settings.auth_password = None       # the authenticator has it; nothing else needs it
     settings.tls_passphrase = None
     if settings.ssl_passphrase:
         settings.tls_passphrase = read_secret("--ssl-passphrase", settings.ssl_passphrase)
@@ -4177,6 +4399,9 @@ def authenticator_from(settings, environ):
         for flag, value in (("--auth-method", method), ("--github-api", settings.github_api)):
             if value is not None:
                 raise StartupError("%s is for --auth-provider github, not basic" % flag)
+        if ":" in settings.auth_username:
+            raise StartupError("--auth-username %r: HTTP Basic cannot carry a ':' in a username"
+                               % settings.auth_username)
         if not password:
             raise StartupError("--auth-provider basic needs a password: --auth-password-file "
                                "FILE, the %s environment variable, or --auth-password"
@@ -4205,9 +4430,11 @@ def is_loopback(host):
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host.split("%")[0])
     except ValueError:
         return False
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None
+                              and ip.ipv4_mapped.is_loopback)
 
 
 def check_pattern(pattern):
@@ -4238,12 +4465,17 @@ def check_readable(flag, path):
 
 
 def read_secret(flag, path):
-    """The first line of a file that holds a passphrase or a password."""
+    """A passphrase or a password: the first line of a file (UTF-8, without its line end;
+    anything after it is ignored)."""
     try:
         with open(path, encoding="utf-8") as source:
-            return source.read().rstrip("\r\n")
+            line = source.readline().rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as error:
         raise StartupError("%s: cannot read %s: %s" % (flag, path, error))
+    if not line:
+        raise StartupError("%s: the first line of %s is empty; it must hold the secret" % (
+            flag, path))
+    return line
 
 
 def log_thread_exceptions(arguments):
@@ -4253,10 +4485,51 @@ def log_thread_exceptions(arguments):
                  exc_info=(arguments.exc_type, arguments.exc_value, arguments.exc_traceback))
 
 
+def restart_without_the_password(argv):
+    """A password given in the environment or on the command line shows in /proc/PID/environ
+    and /proc/PID/cmdline for as long as the process lives, whatever os.environ says later, and
+    every task runs as the same user: start the server again (the same process, exec) without
+    it, handing it over on a pipe.  Returns only when there is nothing to hide."""
+    environ, rest, secret, origin = dict(os.environ), [], None, None
+    if PASSWORD_VARIABLE in environ:
+        secret, origin = environ.pop(PASSWORD_VARIABLE), "environment"
+    arguments = iter(argv)
+    for argument in arguments:
+        if argument == "--auth-password":
+            secret, origin = next(arguments, ""), "command line"
+        elif argument.startswith("--auth-password="):
+            secret, origin = argument.partition("=")[2], "command line"
+        else:
+            rest.append(argument)
+    if secret is None or len(secret.encode("utf-8")) > MAX_BODY:
+        return
+    read_end, write_end = os.pipe()
+    os.write(write_end, secret.encode("utf-8"))
+    os.close(write_end)
+    os.set_inheritable(read_end, True)
+    environ[PASSWORD_HANDOVER] = "%d:%s" % (read_end, origin)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + rest, environ)
+
+
+def handed_over_password(environ):
+    """(the password restart_without_the_password handed over, where it came from) or
+    (None, None)."""
+    handover = environ.pop(PASSWORD_HANDOVER, None)
+    if not handover:
+        return None, None
+    fd, _, origin = handover.partition(":")
+    with os.fdopen(int(fd), "rb") as pipe:
+        return pipe.read().decode("utf-8"), origin
+
+
 def main(argv=None):
     """Start the server from command-line arguments; the process exit code."""
     settings = None
     threading.excepthook = log_thread_exceptions
+    if argv is None:
+        restart_without_the_password(sys.argv[1:])
     try:
         settings = parse_args(sys.argv[1:] if argv is None else argv)
         configure_logging(settings.log_dir)

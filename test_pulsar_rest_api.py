@@ -82,7 +82,7 @@ FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
 MAX_BODY = 65536
 
-LISTENING = re.compile(r"listening on (https?)://127\.0\.0\.1:(\d+)/")
+LISTENING = re.compile(r"listening on (https?)://([0-9.]+):(\d+)/")
 FINGERPRINT = re.compile(r"SHA-256 fingerprint ((?:[0-9A-F]{2}:){31}[0-9A-F]{2})")
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z")
 TASK_KEYS = {"id", "app", "env", "action", "status", "exitCode", "pid", "createdAt", "finishedAt",
@@ -605,7 +605,8 @@ class FakeGitHub:
     Authorization header) before it is answered.  Setting `failing` to a status makes every
     answer that status; stop() closes the port, so that GitHub cannot be reached at all.
     `hold` (an Event) keeps every answer back until it is set; `redirect_to` answers 302 to that
-    URL; `garbage` answers bytes that are not HTTP.
+    URL; `garbage` answers bytes that are not HTTP; `trickle` sends its answer a byte every that
+    many seconds.
     """
 
     def __init__(self, logins, members):
@@ -615,6 +616,7 @@ class FakeGitHub:
         self.hold = None
         self.redirect_to = None
         self.garbage = False
+        self.trickle = None
         self._requests = []
         self._lock = threading.Lock()
         self._httpd = FakeGitHubServer(("127.0.0.1", 0), FakeGitHubHandler)
@@ -665,7 +667,15 @@ class FakeGitHubHandler(BaseHTTPRequestHandler):
         membership = self.MEMBERSHIP.fullmatch(self.path)
         if fake.hold is not None:
             fake.hold.wait(TIMEOUT)
-        if fake.garbage:
+        if fake.trickle:
+            try:
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\n{\"login\": \"x\"}":
+                    time.sleep(fake.trickle)    # the trickle itself, not a synchronisation
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+            except OSError:
+                pass                            # the server gave up on it: as it should
+        elif fake.garbage:
             self.wfile.write(b"NOT HTTP AT ALL\r\n\r\n")
         elif fake.redirect_to:
             self.send_response(302)
@@ -729,7 +739,7 @@ class Server:
             self.proc.kill()
             self.proc.wait()
             raise
-        self.scheme, self.port = match.group(1), int(match.group(2))
+        self.scheme, self.host, self.port = match.group(1), match.group(2), int(match.group(3))
         self.context = ssl.create_default_context(cafile=str(DEV_CERT))
         self.crashed = False
 
@@ -743,7 +753,8 @@ class Server:
         return self.console_path.read_text(errors="replace")
 
     def client(self, context=None, headers=None, source=None):
-        return Client(self.scheme, self.port, context or self.context, headers, source)
+        return Client(self.scheme, self.host, self.port, context or self.context, headers,
+                      source)
 
     def send_signal(self, sig=signal.SIGTERM):
         """Send sig to the server unless it has exited."""
@@ -872,17 +883,17 @@ class Client:
     connect from (any of 127.0.0.0/8), so that a test can be two clients at two addresses.
     """
 
-    def __init__(self, scheme, port, context, headers=None, source=None):
-        self.scheme, self.port, self.context = scheme, port, context
+    def __init__(self, scheme, host, port, context, headers=None, source=None):
+        self.scheme, self.host, self.port, self.context = scheme, host, port, context
         self.headers = dict(headers or {})
         self.source = source
 
     def connection(self, timeout=TIMEOUT):
         source = (self.source, 0) if self.source else None
         if self.scheme == "https":
-            return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
                                                context=self.context, source_address=source)
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout,
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout,
                                           source_address=source)
 
     def request(self, method, path, body=None, content_type=None, headers=None, chunked=False,
@@ -1213,7 +1224,7 @@ def copy_script_alone(tmp_path):
 
 def tcp_connection(server, timeout=TIMEOUT):
     """A plain TCP socket connected to the server's port (no TLS handshake is started)."""
-    return socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+    return socket.create_connection((server.host, server.port), timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -3276,14 +3287,16 @@ def test_a_task_goes_on_untouched_when_the_server_dies_and_the_next_server_follo
     db = tmp_path / "history.sqlite3"
     first = start_server("--db", db)
     client = first.client()
-    gate = fake.gate()
+    gate, go = fake.gate(), fake.gate()
     slow = client.create(unique("app"), "prod", "tee-slow.out-2.gate-%s.out-3" % gate.name)
-    fast = client.create(unique("app"), "prod", "tee-fast.out-1.quick-200000.out-1")
+    fast = client.create(unique("app"), "prod", "tee-fast.out-1.gate-%s.quick-300000.out-1"
+                         % go.name)
     client.wait_at_gate(slow, gate)
-    client.wait_output(fast, "quick line 0000001\n")
+    client.wait_at_gate(fast, go)
     before = client.task(slow)
     pids = {run["argv"][-1]: run["pid"] for run in fake.invocations()}
 
+    go.release()
     first.crash()                           # while the fast one prints as fast as it can
     alive_after_crash = [not is_gone(pid) for pid in pids.values()]
     second = start_server("--db", db)
@@ -3305,7 +3318,7 @@ def test_a_task_goes_on_untouched_when_the_server_dies_and_the_next_server_follo
     assert streamed == slow_end["output"] + end_line(slow, "finished", 0)
     assert (fast_end["status"], fast_end["exitCode"]) == ("finished", 0)
     assert fast_end["output"] == printed(fake, "fast")
-    assert fast_end["output"].endswith("quick line 0200000\nout 1\n")
+    assert fast_end["output"].endswith("quick line 0300000\nout 1\n")
     assert log_lines(second, r"INFO task %d .* taken over from an earlier server" % slow)
     second.assert_no_traceback()
 
@@ -3937,6 +3950,11 @@ AUTH_CLI_ERRORS = [
      ["--auth-provider", "github", "--auth-username", "a", "--github-api", "ftp://x"],
      ["--github-api"]),
     ("max-tasks-zero", ["--max-tasks", "0"], ["--max-tasks"]),
+    ("username-with-colon", ["--auth-provider", "basic", "--auth-username", "al:ice",
+                             "--auth-password", PASSWORD], ["':'", "al:ice"]),
+    ("github-api-in-clear", ["--auth-provider", "github", "--auth-username", "a",
+                             "--github-api", "http://github.example.com/api/v3"],
+     ["clear text", "https://"]),
     ("allow-action-with-a-space", ["--allow-action", "a b"], ["--allow-action"]),
 ]
 
@@ -4457,12 +4475,12 @@ def test_refused_login_on_a_kept_alive_connection_is_not_logged_as_the_previous_
         statuses = []
         for path, headers in (("/tasks", basic_auth("alice", PASSWORD)),
                               ("/task/4242", basic_auth("alice", "wrong-password")),
-                              ("/task/4343", {})):
+                              ("/task/4343", {})):     # this 401 closes the connection
             conn.request("GET", path, headers=headers)
+            port = conn.sock.getsockname()[1]
             response = conn.getresponse()
             response.read()
             statuses.append(response.status)
-        port = conn.sock.getsockname()[1]
     finally:
         conn.close()
     first = r"INFO 127\.0\.0\.1:%d GET '/tasks' 200 \d+ \d+ms user='alice'$" % port
@@ -4724,6 +4742,196 @@ def test_state_changes_from_another_page_of_the_same_site_or_a_bad_origin_are_re
     assert "Traceback" not in shared_server.log()
 
 
+# --- Keeping users in: what clients without credentials may hold, and the edges of access ----
+
+def other_address():
+    """An address of this host that is not loopback (the server caps and throttles only those),
+    or a skip saying there is none."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.254", 9))       # no packet is sent: only a route is chosen
+        address = probe.getsockname()[0]
+    except OSError:
+        address = None
+    finally:
+        probe.close()
+    if not address or address.startswith("127."):
+        pytest.skip("this host has no address but loopback to come from")
+    return address
+
+
+def test_a_request_without_credentials_is_answered_and_its_connection_closed(start_server,
+                                                                            tmp_path):
+    flags, env = basic_login(tmp_path, "file")
+    server = start_server(*flags, "--request-timeout", "0.5", env=env)
+    with tls_connection(server) as anonymous:
+        anonymous.sendall(b"GET /tasks HTTP/1.1\r\nHost: x\r\n\r\n")
+        refused, anonymous_closed = read_reply(anonymous), closed_by_peer(anonymous, TIMEOUT)
+    with tls_connection(server) as health:
+        health.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        healthy, health_closed = read_reply(health), closed_by_peer(health, TIMEOUT)
+    wrong = basic_auth("alice", "wrong-password")["Authorization"].encode()
+    with tls_connection(server) as mistaken:
+        mistaken.sendall(b"GET /tasks HTTP/1.1\r\nHost: x\r\nAuthorization: " + wrong +
+                         b"\r\n\r\n")
+        refused_login = read_reply(mistaken)
+        (_, mistaken_idle) = timed(lambda: closed_by_peer(mistaken, TIMEOUT))
+    right = basic_auth("alice", PASSWORD)["Authorization"].encode()
+    with tls_connection(server) as user:
+        user.sendall(b"GET /tasks HTTP/1.1\r\nHost: x\r\nAuthorization: " + right + b"\r\n\r\n")
+        allowed, user_kept = read_reply(user), not closed_by_peer(user, 2)
+
+    assert (refused.status, refused.headers["Connection"]) == (401, "close")
+    assert anonymous_closed
+    assert healthy.status == 200 and health_closed          # /health cannot hold a connection
+    assert refused_login.status == 401
+    assert mistaken_idle < 2                # no credentials that work: it may idle 0.5 s only
+    assert allowed.status == 200 and user_kept      # a user keeps it (60 s)
+
+
+def test_one_address_holds_at_most_64_connections_and_others_still_get_in(start_server):
+    address = other_address()
+    server = start_server("--host", address, "--max-connections", "100")
+    held = [socket.create_connection((address, server.port), timeout=TIMEOUT)
+            for _ in range(64)]
+    try:
+        with socket.create_connection((address, server.port), timeout=TIMEOUT) as one_more:
+            with unverified_context().wrap_socket(one_more) as tls:
+                busy = read_reply(tls)
+    finally:
+        for sock in held:
+            sock.close()
+
+    assert busy.status == 503
+    assert "too many connections" in busy.json["error"]
+    assert log_lines(server, r"refused: as many connections are open as allowed from its "
+                             r"address \(64\)")
+
+
+def test_log_lines_about_clients_without_credentials_are_throttled_per_address(start_server,
+                                                                             tmp_path):
+    address = other_address()
+    flags, env = basic_login(tmp_path, "file")
+    server = start_server("--host", address, *flags, env=env)
+    client = Client("https", address, server.port, unverified_context())
+    start = len(server.log())
+
+    for number in range(40):
+        client.get("/tasks/%d" % number)
+
+    lines = log_lines(server, r"%s:\d+ GET '/tasks/\d+'" % re.escape(address), since=start)
+    assert len(lines) == 30
+
+
+def test_a_prefetch_or_prerender_never_kills_a_task(api, shared_fake):
+    gate = shared_fake.gate()
+    task_id = api.create(unique("app"), unique("env"), "gate-" + gate.name)
+    api.wait_at_gate(task_id, gate)
+
+    refused = [api.get("/task/%d/kill" % task_id, headers=headers) for headers in (
+        {"Sec-Purpose": "prefetch;prerender", "Sec-Fetch-Site": "none"},
+        {"Sec-Purpose": "prefetch"}, {"Purpose": "prefetch"}, {"X-Moz": "prefetch"})]
+    still = api.task(task_id)
+    gate.release()
+    api.wait_ended(task_id)
+
+    for reply in refused:
+        assert_json_error(reply, 403)
+        assert "prefetch" in reply.json["error"]
+    assert still["status"] == "running"
+
+
+def test_the_log_file_is_its_owners_only_and_never_written_through_a_link(start_server,
+                                                                         tmp_path):
+    umask_000 = ["sh", "-c", 'umask 000; exec "$@"', "sh"]
+    server = start_server(launcher=umask_000)
+    mode = stat.S_IMODE(os.stat(str(server.log_path)).st_mode)
+    folder_mode = stat.S_IMODE(os.stat(str(server.log_path.parent)).st_mode)
+    linked = tmp_path / "linked"
+    (linked / "log").mkdir(parents=True)
+    target = tmp_path / "not-the-log"
+    target.write_text("untouched\n")
+    (linked / "log" / LOG_NAME).symlink_to(target)
+    open_to_all = tmp_path / "open-to-all"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    fake = server.fake
+
+    through_a_link = run_cli(tmp_path / "cli-link", fake, ["--log-dir", linked / "log"])
+    in_an_open_folder = run_cli(tmp_path / "cli-open", fake, ["--log-dir", open_to_all])
+
+    assert mode == 0o600 and folder_mode == 0o700
+    assert target.read_text() == "untouched\n"
+    assert through_a_link.returncode != 0 and "--log-dir" in through_a_link.stderr
+    assert "writable by every user" in one_error_line(in_an_open_folder)
+
+
+def test_a_self_made_certificate_names_this_host_and_the_log_gives_a_pin_curl_takes(
+        start_server, tmp_path):
+    script = copy_script_alone(tmp_path)
+    state = tmp_path / "state"
+    server = start_server(script=script, env={"XDG_STATE_HOME": str(state)})
+    pin = re.search(r"curl --pinnedpubkey sha256//(\S+) ", server.log()).group(1)
+    der, _ = served_certificate(server, unverified_context())
+    names = subprocess.run(["openssl", "x509", "-inform", "der", "-noout", "-ext",
+                            "subjectAltName"], input=der, capture_output=True).stdout.decode()
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    url = "https://%s:%d/health" % (server.host, server.port)
+    pinned = subprocess.run(["curl", "-sk", "--pinnedpubkey", "sha256//" + pin, url],
+                            capture_output=True, timeout=TIMEOUT)
+    mispinned = subprocess.run(["curl", "-sk", "--pinnedpubkey", "sha256//" + "A" * 43 + "=",
+                                url], capture_output=True, timeout=TIMEOUT)
+
+    assert "DNS:%s" % socket.gethostname() in names
+    assert "IP Address:127.0.0.1" in names
+    assert pinned.returncode == 0 and b'"status": "ok"' in pinned.stdout
+    assert mispinned.returncode != 0
+
+
+@pytest.mark.parametrize("source", ["environment", "flag"])
+def test_the_password_is_not_in_the_servers_environment_or_command_line(start_server, tmp_path,
+                                                                         source):
+    flags, env = basic_login(tmp_path, source)
+    server = start_server(*flags, env=env)
+    with open("/proc/%d/environ" % server.proc.pid, "rb") as source_file:
+        environment = source_file.read()
+    with open("/proc/%d/cmdline" % server.proc.pid, "rb") as source_file:
+        command_line = source_file.read()
+    alice = server.client(headers=basic_auth("alice", PASSWORD))
+
+    assert PASSWORD.encode() not in environment + command_line
+    assert alice.get("/tasks").status == 200
+
+
+def test_credentials_are_read_as_documented_and_compared_as_nfc(start_server, tmp_path):
+    password_file = tmp_path / "password.txt"
+    password_file.write_text("caf\u00e9-Secret\nthe rest is ignored\n")
+    server = start_server("--auth-provider", "basic", "--auth-username", "Andr\u00e9",
+                          "--auth-password-file", password_file)
+    composed = server.client(headers=basic_auth("Andr\u00e9", "caf\u00e9-Secret"))
+    decomposed = server.client(headers=basic_auth("Andre\u0301", "cafe\u0301-Secret"))
+    latin1 = server.client(headers={"Authorization": "Basic " + base64.b64encode(
+        "Andr\u00e9:caf\u00e9-Secret".encode("latin-1")).decode()})
+
+    assert composed.get("/tasks").status == 200
+    assert decomposed.get("/tasks").status == 200
+    refused = latin1.get("/tasks")
+    assert_refused_login(refused, 401)
+    assert "not UTF-8" in refused.json["error"]
+
+
+def test_a_login_github_could_not_have_is_refused_and_never_reaches_the_log_raw(start_server,
+                                                                                github):
+    github.logins["gho_evil_1234"] = "alice\nINFO forged line"
+    server = start_github_server(start_server, github, "--auth-username", "alice")
+
+    reply = server.client(headers=bearer_auth("gho_evil_1234")).get("/tasks")
+
+    assert_json_error(reply, 503)
+    assert "\nINFO forged line" not in server.log()
+
+
 # --- Slow and silent clients ------------------------------------------------------------------
 
 def test_silent_client_does_not_delay_others_and_is_dropped_after_request_timeout(
@@ -4840,7 +5048,8 @@ def test_connections_over_max_connections_get_503_and_a_flood_does_not_lock_out_
             flood.append(tcp_connection(server))
         wait_until(lambda: refused_connections(held[0]) == 51,
                    what="the 5th connection and the flood to be refused")
-        refusal_notes = log_lines(server, r"connections open, the most allowed")
+        refusal_notes = log_lines(server, r"refused: as many connections are open as allowed "
+                                          r"\(--max-connections\)")
         for conn in held:
             conn.close()
         # The flood is still connected, yet it holds no slot: a well-behaved client gets in.
@@ -5656,3 +5865,124 @@ def test_an_error_after_the_answer_began_closes_the_connection_and_adds_nothing(
     assert b"internal error" not in body and b"HTTP/1.1" not in body
     assert re.search(r"internal error \w+ in GET '/task/\d+/stream' after its answer had begun",
                      caplog.text), caplog.text
+
+
+# --- In process: the failed-login brake, refusals in the log, GitHub's edges --------------------
+
+class Clock:
+    """A clock a test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class Refusing:
+    """An authenticator that lets in only credentials that start with "right"."""
+
+    def login(self, authorization, fresh_within=None):
+        if not authorization.startswith("right"):
+            raise server_module.HTTPError(401, "wrong")
+        return "someone"
+
+
+def logins(access, attempts):
+    """The status of each (credentials, address) attempt: 200 or the HTTPError's."""
+    statuses = []
+    for authorization, address in attempts:
+        try:
+            access.login(authorization, address)
+            statuses.append(200)
+        except server_module.HTTPError as error:
+            statuses.append(error.status)
+    return statuses
+
+
+def test_the_brake_counts_an_ipv6_client_by_its_slash_64():
+    access = server_module.Access(Refusing(), clock=Clock())
+
+    guesses = logins(access, [("wrong", "2001:db8::%x" % number) for number in range(1, 11)])
+    same_64, other_64 = logins(access, [("right", "2001:db8::ffff"), ("right", "2001:db8:1::1")])
+
+    assert guesses == [401] * 10
+    assert (same_64, other_64) == (429, 200)
+
+
+def test_past_a_ceiling_of_failures_from_everyone_only_credentials_that_worked_get_in():
+    clock = Clock()
+    access = server_module.Access(Refusing(), clock=clock)
+    worked_before = logins(access, [("right-1", "10.9.9.9")])
+
+    logins(access, [("wrong", "10.0.%d.%d" % (n // 250, n % 250)) for n in range(100)])
+    newcomer, known = logins(access, [("right-2", "10.8.8.8"), ("right-1", "10.9.9.9")])
+    clock.now += server_module.AUTH_WINDOW + 1
+    later = logins(access, [("right-2", "10.8.8.8")])
+
+    assert worked_before == [200]
+    assert (newcomer, known) == (429, 200)
+    assert later == [200]
+
+
+def test_pruning_the_brakes_tables_never_frees_an_address_still_cooling(monkeypatch):
+    monkeypatch.setattr(server_module, "AUTH_TRACKED", 50)
+    clock = Clock()
+    access = server_module.Access(Refusing(), clock=clock, ceiling=10 ** 6)
+    logins(access, [("wrong", "10.1.1.1")] * 10)             # cooling from now on
+    for step in range(200):                                  # a spray of other addresses
+        clock.now += 0.01
+        logins(access, [("wrong", "10.2.%d.%d" % (step // 250, step % 250))])
+
+    assert logins(access, [("right", "10.1.1.1")]) == [429]
+
+
+def test_refusals_beyond_the_limit_come_back_as_one_summary_line_per_address(caplog):
+    clock = Clock()
+    refusals = server_module.RefusalLog(clock=clock)
+    with caplog.at_level(logging.INFO, logger="pulsar-rest-api"):
+        for number in range(45):
+            refusals.info("10.3.3.3", "refused %d", number)
+        refusals.info("127.0.0.1", "from this host")         # never throttled
+        refusals._summary.cancel()
+        refusals._summarize()                               # what the timer does at the end
+
+    lines = caplog.text.splitlines()
+    assert len([line for line in lines if "refused " in line]) == 30
+    assert any("10.3.3.3: 15 more requests or connections without credentials" in line
+               for line in lines)
+    assert any("from this host" in line for line in lines)
+
+
+def test_a_github_that_trickles_its_answer_is_given_up_on_as_a_whole(github, monkeypatch):
+    monkeypatch.setattr(server_module, "GITHUB_DEADLINE", 1)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    github.trickle = 0.2        # 50 bytes: 10 s in all, though each read comes within 0.2 s
+    login = server_module.GitHubLogin(github.url, "user", ["alice"])
+
+    with pytest.raises(server_module.HTTPError) as refused:
+        login.login("Bearer " + ALICE_TOKEN)
+
+    assert refused.value.status == 503
+
+
+def test_a_grant_is_asked_again_before_a_change_once_it_is_a_minute_old(github, monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    clock = Clock()
+    login = server_module.GitHubLogin(github.url, "user", ["alice"], clock=clock)
+    bearer = "Bearer " + ALICE_TOKEN
+
+    first = login.login(bearer)
+    clock.now += server_module.GITHUB_RECHECK - 1
+    login.login(bearer, fresh_within=server_module.GITHUB_RECHECK)      # still fresh
+    asked_while_fresh = len(github.requests)
+    clock.now += 2
+    del github.logins[ALICE_TOKEN]                                      # revoked
+    reading = login.login(bearer)                                       # a read: cached
+    with pytest.raises(server_module.HTTPError) as changing:
+        login.login(bearer, fresh_within=server_module.GITHUB_RECHECK)
+
+    assert (first, reading) == ("alice", "alice")
+    assert asked_while_fresh == 1
+    assert changing.value.status == 401
+    assert len(github.requests) == 2
