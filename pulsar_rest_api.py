@@ -1378,9 +1378,9 @@ class Keeper:
         process, exit = pool.take()
         keeper = cls(task, folder, process.pid, process_start_token(process.pid), exit)
         keeper.open()       # before the keeper opens the bell: see TaskWatcher for why
-        order = {"folder": folder.path, "argv": argv, "kill_grace": kill_grace, "keep": keep}
+        order = [folder.path, str(kill_grace), str(keep)] + list(argv)
         try:
-            process.stdin.write(json.dumps(order).encode("utf-8") + b"\n")
+            process.stdin.write(b"\0".join(os.fsencode(part) for part in order))
             process.stdin.close()
         except OSError:
             pass            # it died: its end (no `started`) says the rest
@@ -1753,7 +1753,14 @@ class TaskRunner:
         task.output = Output(self._store.max_output)    # read again from the output file
         task.keeper = keeper
         self._store.add(task)
-        self._watcher.follow(keeper)    # adopted, or ended: the watcher reads its files
+        # What it printed so far, read before anyone can ask (the server does not listen yet),
+        # so that a follower's offset from the earlier server is never past the end.
+        while True:
+            text, more = keeper.read_output(READ_SIZE)
+            self._store.add_output(task, text)
+            if not more:
+                break
+        self._watcher.follow(keeper)    # adopted, or ended: the watcher reads on
         logger.info("task %d (%s %s %s) taken over from an earlier server: keeper pid %d %s",
                     task.id, task.app, task.env, task.action, keeper.pid,
                     "still runs" if keeper.alive() else "has ended")
@@ -5020,26 +5027,39 @@ PAGE_SECURITY = [
 # needs nothing from the server once started: a server that dies, stops or is replaced changes
 # nothing for the task, and the next server finds the files.  Kill: SIGTERM to the keeper.
 KEEPER = r'''
-import ctypes, json, os, re, select, shutil, signal, stat, sys, time
+import ctypes, os, select, signal, sys, time     # no more: each import costs every task
 
-line = sys.stdin.readline()
-if not line:                    # the server stopped before it needed this keeper
+order = sys.stdin.buffer.read().split(b"\0")    # folder, kill grace, keep, pulsar's argv
+if len(order) < 4:              # the server stopped before it needed this keeper
     sys.exit(0)
-order = json.loads(line)
-os.chdir(order["folder"])
+folder, GRACE, KEEP, argv = order[0], float(order[1]), int(order[2]), order[3:]
+os.chdir(folder)
 log = os.open("keeper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 os.dup2(log, 2)
-GRACE, KEEP = order["kill_grace"], order["keep"]
-RUN_FOLDER = re.compile(r"(/\S*/\.pulsar/tmp/run-[0-9.]+)(?:/|$)")
 null = os.open(os.devnull, os.O_RDWR)
 for fd in (0, 1):
     os.dup2(null, fd)
 
 
+def as_json(value):
+    """JSON of a dict of numbers, booleans, None and text (the json module costs an import)."""
+    if isinstance(value, dict):
+        return "{%s}" % ", ".join("%s: %s" % (as_json(key), as_json(item))
+                                  for key, item in value.items())
+    if isinstance(value, str):
+        return '"%s"' % "".join(char if " " <= char < "\x7f" and char not in '"\\'
+                                else "\\u%04x" % ord(char) for char in value)
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    return repr(value)
+
+
 def write_json(name, value):
     path = os.path.join(FOLDER, name)
     with open(path + ".tmp", "w") as out:
-        json.dump(value, out)
+        out.write(as_json(value))
     os.replace(path + ".tmp", path)
 
 
@@ -5078,11 +5098,25 @@ def signal_session(number):
         except OSError:
             pass
         for place in places:
-            run_folders.update(match.group(1) for match in RUN_FOLDER.finditer(place))
+            run_folders.update(run_folders_in(place))
         try:
             os.kill(pid, number)
         except OSError:
             pass
+
+
+def run_folders_in(place):
+    """The pulsar 1.x run folders (~/.pulsar/tmp/run-TIME) a path or a command line names."""
+    found, start = [], place.find("/.pulsar/tmp/run-")
+    while start >= 0:
+        begin = max(place.rfind(sign, 0, start) for sign in " =:'\"") + 1
+        end = start + len("/.pulsar/tmp/run-")
+        while end < len(place) and (place[end].isdigit() or place[end] == "."):
+            end += 1
+        if place[begin:begin + 1] == "/" and place[end:end + 1] in ("", "/", " "):
+            found.append(place[begin:end])
+        start = place.find("/.pulsar/tmp/run-", end)
+    return found
 
 
 def reap():
@@ -5113,6 +5147,7 @@ def something_left():
 
 def remove_run_folders():
     """pulsar 1.x leaves its run folder when it is killed: remove what this task's used."""
+    import shutil, stat
     for folder in run_folders:
         try:
             info = os.lstat(folder)
@@ -5148,13 +5183,13 @@ status, killed, error, run_folders = None, False, None, set()
 try:
     if asked:                   # killed before it started
         raise InterruptedError("killed before it started")
-    pulsar = os.posix_spawn(order["argv"][0], order["argv"], os.environ, file_actions=[
+    pulsar = os.posix_spawn(argv[0], argv, os.environ, file_actions=[
         (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, write_end, 1),
         (os.POSIX_SPAWN_DUP2, write_end, 2)], setpgroup=0, setsigdef=defaults, setsigmask=())
 except InterruptedError:
     pulsar, killed = None, True
 except OSError as problem:
-    pulsar, error = None, "could not start pulsar (%s): %s" % (order["argv"][0],
+    pulsar, error = None, "could not start pulsar (%s): %s" % (os.fsdecode(argv[0]),
                                                                 problem.strerror or problem)
 os.close(write_end)
 write_json("started", {"pid": pulsar, "at": time.time(), "error": error})

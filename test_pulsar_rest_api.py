@@ -5376,10 +5376,11 @@ def start_pulsar_0_3(realpulsar, directory, servers):
     return tasks
 
 
-def kill_when_printed(tasks, name, text):
-    """Kill a task once its output holds text; (the kill's reply, the task's output then)."""
-    task = tasks.client.wait_output(tasks.ids[name], text, timeout=60)
-    return tasks.client.kill(tasks.ids[name]), task["output"]
+def kill_when_printed(tasks, name, pattern):
+    """Kill a task once a line of its output matches pattern; (the kill's reply, the match)."""
+    task = tasks.client.wait_for(tasks.ids[name], lambda task: re.search(pattern, task["output"]),
+                                 "a line matching %r" % pattern, timeout=60)
+    return tasks.client.kill(tasks.ids[name]), re.search(pattern, task["output"])
 
 
 NOISE = ("[DEPRECATED] `Bundler.with_clean_env`", "Deprecation warning: Thor")
@@ -5430,8 +5431,8 @@ def test_real_pulsar_1_1_that_cannot_clone_its_repository_is_failed_and_apps_say
 
 def test_real_pulsar_1_1_killed_leaves_nothing_behind_and_its_version_and_apps_are_known(
         pulsar_1_1, realpulsar):
-    reply, printed = kill_when_printed(pulsar_1_1, "long", "child shell ")
-    child = int(re.search(r"child shell (\d+)", printed).group(1))
+    reply, printed = kill_when_printed(pulsar_1_1, "long", r"child shell (\d+)\n")
+    child = int(printed.group(1))
     apps = pulsar_1_1.client.get("/apps")
     health = pulsar_1_1.client.get("/health")
     for name in pulsar_1_1.ids:
@@ -5464,8 +5465,8 @@ def test_real_pulsar_0_3_is_judged_by_its_exit_status_on_the_branch_asked_for(
 
 def test_real_pulsar_0_3_killed_ends_with_its_group_and_lists_apps_with_pulsar_utils(
         pulsar_0_3, realpulsar):
-    reply, printed = kill_when_printed(pulsar_0_3, "long", "blog:long: cap pid ")
-    cap = int(re.search(r"blog:long: cap pid (\d+)", printed).group(1))
+    reply, printed = kill_when_printed(pulsar_0_3, "long", r"blog:long: cap pid (\d+)\n")
+    cap = int(printed.group(1))
     cannot = pulsar_0_3.client.get("/apps")
     apps = pulsar_0_3.listing.client().get("/apps")
     plain_folder = pulsar_0_3.folder.ended("hello")
