@@ -269,6 +269,9 @@ NOT_A_KEY_CHARACTER = re.compile(r"[^a-z0-9]+")
 COUNT_PATTERN = re.compile(r"[0-9]{1,15}")
 HOST_PATTERN = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
+# In the environment of pulsar and all it starts: which task they belong to (its folder).
+TASK_MARK = b"PULSAR_REST_API_TASK="
+
 QUEUED, RUNNING = "queued", "running"
 FINISHED, FAILED, KILLED, LOST = "finished", "failed", "killed", "lost"
 ENDED = frozenset({FINISHED, FAILED, KILLED, LOST})
@@ -456,6 +459,7 @@ class Task:
         self.version = 1
         self.keeper = None          # the running Keeper, if any
         self.folder = None          # its TaskFolder, until the history holds all of it
+        self.stored = False         # the history has its row (until then its folder says it)
         self.persisted = 0          # output characters already in the history ...
         self.persisted_version = 0  # ... and the version written there last
         self.changed = None         # the store's Condition for this task, while it is live
@@ -465,6 +469,11 @@ class Task:
     @property
     def ended(self):
         return self.status in ENDED
+
+    def matches(self, app, env, before):
+        """True when a list filtered by app, environment and `before` id holds this task."""
+        return (app in (None, self.app) and env in (None, self.env)
+                and (before is None or self.id < before))
 
     def has_moved_past(self, version, offset):
         """True when the task holds something a client at (version, offset) has not seen."""
@@ -478,10 +487,10 @@ class Task:
                             % (offset, self.output.length))
 
     def record(self, output_length):
-        """What changes in a task, as the history stores it, with the output length it has
-        written of it."""
-        return TaskRecord(self.id, self.status, self.exit_code, self.pid, self.process_start,
-                          self.finished_at, self.version, output_length, self.outcome,
+        """The task as the history stores it, with the output length it has written of it."""
+        return TaskRecord(self.id, self.app, self.env, self.action, self.status, self.exit_code,
+                          self.pid, self.process_start, self.created_at, self.finished_at,
+                          self.started_by, self.version, output_length, self.outcome,
                           self.keeper_pid, self.keeper_start)
 
     def list_entry(self):
@@ -521,11 +530,11 @@ def last_lines(pieces_backwards, count):
     return 0, "".join(reversed(taken))
 
 
-# What the history stores of a task that changes: written by TaskHistory.save.
+# What the history stores of a task, a row of its table: written by TaskHistory.save.
 TaskRecord = collections.namedtuple(
     "TaskRecord",
-    "id status exit_code pid process_start finished_at version output_length outcome keeper_pid "
-    "keeper_start")
+    "id app env action status exit_code pid process_start created_at finished_at started_by "
+    "version output_length outcome keeper_pid keeper_start")
 
 
 class TaskSnapshot(collections.namedtuple("TaskSnapshot", "fields pieces")):
@@ -548,10 +557,12 @@ class TaskStore:
     followers.  Nothing else touches the dict.  Under the lock only memory is touched: the
     history is written by persist(), in the persist thread (see serve), never under it.
 
-    A task leaves the dict once it has ended and its last state and whole output are in the
-    history; until that write has succeeded (a locked or full disk is retried) it stays here,
-    and its folder stays on disk.  A running task's output is safe in its folder's output file
-    (written by its keeper), so only its record is written while it runs.
+    A task is live from its creation, before the history has it: its folder on disk says
+    what the history does not have yet (see TaskFolder), so that a locked history holds up
+    no start.  A task leaves the dict once it has ended and its last state and whole output are
+    in the history; until that write has succeeded (a locked or full disk is retried) it stays
+    here, and its folder stays on disk.  A running task's output is safe in its folder's output
+    file (written by its keeper), so only its record is written while it runs.
     """
 
     def __init__(self, history, *, max_output, clock=time.time):
@@ -560,6 +571,7 @@ class TaskStore:
         self._persisting = threading.Lock()     # one writer at a time, so writes land in order
         self._write_soon = threading.Event()    # a change that should reach the history now
         self._tasks = {}
+        self._last_id = history.last_id()
         self._by_pair = collections.defaultdict(list)   # (app, env) -> its live tasks, oldest first
         self._running = 0
         self._history = history
@@ -568,23 +580,29 @@ class TaskStore:
         self.waiters = 0                        # long polls waiting now, for /metrics
         self.list_version = 1                   # goes up when a task comes, changes status or goes
         self._write_failing = False             # the last write failed: say so once, not per try
+        self._writes = 0                        # history writes done: tasks move there
 
     # -- tasks coming
 
-    def create(self, app, env, action, started_by="-", status=RUNNING):
-        """A new task, recorded in the history first: 503 when that cannot be done."""
-        created_at = self._clock()
-        try:
-            task_id = self._history.insert(app, env, action, created_at, started_by, status)
-        except sqlite3.Error as error:
-            logger.error("cannot record a new task in the history: %s", error)
-            raise HTTPError(503, "the task history cannot be written, so no task was started",
-                            headers=[("Retry-After", "5")])
-        task = Task(task_id, app, env, action, created_at, started_by, Output(self.max_output),
-                    status)
-        task.persisted_version = task.version
+    def create(self, app, env, action, started_by="-", status=RUNNING, record=None):
+        """A new task with the next id, live at once; the persist thread writes it to the
+        history.  `record(task)` records it on disk first, where the next server finds it
+        should this one die before the history has it; its OSError means no task."""
+        with self._lock:
+            self._last_id += 1
+            task_id = self._last_id
+        task = Task(task_id, app, env, action, self._clock(), started_by,
+                    Output(self.max_output), status)
+        if record is not None:
+            record(task)
         self.add(task)
+        self._write_soon.set()
         return task
+
+    def use_ids_above(self, task_id):
+        """Give new tasks ids above `task_id` (one the history lacks, found on disk)."""
+        with self._lock:
+            self._last_id = max(self._last_id, task_id)
 
     def add(self, task):
         """Make a task live: a new one, or one found in the history at start."""
@@ -715,13 +733,24 @@ class TaskStore:
         """(list version, task summaries newest first): live tasks as they are now, the rest
         from the history.  The version is read first, so a change while the list is made
         shows as a newer version at the client's next poll, never as one it already has."""
-        with self._lock:
-            version = self.list_version
-        rows = self._history_read(self._history.summaries, app, env, status, before, limit)
-        with self._lock:
-            tasks = [self._tasks.get(row.id, row).list_entry() for row in rows]
+        while True:
+            with self._lock:
+                version, writes = self.list_version, self._writes
+            rows = self._history_read(self._history.summaries, app, env, status, before, limit)
+            with self._lock:
+                if self._writes != writes:
+                    continue    # a task may have moved from here to the history meanwhile
+                tasks = {row.id: row for row in rows}
+                # Live tasks as they are now, also those the history did not have when it was
+                # read (older ones than the rows fall off at the limit below).
+                for task in self._tasks.values():
+                    if task.matches(app, env, before):
+                        tasks[task.id] = task
+                entries = [tasks[task_id].list_entry() for task_id in sorted(tasks, reverse=True)]
+                break
         # A task that has just ended may still be running on disk: filter its live state.
-        return version, [task for task in tasks if status is None or task["status"] == status]
+        return version, [entry for entry in entries
+                         if status is None or entry["status"] == status][:limit]
 
     # -- changes
 
@@ -794,7 +823,8 @@ class TaskStore:
             if not writes:
                 return True
             try:
-                self._history.save([(record, pieces) for _, _, _, record, pieces in writes])
+                self._history.save([(record, pieces, not task.stored)
+                                    for task, _, _, record, pieces in writes])
             except sqlite3.Error as error:
                 if not self._write_failing:
                     logger.error("cannot write the task history (retrying every %g s): %s",
@@ -806,7 +836,9 @@ class TaskStore:
                 self._write_failing = False
             gone = []
             with self._lock:
+                self._writes += 1
                 for task, version, length, _, _ in writes:
+                    task.stored = True
                     task.persisted_version = version
                     task.persisted = length
                     if task.ended and task.version == version:
@@ -841,6 +873,10 @@ class TaskStore:
         if removed:
             logger.info("removed %d task(s) older than %d days or past the newest %d from "
                         "the history", removed, keep_days, keep_tasks)
+
+    def stored(self, task_id):
+        """True when the history has a task of this id (sqlite3.Error if it cannot be read)."""
+        return self._history.load(task_id, None) is not None
 
     def history_size(self):
         """(tasks, bytes on disk) of the history, or (None, None) when it cannot be read."""
@@ -877,9 +913,12 @@ class TaskStore:
 class TaskHistory:
     """Task records and their output in SQLite (the standard library's sqlite3).
 
-    One connection, used under one lock from any thread.  Output is stored as chunks keyed by
-    the character offset where each starts, so a write adds only what is new and a read from an
-    offset fetches only the chunks it needs.  AUTOINCREMENT keeps ids rising across restarts.
+    Two connections, each used under a lock of its own from any thread: one writes (the
+    persist thread), one reads, so that a write waiting for a database another process has
+    locked holds up no reader (WAL lets reads go on beside a write).  Output is stored as chunks
+    keyed by the character offset where each starts, so a write adds only what is new and a
+    read from an offset fetches only the chunks it needs.  The server gives each task its id;
+    AUTOINCREMENT remembers the highest ever given, so that ids keep rising across restarts.
     """
 
     SCHEMA_VERSION = 3
@@ -902,9 +941,7 @@ class TaskHistory:
             task_id INTEGER NOT NULL, start INTEGER NOT NULL, text TEXT NOT NULL,
             PRIMARY KEY (task_id, start)) WITHOUT ROWID;
     """
-    COLUMNS = ("id, app, env, action, status, exit_code, pid, process_start, created_at, "
-               "finished_at, started_by, version, output_length, outcome, keeper_pid, "
-               "keeper_start")
+    COLUMNS = ", ".join(TaskRecord._fields)
 
     def __init__(self, path):
         self.path = path
@@ -930,29 +967,36 @@ class TaskHistory:
             self._db.execute("SELECT count(*) FROM tasks").fetchone()
             self._db.execute("BEGIN IMMEDIATE")     # fails now, not at the first task, if read-only
             self._db.execute("COMMIT")
+            self._reader, self._read_lock = self._db, self._lock
+            if path != ":memory:":              # (a second :memory: would be another database)
+                self._reader = sqlite3.connect(path, check_same_thread=False,
+                                               isolation_level=None)
+                self._reader.row_factory = sqlite3.Row
+                self._read_lock = threading.Lock()
         except (sqlite3.Error, OSError) as error:
             raise StartupError("--db: cannot use %s as the task history: %s" % (path, error))
 
-    def insert(self, app, env, action, created_at, started_by, status=RUNNING):
-        with self._transaction():
-            cursor = self._db.execute(
-                "INSERT INTO tasks (app, env, action, status, created_at, started_by, version, "
-                "output_length) VALUES (?, ?, ?, ?, ?, ?, 1, 0)",
-                (app, env, action, status, created_at, started_by))
-            return cursor.lastrowid
+    def last_id(self):
+        """The highest task id this history has ever held."""
+        with self._read_lock:
+            return self._reader.execute(
+                "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'tasks'), 0), "
+                "coalesce((SELECT max(id) FROM tasks), 0))").fetchone()[0]
 
     def save(self, changes):
-        """Write (TaskRecord, new output pieces) for each changed task, in one transaction."""
+        """Write (TaskRecord, new output pieces, whether the row is new) for each changed task,
+        in one transaction."""
         with self._transaction():
-            for record, pieces in changes:
+            for record, pieces, new in changes:
                 self._db.executemany("INSERT INTO output (task_id, start, text) VALUES (?, ?, ?)",
                                      [(record.id, start, text) for start, text in pieces])
-                self._db.execute(
-                    "UPDATE tasks SET status = :status, exit_code = :exit_code, pid = :pid, "
-                    "process_start = :process_start, finished_at = :finished_at, "
-                    "version = :version, output_length = :output_length, outcome = :outcome, "
-                    "keeper_pid = :keeper_pid, keeper_start = :keeper_start WHERE id = :id",
-                    record._asdict())
+                fields = record._asdict()
+                if new:
+                    self._db.execute("INSERT INTO tasks (%s) VALUES (%s)" % (
+                        self.COLUMNS, ", ".join(":" + name for name in fields)), fields)
+                else:
+                    self._db.execute("UPDATE tasks SET %s WHERE id = :id" % ", ".join(
+                        "%s = :%s" % (name, name) for name in fields if name != "id"), fields)
 
     @contextlib.contextmanager
     def _transaction(self):
@@ -960,21 +1004,24 @@ class TaskHistory:
             self._db.execute("BEGIN")
             try:
                 yield
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite may have rolled back already (a full disk does): the error to report
+                # is the one that got us here.
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def load(self, task_id, offset=0):
         """The stored task with the output from `offset` on (None: without output), or None."""
-        with self._lock:
-            row = self._db.execute("SELECT %s FROM tasks WHERE id = ?" % self.COLUMNS,
+        with self._read_lock:
+            row = self._reader.execute("SELECT %s FROM tasks WHERE id = ?" % self.COLUMNS,
                                    (task_id,)).fetchone()
             if row is None:
                 return None
             # From the last chunk that starts at or before offset (SQLite's length() stops at
             # a NUL character, so chunk ends are not computed in SQL).
-            chunks = [] if offset is None else self._db.execute(
+            chunks = [] if offset is None else self._reader.execute(
                 "SELECT start, text FROM output WHERE task_id = ? AND start >= coalesce("
                 "(SELECT max(start) FROM output WHERE task_id = ? AND start <= ?), 0) "
                 "ORDER BY start", (task_id, task_id, offset)).fetchall()
@@ -982,8 +1029,8 @@ class TaskHistory:
 
     def tail(self, task_id, count):
         """The last `count` lines of a stored task's output, its chunks read from the end."""
-        with self._lock:
-            chunks = self._db.execute("SELECT start, text FROM output WHERE task_id = ? "
+        with self._read_lock:
+            chunks = self._reader.execute("SELECT start, text FROM output WHERE task_id = ? "
                                       "ORDER BY start DESC", (task_id,))
             return last_lines(chunks, count)[1]
 
@@ -998,8 +1045,8 @@ class TaskHistory:
             clauses.append("id < ?")
             values.append(before)
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        with self._lock:
-            rows = self._db.execute("SELECT %s FROM tasks %s ORDER BY id DESC LIMIT ?"
+        with self._read_lock:
+            rows = self._reader.execute("SELECT %s FROM tasks %s ORDER BY id DESC LIMIT ?"
                                     % (self.COLUMNS, where), values + [limit]).fetchall()
         return [self._task(row, Output.from_chunks([], row["output_length"])) for row in rows]
 
@@ -1024,8 +1071,8 @@ class TaskHistory:
 
     def size(self):
         """(tasks, bytes on disk) of the history."""
-        with self._lock:
-            tasks = self._db.execute("SELECT count(*) FROM tasks").fetchone()[0]
+        with self._read_lock:
+            tasks = self._reader.execute("SELECT count(*) FROM tasks").fetchone()[0]
         if self.path == ":memory:":
             return tasks, 0
         files = (self.path, self.path + "-wal")
@@ -1033,8 +1080,8 @@ class TaskHistory:
 
     def unfinished(self):
         """Tasks recorded as not ended: the server stopped while they ran or waited."""
-        with self._lock:
-            rows = self._db.execute("SELECT %s FROM tasks WHERE status NOT IN (%s) ORDER BY id"
+        with self._read_lock:
+            rows = self._reader.execute("SELECT %s FROM tasks WHERE status NOT IN (%s) ORDER BY id"
                                     % (self.COLUMNS, ", ".join("?" * len(ENDED))),
                                     sorted(ENDED)).fetchall()
         return [self._task(row, Output.from_chunks([], row["output_length"])) for row in rows]
@@ -1042,6 +1089,8 @@ class TaskHistory:
     def close(self):
         with self._lock:
             self._db.close()
+        with self._read_lock:
+            self._reader.close()        # (the same connection again for :memory:: no matter)
 
     @staticmethod
     def _task(row, output):
@@ -1051,6 +1100,7 @@ class TaskHistory:
                       "keeper_pid", "keeper_start"):
             setattr(task, field, row[field])
         task.persisted, task.persisted_version = output.length, task.version
+        task.stored = True
         return task
 
 
@@ -1163,11 +1213,14 @@ def visible_lines(data):
 
 
 def process_start_token(pid):
-    """Boot id and start time of a process: the same pid names the same process only if these
-    match too (Linux /proc; None elsewhere)."""
+    """Boot id and start time of a live process: the same pid names the same process only if
+    these match too (Linux /proc; None elsewhere, and for a process that has exited but is
+    not reaped yet)."""
     fields = process_status(pid)
     boot = boot_id()
-    return None if fields is None or not boot else "%s:%s" % (boot, fields[19].decode())
+    if fields is None or fields[0] in (b"Z", b"X") or not boot:
+        return None
+    return "%s:%s" % (boot, fields[19].decode())
 
 
 def boot_id():
@@ -1300,8 +1353,14 @@ class Exit:
 
 
 class TaskFolder:
-    """A task's folder, DB.tasks/ID/, which its keeper and the servers share:
+    """A task's folder, DB.tasks/ID/, which its keeper and the servers share.  Made with the
+    task, it says what the history may not have yet, and is the only record of a task the
+    history has not been able to take:
 
+      task        JSON, written first: what was asked, by whom, when, and whether it was queued
+      keeper      JSON, written before the keeper gets its order: its pid and start time.  With
+                  it the task has left the line and may run; without it, it never ran
+      dropped     JSON: why a queued task left the line without running (a kill, a stop)
       bell        a FIFO the keeper writes a byte to after each piece of output
       output      everything pulsar printed, up to --max-output bytes (and 4 more)
       started     JSON, once pulsar runs: its pid, or why it could not start
@@ -1317,18 +1376,47 @@ class TaskFolder:
     def __init__(self, root, task_id):
         self.path = os.path.join(root, str(task_id))
 
-    def create(self):
-        if os.path.lexists(self.path):      # from another history once at this path
-            logger.warning("removing %s, left by a task of another history", self.path)
-            self.remove()
+    @staticmethod
+    def ids_in(root):
+        """The ids of the task folders in `root`, in order."""
+        return sorted(int(name) for name in os.listdir(root) if name.isdigit())
+
+    def create(self, task):
+        """Make the folder, recording what the task is; OSError if that cannot be done."""
         os.mkdir(self.path, 0o700)
-        os.mkfifo(self.file("bell"), 0o600)
+        try:
+            os.mkfifo(self.file("bell"), 0o600)
+            self.write_json("task", {"id": task.id, "app": task.app, "env": task.env,
+                                     "action": task.action, "createdAt": task.created_at,
+                                     "startedBy": task.started_by,
+                                     "queued": task.status == QUEUED})
+        except OSError:
+            self.remove()
+            raise
+
+    def recorded_task(self, max_output):
+        """The task its `task` file describes, or None when it says nothing readable."""
+        said = self.read_json("task") or {}
+        try:
+            task = Task(int(said["id"]), str(said["app"]), str(said["env"]), str(said["action"]),
+                        float(said["createdAt"]), str(said["startedBy"]), Output(max_output),
+                        QUEUED if said["queued"] is True else RUNNING)
+        except (KeyError, TypeError, ValueError):
+            return None
+        return task if os.path.basename(self.path) == str(task.id) else None
 
     def file(self, name):
         return os.path.join(self.path, name)
 
     def exists(self):
         return os.path.isdir(self.path)
+
+    def write_json(self, name, value):
+        """Write a file whole or not at all (a reader never sees half of it)."""
+        path = self.file(name)
+        with open(path + ".tmp", "w") as out:
+            json.dump(value, out)
+        os.replace(path + ".tmp", path)
 
     def read_json(self, name):
         """The JSON the keeper wrote under `name`, or None when it has not (yet)."""
@@ -1373,14 +1461,20 @@ class Keeper:
 
     @classmethod
     def start(cls, task, folder, *, argv, kill_grace, keep, pool):
-        """Give a waiting keeper the order to run a task whose folder has just been created;
-        OSError if no keeper can be started."""
+        """Give a waiting keeper the order to run a task in its folder, once the folder says
+        which keeper has it; OSError if no keeper can be started (none has the order then)."""
         process, exit = pool.take()
         keeper = cls(task, folder, process.pid, process_start_token(process.pid), exit)
-        keeper.open()       # before the keeper opens the bell: see TaskWatcher for why
-        order = [folder.path, str(kill_grace), str(keep)] + list(argv)
         try:
-            process.stdin.write(b"\0".join(os.fsencode(part) for part in order))
+            keeper.open()       # before the keeper opens the bell: see TaskWatcher for why
+            folder.write_json("keeper", {"pid": keeper.pid, "start": keeper.start_token})
+        except OSError:
+            keeper.close()
+            process.stdin.close()           # no order: it exits
+            raise
+        order = [folder.path, str(kill_grace), str(keep)] + list(argv)
+        try:    # ended by a NUL, so that a keeper never acts on half an order
+            process.stdin.write(b"".join(os.fsencode(part) + b"\0" for part in order))
             process.stdin.close()
         except OSError:
             pass            # it died: its end (no `started`) says the rest
@@ -1647,7 +1741,7 @@ class TaskRunner:
                 raise HTTPError(503, "the server is stopping; no new tasks")
             blocker = self._blocker(app, env)
             if blocker is None:
-                task = self._store.create(app, env, action, started_by)
+                task = self._store.create(app, env, action, started_by, record=self._record)
                 self._launch(task)
                 return task
             if not queue:
@@ -1655,7 +1749,8 @@ class TaskRunner:
             if self._queued >= MAX_QUEUED:
                 raise HTTPError(429, "%d tasks wait in line already, the most this server keeps; "
                                      "try later" % self._queued, headers=[("Retry-After", "60")])
-            task = self._store.create(app, env, action, started_by, status=QUEUED)
+            task = self._store.create(app, env, action, started_by, status=QUEUED,
+                                      record=self._record)
             self._enqueue(task)
         logger.info("task %d queued by %s: %s %s %s (%s)", task.id, started_by, app, env, action,
                     blocker.message)
@@ -1673,8 +1768,8 @@ class TaskRunner:
         self._store.keeper_to_kill(task_id).terminate(requested_by)
         task = self._store.wait_until_ended(task_id, self._kill_grace + OUTPUT_DRAIN + 2)
         if task["status"] not in (KILLED, RUNNING):
-            raise HTTPError(409, "task %d ended by itself (%s) before the kill took effect"
-                            % (task_id, task["status"]))
+            raise HTTPError(409, "task %d was not killed: it ended %s (%s)"
+                            % (task_id, task["status"], task["outcome"]))
         return task
 
     def refuse_new(self, keep_line=False):
@@ -1707,22 +1802,27 @@ class TaskRunner:
     # -- what an earlier server left
 
     def take_over(self, unfinished):
-        """Take over the tasks the history says an earlier server left unfinished: adopt those
-        whose keeper still runs, end those whose keeper recorded their end, call lost those
-        whose end cannot be known, and put queued tasks back in line (unless the task before
-        them in line was lost: they were queued behind a deploy whose end is unknown)."""
-        lost_pairs = set()
-        for task in unfinished:
-            if task.status == QUEUED:
-                continue
-            how = self._take_over_running(task)
+        """Take over what an earlier server left: the tasks the history says are unfinished,
+        and those only their folders know (it died before the history had them).  A task
+        whose keeper got its order is adopted, whether its keeper still runs or recorded its
+        end, or else it is lost; a queued one goes back in line, unless it was dropped, or the
+        task before it in line was lost (it was queued behind a deploy whose end is unknown);
+        one that was to start but never got a keeper did not run."""
+        tasks = {task.id: task for task in unfinished}
+        for task_id in TaskFolder.ids_in(self._task_folders):
+            self._store.use_ids_above(task_id)
+            if task_id not in tasks:
+                found = self._found_on_disk(task_id)
+                if found is not None:
+                    tasks[task_id] = found
+        lost_pairs, line = set(), []
+        for task in sorted(tasks.values(), key=lambda task: task.id):
+            how = self._take_over_one(task)
             if how == LOST:
                 lost_pairs.add((task.app, task.env))
-        for task in unfinished:
-            if task.status != QUEUED:
-                continue
-            task.output = Output(self._store.max_output)
-            self._store.add(task)
+            elif how == QUEUED:
+                line.append(task)
+        for task in line:
             if (task.app, task.env) in lost_pairs:
                 self._drop(task, "the task before it in line was lost, so it was not started")
             else:
@@ -1731,26 +1831,72 @@ class TaskRunner:
                 logger.info("task %d is back in line", task.id)
         with self._lock:
             self._start_from_line()
-        self._store.persist()       # the lost and dropped, before anyone reads them
+        self._store.persist()       # what the history lacks, before anyone reads it
 
-    def _take_over_running(self, task):
+    def _found_on_disk(self, task_id):
+        """The task a folder records that the history does not have as unfinished, or None
+        (the folder is removed when the history has all of the task, or when it says
+        nothing of a task)."""
+        folder = TaskFolder(self._task_folders, task_id)
+        if self._store.stored(task_id):
+            logger.info("removing %s: the history has all of task %d", folder.path, task_id)
+            folder.remove()
+            return None
+        task = folder.recorded_task(self._store.max_output)
+        if task is None:
+            logger.warning("removing %s: it does not say which task it is for", folder.path)
+            folder.remove()
+            return None
+        logger.info("task %d (%s %s %s) is not in the history yet: %s says what it is",
+                    task.id, task.app, task.env, task.action, folder.path)
+        return task
+
+    def _take_over_one(self, task):
+        """Take over one unfinished task; what it is now: RUNNING, QUEUED, or how it ended."""
         folder = TaskFolder(self._task_folders, task.id)
-        task.folder = folder
-        if task.keeper_pid is None:     # from a server older than keepers: pulsar was its child
-            self._store.add(task)
+        if folder.exists():
+            task.folder = folder
+        task.output = Output(self._store.max_output)    # read again from its folder, if any
+        keeper = folder.read_json("keeper") or {}
+        pid, start = keeper.get("pid"), keeper.get("start")
+        if pid is None:         # from a server that wrote no keeper file
+            pid, start = task.keeper_pid, task.keeper_start
+        if isinstance(pid, int):
+            return self._adopt(task, folder, pid, start)
+        self._store.add(task)
+        dropped = folder.read_json("dropped")
+        if dropped is not None:
+            self._drop(task, str(dropped.get("why")))
+            return KILLED
+        if task.status == QUEUED:
+            return QUEUED
+        if task.pid:            # from a server older than keepers: pulsar was its child
             note = "the server stopped while this task ran; its end is unknown"
-            if task.pid and still_running(task):
+            if still_running(task):
                 end_processes(lambda: processes_where(2, task.pid), self._kill_grace)
                 note += ("; its processes (group %d) were still running and have been killed"
                          % task.pid)
             return self._lost(task, note)
+        why = "the server stopped before it could start this task; it did not run"
+        self._store.add_output(task, "[pulsar-rest-api: %s]\n" % why)
+        self._store.end(task, KILLED, None, why)
+        logger.info("task %d killed: %s", task.id, why)
+        return KILLED
+
+    def _adopt(self, task, folder, pid, start):
+        """Follow a task whose keeper an earlier server started (or call it lost when its
+        folder is gone)."""
+        task.keeper_pid, task.keeper_start = pid, start
+        if task.status == QUEUED:
+            logger.info("task %d had just left the line when the earlier server stopped",
+                        task.id)
+            task.status = RUNNING
         if not folder.exists():
             self._store.add(task)
             return self._lost(task, "the server stopped while this task ran, and its folder %s "
                                     "is gone; its end is unknown" % folder.path)
-        keeper = Keeper(task, folder, task.keeper_pid, task.keeper_start)
+        keeper = Keeper(task, folder, pid, start)
         keeper.open()
-        task.output = Output(self._store.max_output)    # read again from the output file
         task.keeper = keeper
         self._store.add(task)
         # What it printed so far, read before anyone can ask (the server does not listen yet),
@@ -1802,16 +1948,27 @@ class TaskRunner:
                                   "(--max-tasks); try later, or add queue=true" % running)
         return None
 
-    def _launch(self, task):
-        """Start a task's keeper (the lock is held), in a new folder of the task's own; a
-        keeper that cannot start fails the task."""
-        argv = self._command.argv(task.app, task.env, task.action)
+    def _record(self, task):
+        """Make a new task's folder, its record until the history has it; 503 if it cannot."""
         folder = TaskFolder(self._task_folders, task.id)
+        try:
+            folder.create(task)
+        except OSError as error:
+            logger.error("task %d: cannot create its folder %s: %s", task.id, folder.path, error)
+            raise HTTPError(503, "the server cannot record a new task (%s), so none was started"
+                                 % (error.strerror or error), headers=[("Retry-After", "5")])
         task.folder = folder
+
+    def _launch(self, task):
+        """Start a task's keeper in the task's folder (the lock is held); a keeper that cannot
+        start fails the task."""
+        argv = self._command.argv(task.app, task.env, task.action)
         self._metrics.task_started()
         try:
-            folder.create()
-            keeper = Keeper.start(task, folder, argv=argv, kill_grace=self._kill_grace,
+            if task.folder is None:         # queued under a server that made no folders
+                task.folder = TaskFolder(self._task_folders, task.id)
+                task.folder.create(task)
+            keeper = Keeper.start(task, task.folder, argv=argv, kill_grace=self._kill_grace,
                                   keep=self._store.max_output + 4, pool=self._keepers)
         except OSError as error:
             logger.error("task %d: could not start its keeper: %s", task.id, error)
@@ -1857,6 +2014,14 @@ class TaskRunner:
         return None
 
     def _drop(self, task, why):
+        """End a queued task; its folder says so at once, should the history not have it
+        before this server stops."""
+        if task.folder is not None:
+            try:
+                task.folder.write_json("dropped", {"why": why})
+            except OSError as error:
+                logger.error("task %d: cannot note in %s that it left the line: %s", task.id,
+                             task.folder.path, error)
         self._store.add_output(task, "[pulsar-rest-api: %s]\n" % why)
         self._store.end(task, KILLED, None, why)
         logger.info("task %d killed: %s", task.id, why)
@@ -1869,7 +2034,7 @@ class TaskRunner:
         status, exit_code, outcome = self._judge(keeper, ended)
         finished_at = (ended or {}).get("ended") or time.time()
         if status == LOST:
-            end_session_of(keeper.pid, keeper.start_token, self._kill_grace)
+            end_session_of(keeper, self._kill_grace)
             self._store.add_output(task, "\n[pulsar-rest-api: %s]\n" % outcome)
         said = keeper.folder.keeper_said()
         if said:
@@ -1905,14 +2070,34 @@ class TaskRunner:
         return status, code if code is not None and code >= 0 else None, outcome
 
 
-def end_session_of(keeper_pid, start_token, kill_grace):
-    """End, in a thread of its own, what is left of a session whose keeper died without
-    ending it: pulsar and its children would otherwise run on untracked.  The session keeps
-    the keeper's pid as its id while any of it lives, so that id cannot name anything else."""
-    if start_token is None or not start_token.startswith(boot_id() + ":"):
+def end_session_of(keeper, kill_grace):
+    """End, in a thread of its own, what is left of a task whose keeper died without ending
+    it: pulsar and its children would otherwise run on untracked."""
+    if keeper.start_token is None or not keeper.start_token.startswith(boot_id() + ":"):
         return              # another boot: nothing of it runs
-    threading.Thread(target=end_processes, name="end-session-%d" % keeper_pid, daemon=True,
-                     args=(lambda: processes_where(3, keeper_pid), kill_grace)).start()
+    threading.Thread(target=end_processes, name="end-session-%d" % keeper.pid, daemon=True,
+                     args=(lambda: leftovers_of(keeper), kill_grace)).start()
+
+
+def leftovers_of(keeper):
+    """The live processes a dead keeper's task left: those of its session, whose id is the
+    keeper's pid, that carry the task's mark in their environment.  The id stays taken while
+    any of the session lives; once none does, a new process may get that pid and a new
+    session that id, which is why the pid must not name a live process and the mark must
+    match."""
+    if process_start_token(keeper.pid) is not None:
+        return []           # the pid names a live process: nothing of ours was left
+    mark = TASK_MARK + os.fsencode(keeper.folder.path)
+    return [pid for pid in processes_where(3, keeper.pid) if mark in environment_of(pid)]
+
+
+def environment_of(pid):
+    """The environment a process started with, as NAME=VALUE bytes (empty if unreadable)."""
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as source:
+            return source.read().split(b"\0")
+    except OSError:
+        return []
 
 
 def find_pulsar(settings, environ, workdir, reaper):
@@ -4172,6 +4357,11 @@ def announce(settings, server, fingerprint, history, command):
     warning = plain_folder_branch_warning(command)
     if warning:
         logger.warning("%s", warning)
+    if os.getpid() == 1:
+        logger.warning("this server runs as PID 1 (a container without --init): every task "
+                       "ends with it, since the system ends all processes of the container "
+                       "then, so SIGUSR1 cannot hand tasks over and is ignored; run it under "
+                       "an init (docker run --init) for tasks to outlive it")
 
 
 class StopSignals:
@@ -4198,6 +4388,10 @@ class StopSignals:
             if data and data[0] == signal.SIGHUP:
                 logger.info("SIGHUP ignored; stop with SIGTERM or Ctrl-C (the log file is "
                             "reopened by itself when it is moved)")
+            elif data and data[0] == HAND_OVER and os.getpid() == 1:
+                logger.error("SIGUSR1 ignored: running as PID 1, this server cannot leave its "
+                             "tasks to a next one (they would end with it); stop it with "
+                             "SIGTERM, or run it under an init (docker run --init)")
             elif data and data[0] in (signal.SIGTERM, signal.SIGINT, HAND_OVER, self.DRAINED):
                 return data[0]
 
@@ -4366,9 +4560,10 @@ def parse_args(argv):
         settings.tls_passphrase = read_secret("--ssl-passphrase", settings.ssl_passphrase)
     settings.db = settings.db or default_db()
     # Keepers and tasks run in folders of their own: a relative path must mean what it meant
-    # where the server was started.
+    # where the server was started; and one history has one name, whatever links lead to it,
+    # so that its lock keeps a second server off it.
     if settings.db != ":memory:":
-        settings.db = os.path.abspath(settings.db)
+        settings.db = os.path.realpath(settings.db)
     if os.sep in settings.pulsar_bin:
         settings.pulsar_bin = os.path.abspath(settings.pulsar_bin)
     if settings.config_repo and os.path.exists(settings.config_repo):
@@ -5027,10 +5222,11 @@ PAGE_SECURITY = [
 # needs nothing from the server once started: a server that dies, stops or is replaced changes
 # nothing for the task, and the next server finds the files.  Kill: SIGTERM to the keeper.
 KEEPER = r'''
-import ctypes, os, select, signal, sys, time     # no more: each import costs every task
+import ctypes, errno, os, select, sys, time     # no more: each costs every task
+import _signal as signal        # without the enums of `signal`: 5 ms less CPU per task
 
 order = sys.stdin.buffer.read().split(b"\0")    # folder, kill grace, keep, pulsar's argv
-if len(order) < 4:              # the server stopped before it needed this keeper
+if len(order) < 5 or order.pop() != b"":     # none, or half of one: the server stopped
     sys.exit(0)
 folder, GRACE, KEEP, argv = order[0], float(order[1]), int(order[2]), order[3:]
 os.chdir(folder)
@@ -5056,11 +5252,41 @@ def as_json(value):
     return repr(value)
 
 
+def note(text):
+    """Say something in keeper.log; a full disk must not end the keeper (and pulsar with it)."""
+    try:
+        os.write(2, text.encode("utf-8", "replace") + b"\n")
+    except OSError:
+        pass
+
+
 def write_json(name, value):
+    """Write a file whole, into its .tmp file first: one made ahead, so that the room it
+    needs is there on a disk that has filled up since.  OSError if it cannot."""
     path = os.path.join(FOLDER, name)
-    with open(path + ".tmp", "w") as out:
-        out.write(as_json(value))
+    data = as_json(value).encode()
+    out = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(out, data, 0)
+        os.ftruncate(out, len(data))
+    finally:
+        os.close(out)
     os.replace(path + ".tmp", path)
+
+
+def make_room(name, size):
+    """Reserve `size` bytes for a file write_json will write; False if the disk is full (a
+    file system that cannot reserve is no reason not to run)."""
+    try:
+        out = os.open(os.path.join(FOLDER, name + ".tmp"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(out, 0, size)
+        finally:
+            os.close(out)
+    except OSError as problem:
+        note("cannot reserve room for %s: %s" % (name, problem))
+        return problem.errno not in (errno.ENOSPC, errno.EDQUOT)
+    return True
 
 
 def ring():
@@ -5155,7 +5381,7 @@ def remove_run_folders():
             continue
         if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
             shutil.rmtree(folder, ignore_errors=True)
-            sys.stderr.write("removed %s, which pulsar leaves behind when killed\n" % folder)
+            note("removed %s, which pulsar leaves behind when killed" % folder)
 
 
 me, FOLDER = os.getpid(), os.getcwd()
@@ -5180,10 +5406,14 @@ os.chdir("work")                # pulsar's working folder: empty, and its own
 defaults = [signal.SIGPIPE, signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD,
             signal.SIGXFSZ]
 status, killed, error, run_folders = None, False, None, set()
+environment = dict(os.environ)
+environment["PULSAR_REST_API_TASK"] = FOLDER    # marks all pulsar starts as this task's
 try:
     if asked:                   # killed before it started
         raise InterruptedError("killed before it started")
-    pulsar = os.posix_spawn(argv[0], argv, os.environ, file_actions=[
+    if not (make_room("started", 4096) and make_room("ended", 65536)):
+        raise OSError("the disk is full: there would be no room to record how it ends")
+    pulsar = os.posix_spawn(argv[0], argv, environment, file_actions=[
         (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, write_end, 1),
         (os.POSIX_SPAWN_DUP2, write_end, 2)], setpgroup=0, setsigdef=defaults, setsigmask=())
 except InterruptedError:
@@ -5192,7 +5422,10 @@ except OSError as problem:
     pulsar, error = None, "could not start pulsar (%s): %s" % (os.fsdecode(argv[0]),
                                                                 problem.strerror or problem)
 os.close(write_end)
-write_json("started", {"pid": pulsar, "at": time.time(), "error": error})
+try:
+    write_json("started", {"pid": pulsar, "at": time.time(), "error": error})
+except OSError as problem:
+    note("cannot write started: %s" % problem)
 ring()
 def take(data):
     """Keep a piece of output: in the file (up to KEEP bytes), and its end in `last`."""
@@ -5204,7 +5437,7 @@ def take(data):
             kept += os.write(output, data[:KEEP - kept])
         except OSError as problem:      # a full disk: keep reading, or pulsar would block
             KEEP = kept
-            sys.stderr.write("cannot write the output: %s\n" % problem)
+            note("cannot write the output: %s" % problem)
     ring()
 
 
@@ -5259,10 +5492,22 @@ while pulsar is not None:
         take(data)
 if killed:
     remove_run_folders()
-write_json("ended", {"exit": status, "killed": killed, "exited": exited_at, "ended": time.time(),
-                     "written": written, "kept": kept,
-                     "last": (said_last if exited_at else last).decode("latin-1"),
-                     "error": error})
+end = {"exit": status, "killed": killed, "exited": exited_at, "ended": time.time(),
+       "written": written, "kept": kept,
+       "last": (said_last if exited_at else last).decode("latin-1"), "error": error}
+waited = False
+while True:
+    try:
+        write_json("ended", end)
+        break
+    except OSError as problem:
+        if pulsar is None:      # nothing ran: there is no end worth waiting for room for
+            note("cannot write ended: %s" % problem)
+            break
+        if not waited:
+            note("cannot write ended (trying again every second): %s" % problem)
+        waited = True
+        time.sleep(1)
 ring()
 '''
 

@@ -3348,6 +3348,144 @@ def test_a_task_that_ended_while_no_server_ran_shows_its_real_end(start_server, 
                what="its folder to go once the history has it")
 
 
+@contextlib.contextmanager
+def history_locked(db):
+    """Hold the history's write lock, as another program writing to it would."""
+    connection = sqlite3.connect(str(db), isolation_level=None, timeout=0)
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        connection.execute("ROLLBACK")
+        connection.close()
+
+
+def test_what_was_started_queued_or_killed_while_the_history_was_locked_survives_a_crash(
+        start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    first = start_server("--db", db)
+    client = first.client()
+    app, other = unique("app"), unique("app")
+    first_gate, second_gate, other_gate = fake.gate(), fake.gate(), fake.gate()
+    running = client.create(app, "prod", "say-first.gate-%s" % first_gate.name)
+    client.wait_at_gate(running, first_gate)
+    with history_locked(db):    # no start waits for it; the history gets nothing of these
+        queued = client.queue(app, "prod", "say-second.gate-%s" % second_gate.name)
+        dropped = client.queue(app, "prod", "say-dropped")
+        started = client.create(other, "prod", "say-other.gate-%s" % other_gate.name)
+        killed = client.kill(dropped)
+        first_gate.release()
+        client.wait_at_gate(queued, second_gate)    # it left the line as the first one ended
+        client.wait_at_gate(started, other_gate)
+        first.crash()
+    second = start_server("--db", db)
+    client = second.client()
+    after_restart = {task_id: client.task(task_id)["status"] for task_id in (queued, started)}
+    second_gate.release()
+    other_gate.release()
+    ended = {task_id: client.wait_ended(task_id) for task_id in (running, queued, dropped,
+                                                                  started)}
+    newest = client.create(unique("app"), "prod", "out-1")
+
+    assert killed.status == 200 and killed.json["status"] == "killed", killed
+    assert after_restart == {queued: "running", started: "running"}
+    assert [ended[task_id]["status"] for task_id in (running, queued, dropped, started)] == [
+        "finished", "finished", "killed", "finished"]
+    assert ended[queued]["output"] == "second\n" + second_gate.line
+    assert ended[started]["output"] == "other\n" + other_gate.line
+    # Each ran once, the killed one never, and no id was given twice.
+    assert fake.actions_run_for(app) == ["say-first.gate-%s" % first_gate.name,
+                                         "say-second.gate-%s" % second_gate.name]
+    assert len(fake.runs_for(other)) == 1
+    assert newest > max(running, queued, dropped, started)
+    second.assert_no_traceback()
+
+
+NON_REAPING_PARENT = r'''
+import ctypes, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)     # PR_SET_CHILD_SUBREAPER: the server's orphans
+subprocess.run(sys.argv[1:])                # come here once it dies, and are never reaped
+time.sleep(600)
+'''
+
+
+def test_a_keeper_that_died_unreaped_while_no_server_ran_is_lost_and_its_task_ended(
+        start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    parent = tmp_path / "non_reaping_parent.py"
+    parent.write_text(NON_REAPING_PARENT)
+    first = start_server("--db", db, launcher=[sys.executable, str(parent)])
+    tree = start_process_tree(first.client(), fake, env="prod")
+    server_pid = int(Path(str(db) + ".lock").read_text())
+    keeper_pid = json.loads((Path(str(db) + ".tasks") / str(tree.task_id) / "keeper")
+                            .read_text())["pid"]
+
+    os.kill(server_pid, signal.SIGKILL)
+    wait_until(lambda: is_gone(server_pid), what="the server to die")
+    os.kill(keeper_pid, signal.SIGKILL)     # it stays a zombie: its new parent never reaps
+    wait_until(lambda: is_gone(keeper_pid), what="the keeper to die")
+    second = start_server("--db", db)
+    task = second.client().wait_ended(tree.task_id)
+    wait_until(lambda: all(are_gone(tree.pids).values()), what="the task's processes to end")
+    first.crash()                           # the parent, and with it the zombie
+
+    assert task["status"] == "lost"
+    assert "ended without recording how the task ended" in task["outcome"]
+    second.assert_no_traceback()
+
+
+def test_a_dead_keepers_leftovers_are_the_processes_of_its_session_that_carry_its_mark(
+        tmp_path):
+    folder = server_module.TaskFolder(str(tmp_path), 7)
+    mark = {"PULSAR_REST_API_TASK": folder.path}
+    # A session whose leader has gone, left with one process of the task and one stranger.
+    code = ("import json, os, subprocess, sys\n"
+            "os.setsid()\n"
+            "sleep = [sys.executable, '-S', '-c', 'import time; time.sleep(600)']\n"
+            "ours = subprocess.Popen(sleep, env=dict(os.environ, **json.loads(sys.argv[1])),\n"
+            "                        stdout=subprocess.DEVNULL)\n"
+            "stranger = subprocess.Popen(sleep, stdout=subprocess.DEVNULL)\n"
+            "print(json.dumps([os.getpid(), ours.pid, stranger.pid]), flush=True)\n")
+    leader = subprocess.run([sys.executable, "-S", "-c", code, json.dumps(mark)],
+                            stdout=subprocess.PIPE, text=True, timeout=TIMEOUT)
+    leader_pid, ours, stranger = json.loads(leader.stdout)
+    # A live process that now has a dead keeper's pid, leading a session with the mark.
+    reused = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(600)"],
+                              env=dict(os.environ, **mark), start_new_session=True)
+    try:
+        found = server_module.leftovers_of(types.SimpleNamespace(pid=leader_pid,
+                                                                 folder=folder))
+        under_a_live_pid = server_module.leftovers_of(types.SimpleNamespace(pid=reused.pid,
+                                                                            folder=folder))
+    finally:
+        for pid in (ours, stranger, reused.pid):
+            os.kill(pid, signal.SIGKILL)
+        reused.wait()
+
+    assert found == [ours]
+    assert under_a_live_pid == []
+
+
+def test_a_full_disk_ends_no_deploy_and_its_end_is_still_recorded(tmp_path, fake):
+    folder = tmp_path / "task"
+    folder.mkdir()
+    os.mkfifo(str(folder / "bell"))
+    for name in ("output", "keeper.log"):       # every write to these fails, as on a full disk
+        os.symlink("/dev/full", str(folder / name))
+    order = [str(folder), "1", str(1 << 20), str(fake.path), "blog", "prod",
+             "tee-full.quick-200000.exit-3"]
+
+    keeper = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", server_module.KEEPER, "pulsar-rest-api-keeper"],
+        input=b"".join(os.fsencode(part) + b"\0" for part in order),
+        env=dict(os.environ, FAKE_DIR=str(fake.dir)), timeout=TIMEOUT)
+    ended = json.loads((folder / "ended").read_text())
+
+    assert keeper.returncode == 0
+    assert (ended["exit"], ended["killed"], ended["kept"]) == (3, False, 0)
+    assert ended["written"] == len(printed(fake, "full").encode()) > 1 << 20
+
+
 def test_an_adopted_task_can_be_killed_whole(start_server, fake, tmp_path):
     db = tmp_path / "history.sqlite3"
     first = start_server("--db", db)
@@ -3400,13 +3538,18 @@ def test_a_second_server_on_the_same_history_refuses_to_start_and_touches_nothin
     task_id = client.create(unique("app"), "prod", "out-1.gate-%s.out-1" % gate.name)
     client.wait_at_gate(task_id, gate)
 
+    link = tmp_path / "elsewhere.sqlite3"
+    link.symlink_to(db)
+
     refused = run_cli(tmp_path / "second", fake, ["--db", db])
+    refused_through_a_link = run_cli(tmp_path / "third", fake, ["--db", link])
     still = client.task(task_id)
     gate.release()
     ended = client.wait_ended(task_id)
 
-    line = one_error_line(refused)
-    assert "is in use by another server (pid %d)" % first.proc.pid in line, line
+    for run in (refused, refused_through_a_link):
+        line = one_error_line(run)
+        assert "is in use by another server (pid %d)" % first.proc.pid in line, line
     assert still["status"] == "running"
     assert (ended["status"], ended["output"]) == ("finished", "out 1\n" + gate.line + "out 1\n")
 
@@ -4996,14 +5139,15 @@ def test_trickled_request_does_not_delay_others_and_is_dropped_in_bounded_time(
 
 def test_port_probe_is_logged_as_one_line_without_traceback(start_server):
     server = start_server()
-    lines_before = len(server.log().splitlines())
+    probe = tcp_connection(server)
+    port = probe.getsockname()[1]
 
-    tcp_connection(server).close()
-    wait_until(lambda: len(server.log().splitlines()) > lines_before, what="a log line")
-    new_lines = server.log().splitlines()[lines_before:]
+    probe.close()
+    about_it = wait_until(lambda: log_lines(server, r"127\.0\.0\.1:%d\b" % port),
+                          what="a log line about the probe")
     still_serving = server.client().get("/task/1")
 
-    assert len(new_lines) == 1, new_lines
+    assert len(log_lines(server, r"127\.0\.0\.1:%d\b" % port)) == len(about_it) == 1, about_it
     assert "Traceback" not in server.log()
     assert_json_error(still_serving, 404)
 
@@ -5744,11 +5888,6 @@ class FlakyHistory:
     def __getattr__(self, name):
         return getattr(self._history, name)
 
-    def insert(self, *arguments):
-        if self.failing:
-            raise sqlite3.OperationalError("database is locked")
-        return self._history.insert(*arguments)
-
     def save(self, changes):
         self.tries += 1
         if self.failing:
@@ -5756,13 +5895,15 @@ class FlakyHistory:
         return self._history.save(changes)
 
 
-def test_a_history_write_that_fails_is_retried_and_nothing_counts_as_written_till_then(tmp_path):
+def test_a_history_write_that_fails_is_retried_and_holds_up_no_new_task_meanwhile(tmp_path):
     history = FlakyHistory(server_module.TaskHistory(str(tmp_path / "history.sqlite3")))
     store = server_module.TaskStore(history, max_output=1 << 20)
-    task = store.create("blog", "prod", "deploy")
-    folder = server_module.TaskFolder(str(tmp_path), task.id)
-    folder.create()
-    task.folder = folder
+
+    def record(task):
+        task.folder = server_module.TaskFolder(str(tmp_path), task.id)
+        task.folder.create(task)
+
+    task = store.create("blog", "prod", "deploy", record=record)
     for line in range(1, 2001):
         store.add_output(task, "line %d\n" % line)
 
@@ -5771,22 +5912,22 @@ def test_a_history_write_that_fails_is_retried_and_nothing_counts_as_written_til
     first_try = store.persist()
     while_failing = store.read(task.id)
     second_try = store.persist()
-    refused = None
-    try:
-        store.create("blog", "stage", "deploy")
-    except server_module.HTTPError as error:
-        refused = error
+    newcomer = store.create("blog", "stage", "deploy", record=record)
+    listed_while_failing = store.listing()[1]
     history.failing = False
     written = store.persist()
-    stored = server_module.TaskHistory(str(tmp_path / "history.sqlite3")).load(task.id)
+    reopened = server_module.TaskHistory(str(tmp_path / "history.sqlite3"))
+    stored, stored_newcomer = reopened.load(task.id), reopened.load(newcomer.id)
 
     assert (first_try, second_try, written) == (False, False, True)
     assert while_failing["status"] == "finished"
     assert while_failing["output"] == "".join("line %d\n" % n for n in range(1, 2001))
-    assert folder.exists() is False
-    assert refused is not None and refused.status == 503
+    assert task.folder.exists() is False and newcomer.folder.exists()
+    assert [entry["id"] for entry in listed_while_failing] == [newcomer.id, task.id]
     assert stored.status == "finished"
     assert stored.snapshot(0).reply()["output"] == while_failing["output"]   # no hole
+    assert (stored_newcomer.app, stored_newcomer.env, stored_newcomer.status) == (
+        "blog", "stage", "running")
     assert history.tries == 3
 
 
