@@ -110,6 +110,7 @@ import email.utils
 import errno
 import fcntl
 import fnmatch
+import functools
 import hashlib
 import hmac
 import http
@@ -190,11 +191,17 @@ MAX_TASKS = 16             # tasks running at once; more are refused (429) or wa
 MAX_CONNECTIONS = 256      # client connections at once; more get 503 and are closed
 MAX_HEADERS = 64           # header lines in one request; more get 431
 MAX_HEADER_LINE = 8192     # bytes in one header line; longer gets 431
+MAX_LINE_READ = 65536      # bytes of a line read before a request is refused unread (as
+MAX_LINES_READ = 100       # http.server does), and header lines read (past the limits above,
+                           # the rest of the request is read, so that the client reads the 431)
 ACCEPT_BACKOFF = 0.1       # seconds the accept loop pauses when out of file descriptors
 STREAM_CHECK = 1.0         # seconds between checks that a streaming client is still there
 SSE_KEEPALIVE = 15.0       # seconds between comment lines on a quiet event stream
 LINGER = 0.1               # seconds a follower of a chatty task waits for more output ...
 LINGER_BYTES = 8192        # ... or for this many characters, to send fewer, fuller replies
+KEPT_ANSWERS = 16          # answers kept with a live task for the clients at its state, ...
+KEPT_STORED_ANSWERS = 64   # ... of ended tasks read from the history, ...
+KEPT_ANSWER_BYTES = 65536  # ... each at most this long: longer ones are made for each asker
 CHATTY_GAP = 0.005         # seconds between two outputs that make a task chatty
 MAX_TAIL = 100000          # lines GET /task/:id/output?tail= may ask for
 REFUSERS = 8               # threads that may answer 503 to connections over the limit at once
@@ -267,6 +274,9 @@ LOOKALIKE_TABLE = str.maketrans("аеіјкорстухѕԁɑαεικορτυν�
                                 "aeijkopctyxsdaaeikoptuvuillllsslirr")
 NOT_A_KEY_CHARACTER = re.compile(r"[^a-z0-9]+")
 COUNT_PATTERN = re.compile(r"[0-9]{1,15}")
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")      # a method or header name (RFC 9110)
+HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 HOST_PATTERN = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
 # In the environment of pulsar and all it starts: which task they belong to (its folder).
@@ -465,6 +475,7 @@ class Task:
         self.changed = None         # the store's Condition for this task, while it is live
         self.last_output_at = 0.0
         self.chatty = False         # output arrives in quick succession: followers batch it
+        self.answers = Answers()    # the bytes of its answers at this version, made once
 
     @property
     def ended(self):
@@ -581,6 +592,7 @@ class TaskStore:
         self.list_version = 1                   # goes up when a task comes, changes status or goes
         self._write_failing = False             # the last write failed: say so once, not per try
         self._writes = 0                        # history writes done: tasks move there
+        self._stored_answers = collections.OrderedDict()    # see _stored_answer
 
     # -- tasks coming
 
@@ -642,7 +654,8 @@ class TaskStore:
             return None if task is None else task.version
 
     def wait_for_change(self, task_id, version, offset, timeout):
-        """The task as JSON once it has moved past (version, offset), or None after `timeout`.
+        """The task as the API answers it once it has moved past (version, offset), or None
+        after `timeout`.
 
         Without a version the client has seen the task as it is now: wait for its next change.
         A task that is no longer live has ended, and answers at once.
@@ -650,21 +663,84 @@ class TaskStore:
         with self._lock:
             task = self._tasks.get(task_id)
             if task is not None:
-                task.check_offset(offset)
-                if version is None:
-                    version = task.version
-                self.waiters += 1
-                try:
-                    moved = task.has_moved_past(version, offset) or self._wait_and_linger(
-                        task, version, offset, timeout)
-                finally:
-                    self.waiters -= 1
-                if not moved:
+                if not self._wait_past(task, version, offset, timeout):
                     return None
                 snapshot = task.snapshot(offset or 0)
         if task is None:
             snapshot = self._stored_snapshot(task_id, offset or 0)
         return snapshot.reply()
+
+    def wait_for_poll_answer(self, task_id, version, offset, timeout):
+        """What /state answers once the task has moved past (version, offset), as JSON bytes,
+        or None after `timeout` (as wait_for_change)."""
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is not None:
+                if not self._wait_past(task, version, offset, timeout):
+                    return None
+                answer = task.answers.get(("state", offset))
+                if answer is not None:
+                    return answer
+                snapshot, version = task.snapshot(offset or 0), task.version
+        if task is None:
+            return self._stored_answer("state", task_id, offset or 0, poll_answer)
+        return self._remember(task, version, ("state", offset), poll_answer(snapshot.reply()))
+
+    def read_answer(self, task_id, offset=0):
+        """What GET /task/:id answers, as JSON bytes."""
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is not None:
+                answer = task.answers.get(("read", offset))
+                if answer is not None:
+                    return answer
+                snapshot, version = task.snapshot(offset), task.version
+        if task is None:
+            return self._stored_answer("read", task_id, offset, lambda reply: reply)
+        return self._remember(task, version, ("read", offset), snapshot.reply())
+
+    def _wait_past(self, task, version, offset, timeout):
+        """Wait (the lock held) until a live task has moved past (version, offset); False
+        after `timeout`."""
+        task.check_offset(offset)
+        if version is None:
+            version = task.version
+        self.waiters += 1
+        try:
+            return task.has_moved_past(version, offset) or self._wait_and_linger(
+                task, version, offset, timeout)
+        finally:
+            self.waiters -= 1
+
+    # Followers at one place of a task get one answer: its bytes are made once, kept with the
+    # task until its next change, and sent to each of them.
+
+    def _remember(self, task, version, key, reply):
+        """The JSON bytes of a live task's answer, kept for the others who ask for the same
+        while the task stays at `version` (unless it is long: that one is rarely asked twice)."""
+        answer = json_body(reply)
+        if len(answer) <= KEPT_ANSWER_BYTES:
+            with self._lock:
+                task.answers.keep(version, key, answer, task.version)
+        return answer
+
+    def _stored_answer(self, kind, task_id, offset, shape):
+        """The JSON bytes of an ended task's answer, from the history: a few are kept, the
+        most recently asked, since a task in the history does not change (until it is trimmed
+        away: trim() forgets them)."""
+        key = (kind, task_id, offset)
+        with self._lock:
+            answer = self._stored_answers.get(key)
+            if answer is not None:
+                self._stored_answers.move_to_end(key)
+                return answer
+        answer = json_body(shape(self._stored_snapshot(task_id, offset).reply()))
+        if len(answer) <= KEPT_ANSWER_BYTES:
+            with self._lock:
+                self._stored_answers[key] = answer
+                if len(self._stored_answers) > KEPT_STORED_ANSWERS:
+                    self._stored_answers.popitem(last=False)
+        return answer
 
     def _wait_and_linger(self, task, version, offset, timeout):
         """Wait (the lock held) for the task to move; if it is chatty, wait a moment more so
@@ -762,6 +838,15 @@ class TaskStore:
             self._changed(task)
             self._list_changed()
 
+    def requeue(self, task):
+        """A task taken over as running that never started is back in line."""
+        with self._lock:
+            if task.status == RUNNING:
+                task.status = QUEUED
+                self._running -= 1
+                self._changed(task)
+                self._list_changed()
+
     def add_output(self, task, text):
         """Add output to a running task; False once its output is full (or it has ended)."""
         with self._lock:
@@ -770,6 +855,7 @@ class TaskStore:
                 task.chatty = now - task.last_output_at < CHATTY_GAP
                 task.last_output_at = now
                 task.version += 1
+                task.answers.forget()
                 task.changed.notify_all()
             return not (task.ended or task.output.full)
 
@@ -801,6 +887,7 @@ class TaskStore:
     def _changed(self, task):
         """Note a change of a task (the lock held): its followers wake, its record is due."""
         task.version += 1
+        task.answers.forget()
         task.changed.notify_all()
         self._write_soon.set()
 
@@ -825,7 +912,7 @@ class TaskStore:
             try:
                 self._history.save([(record, pieces, not task.stored)
                                     for task, _, _, record, pieces in writes])
-            except sqlite3.Error as error:
+            except (sqlite3.Error, OverflowError) as error:
                 if not self._write_failing:
                     logger.error("cannot write the task history (retrying every %g s): %s",
                                  PERSIST_EVERY, error)
@@ -857,10 +944,13 @@ class TaskStore:
         while not stopped.is_set():
             self._write_soon.wait(PERSIST_EVERY)
             self._write_soon.clear()
-            self.persist()
-            if time.monotonic() >= next_trim:
-                self.trim(keep_days, keep_tasks)
-                next_trim = time.monotonic() + TRIM_EVERY
+            try:
+                self.persist()
+                if time.monotonic() >= next_trim:
+                    self.trim(keep_days, keep_tasks)
+                    next_trim = time.monotonic() + TRIM_EVERY
+            except Exception:       # the history must go on being written, whatever failed
+                logger.exception("error while writing the task history; trying again")
             stopped.wait(PERSIST_SOON)
 
     def trim(self, keep_days, keep_tasks):
@@ -871,6 +961,8 @@ class TaskStore:
             logger.error("cannot trim the task history: %s", error)
             return
         if removed:
+            with self._lock:
+                self._stored_answers.clear()
             logger.info("removed %d task(s) older than %d days or past the newest %d from "
                         "the history", removed, keep_days, keep_tasks)
 
@@ -1378,8 +1470,9 @@ class TaskFolder:
 
     @staticmethod
     def ids_in(root):
-        """The ids of the task folders in `root`, in order."""
-        return sorted(int(name) for name in os.listdir(root) if name.isdigit())
+        """The ids of the task folders in `root`, in order (other names are not ours)."""
+        return sorted(int(name) for name in os.listdir(root)
+                      if COUNT_PATTERN.fullmatch(name) and int(name) > 0)
 
     def create(self, task):
         """Make the folder, recording what the task is; OSError if that cannot be done."""
@@ -1395,8 +1488,9 @@ class TaskFolder:
             raise
 
     def recorded_task(self, max_output):
-        """The task its `task` file describes, or None when it says nothing readable."""
-        said = self.read_json("task") or {}
+        """The task its `task` file describes (or its `dropped` one, once a full disk made
+        that of it), or None when neither says anything readable."""
+        said = self.read_json("task") or self.read_json("dropped") or {}
         try:
             task = Task(int(said["id"]), str(said["app"]), str(said["env"]), str(said["action"]),
                         float(said["createdAt"]), str(said["startedBy"]), Output(max_output),
@@ -1410,6 +1504,14 @@ class TaskFolder:
 
     def exists(self):
         return os.path.isdir(self.path)
+
+    def mark_dropped(self, why):
+        """Say that the task left the line without running; OSError if that cannot be said.
+        On a full disk the `task` file becomes the `dropped` one: a rename needs no room."""
+        try:
+            self.write_json("dropped", {"why": why})
+        except OSError:
+            os.replace(self.file("task"), self.file("dropped"))
 
     def write_json(self, name, value):
         """Write a file whole or not at all (a reader never sees half of it)."""
@@ -1760,10 +1862,14 @@ class TaskRunner:
         """End a task: take it out of the line, or have its keeper end its session; the task
         as the API answers it once it has ended, or 409 if it ended by itself first."""
         logger.info("task %d: kill requested by %s", task_id, requested_by)
+        why = "removed from the line by %s" % requested_by
         with self._lock:
-            queued = self._take_from_line(task_id)
+            queued = self._in_line(task_id)
+            if queued is not None:
+                self._note_dropped(queued, why, refuse=True)
+                self._take_from_line(task_id)
         if queued is not None:
-            self._drop(queued, "removed from the line by %s" % requested_by)
+            self._drop(queued, why)
             return self._store.read(task_id)
         self._store.keeper_to_kill(task_id).terminate(requested_by)
         task = self._store.wait_until_ended(task_id, self._kill_grace + OUTPUT_DRAIN + 2)
@@ -1843,6 +1949,10 @@ class TaskRunner:
             folder.remove()
             return None
         task = folder.recorded_task(self._store.max_output)
+        if task is None and folder.read_json("keeper") is not None:
+            logger.error("%s does not say which task it is for, but a keeper has run there: "
+                         "left as it is", folder.path)
+            return None
         if task is None:
             logger.warning("removing %s: it does not say which task it is for", folder.path)
             folder.remove()
@@ -1866,9 +1976,12 @@ class TaskRunner:
         self._store.add(task)
         dropped = folder.read_json("dropped")
         if dropped is not None:
-            self._drop(task, str(dropped.get("why")))
+            self._drop(task, dropped.get("why") or "taken out of the line before the earlier "
+                                                   "server stopped")
             return KILLED
-        if task.status == QUEUED:
+        recorded = folder.recorded_task(self._store.max_output)
+        if task.status == QUEUED or (recorded and recorded.status == QUEUED):
+            self._store.requeue(task)   # its turn had come, but it never got a keeper
             return QUEUED
         if task.pid:            # from a server older than keepers: pulsar was its child
             note = "the server stopped while this task ran; its end is unknown"
@@ -1896,7 +2009,12 @@ class TaskRunner:
             return self._lost(task, "the server stopped while this task ran, and its folder %s "
                                     "is gone; its end is unknown" % folder.path)
         keeper = Keeper(task, folder, pid, start)
-        keeper.open()
+        try:
+            keeper.open()
+        except OSError as error:
+            self._store.add(task)
+            return self._lost(task, "the server stopped while this task ran, and its folder "
+                                    "cannot be followed (%s); its end is unknown" % error)
         task.keeper = keeper
         self._store.add(task)
         # What it printed so far, read before anyone can ask (the server does not listen yet),
@@ -2001,6 +2119,26 @@ class TaskRunner:
                 self._start_from_line()     # its pair may start more than one
                 return
 
+    def _in_line(self, task_id):
+        """The queued task of this id, or None (the lock is held)."""
+        return next((task for tasks in self._line.values() for task in tasks
+                     if task.id == task_id), None)
+
+    def _note_dropped(self, task, why, refuse=False):
+        """Have the task's folder say it left the line without running (once is enough);
+        when it cannot: HTTPError 503 if `refuse`, else an error in the log."""
+        if task.folder is None or task.folder.read_json("dropped") is not None:
+            return
+        try:
+            task.folder.mark_dropped(why)
+        except OSError as error:
+            logger.error("task %d: cannot note in %s that it left the line: %s", task.id,
+                         task.folder.path, error)
+            if refuse:
+                raise HTTPError(503, "task %d cannot be taken out of the line now: %s; it "
+                                     "stays in line" % (task.id, error.strerror or error),
+                                headers=[("Retry-After", "5")])
+
     def _take_from_line(self, task_id, task=None):
         """Take a queued task out of the line (the lock is held); it, or None."""
         for pair, tasks in self._line.items():
@@ -2016,12 +2154,7 @@ class TaskRunner:
     def _drop(self, task, why):
         """End a queued task; its folder says so at once, should the history not have it
         before this server stops."""
-        if task.folder is not None:
-            try:
-                task.folder.write_json("dropped", {"why": why})
-            except OSError as error:
-                logger.error("task %d: cannot note in %s that it left the line: %s", task.id,
-                             task.folder.path, error)
+        self._note_dropped(task, why)
         self._store.add_output(task, "[pulsar-rest-api: %s]\n" % why)
         self._store.end(task, KILLED, None, why)
         logger.info("task %d killed: %s", task.id, why)
@@ -2029,13 +2162,26 @@ class TaskRunner:
     # -- ending
 
     def _ended(self, keeper, ended):
-        """A task's keeper has gone (the watcher's thread): judge how the task ended."""
-        task = keeper.task
+        """A task's keeper has gone (the watcher's thread): judge how the task ended.  A lost
+        task ends once what it left has been ended (in a thread of its own: that takes up to
+        the kill grace), so that the next task of its pair never runs beside it."""
         status, exit_code, outcome = self._judge(keeper, ended)
+        if status != LOST:
+            self._record_end(keeper, ended, status, exit_code, outcome)
+            return
+
+        def end_what_is_left():
+            if keeper.start_token and keeper.start_token.startswith(boot_id() + ":"):
+                end_processes(lambda: leftovers_of(keeper), self._kill_grace)
+            self._store.add_output(keeper.task, "\n[pulsar-rest-api: %s]\n" % outcome)
+            self._record_end(keeper, ended, status, exit_code, outcome)
+
+        threading.Thread(target=end_what_is_left, name="lost-%d" % keeper.task.id,
+                         daemon=True).start()
+
+    def _record_end(self, keeper, ended, status, exit_code, outcome):
+        task = keeper.task
         finished_at = (ended or {}).get("ended") or time.time()
-        if status == LOST:
-            end_session_of(keeper, self._kill_grace)
-            self._store.add_output(task, "\n[pulsar-rest-api: %s]\n" % outcome)
         said = keeper.folder.keeper_said()
         if said:
             logger.info("task %d: its keeper said: %s", task.id, said)
@@ -2054,6 +2200,10 @@ class TaskRunner:
 
     def _judge(self, keeper, ended):
         """(status, exit code, outcome) from what the keeper recorded at its end."""
+        if ended is None and not os.path.exists(keeper.folder.file("keeper.log")):
+            # The keeper makes its log first thing once it has its order: it never had one.
+            return KILLED, None, ("the server stopped before the keeper of this task got its "
+                                  "order; it did not run")
         if ended is None:
             return LOST, None, ("its keeper (pid %d) ended without recording how the task ended "
                                 "(killed with SIGKILL, or the host restarted); its end is "
@@ -2070,17 +2220,9 @@ class TaskRunner:
         return status, code if code is not None and code >= 0 else None, outcome
 
 
-def end_session_of(keeper, kill_grace):
-    """End, in a thread of its own, what is left of a task whose keeper died without ending
-    it: pulsar and its children would otherwise run on untracked."""
-    if keeper.start_token is None or not keeper.start_token.startswith(boot_id() + ":"):
-        return              # another boot: nothing of it runs
-    threading.Thread(target=end_processes, name="end-session-%d" % keeper.pid, daemon=True,
-                     args=(lambda: leftovers_of(keeper), kill_grace)).start()
-
-
 def leftovers_of(keeper):
-    """The live processes a dead keeper's task left: those of its session, whose id is the
+    """The live processes a dead keeper's task left (pulsar and its children would otherwise
+    run on untracked): those of its session, whose id is the
     keeper's pid, that carry the task's mark in their environment.  The id stays taken while
     any of the session lives; once none does, a new process may get that pid and a new
     session that id, which is why the pid must not name a live process and the mark must
@@ -3229,16 +3371,33 @@ def decode_utf8(data, where):
 
 def response_head(status, content_type, headers=(), close=False):
     """The status line and headers of every answer this server sends, as bytes."""
-    lines = ["HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase),
-             "Server: " + SERVER_NAME,
-             "Date: " + email.utils.formatdate(usegmt=True),
-             "Content-Type: " + content_type,
-             "Cache-Control: no-store",
-             "X-Content-Type-Options: nosniff"]
-    lines += ["%s: %s" % header for header in headers]
+    head = ("HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\nContent-Type: %s\r\n"
+            "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+            % (status, STATUS_PHRASES[status], SERVER_NAME, http_date(), content_type))
+    head += "".join("%s: %s\r\n" % header for header in headers)
     if close:
-        lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        head += "Connection: close\r\n"
+    return (head + "\r\n").encode("latin-1")
+
+
+STATUS_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
+
+
+class HttpDate:
+    """The Date header's value now: formatted once a second, not once an answer."""
+
+    def __init__(self):
+        self._now = (None, "")
+
+    def __call__(self):
+        second = int(time.time())
+        now = self._now
+        if now[0] != second:
+            now = self._now = (second, email.utils.formatdate(second, usegmt=True))
+        return now[1]
+
+
+http_date = HttpDate()
 
 
 def whole_response(status, body, content_type, headers=(), close=False):
@@ -3249,6 +3408,39 @@ def whole_response(status, body, content_type, headers=(), close=False):
 
 def json_body(payload):
     return (json.dumps(payload, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+UNCHANGED = json_body({"changed": False})
+
+
+def poll_answer(task):
+    """What /state answers once the task has moved: the task."""
+    return {"changed": True, "task": task}
+
+
+class Answers:
+    """A live task's answers while it stays at one version: JSON bytes by (kind, offset)."""
+
+    def __init__(self):
+        self._version = None
+        self._answers = {}
+
+    def get(self, key):
+        return self._answers.get(key)
+
+    def keep(self, version, key, answer, version_now):
+        """Keep an answer made at `version`, if the task is still there (`version_now`)."""
+        if version != version_now:
+            return
+        if self._version != version:
+            self._version, self._answers = version, {}
+        if len(self._answers) < KEPT_ANSWERS:
+            self._answers[key] = answer
+
+    def forget(self):
+        """The task has changed: what was kept answers an older version."""
+        if self._answers:
+            self._answers = {}
 
 
 def netloc_of(url):
@@ -3290,6 +3482,51 @@ class DeadlineReader(io.RawIOBase):
 
 
 # ---------------------------------------------------------------- HTTP: the request handler
+
+class Headers:
+    """A request's header fields: get() and get_all() by name in any case, items() in the order
+    sent.  RequestHandler reads them itself: http.server's email parser cost a reply more than
+    everything else it does."""
+
+    def __init__(self, fields):
+        self._fields = fields               # [(name, value)] as sent
+        self._by_name = {}
+        for name, value in fields:
+            self._by_name.setdefault(name.lower(), []).append(value)
+
+    def get(self, name, default=None):
+        values = self._by_name.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name):
+        return self._by_name.get(name.lower(), [])
+
+    def items(self):
+        return list(self._fields)
+
+    def __len__(self):
+        return len(self._fields)
+
+    def media_type(self):
+        """The body's media type, lower case and without parameters, as the email module has
+        it ("text/plain" for one that is not TYPE/SUBTYPE); None when none is given."""
+        value = self.get("Content-Type")
+        if not value:
+            return None
+        media = value.partition(";")[0].strip().lower()
+        return media if media.count("/") == 1 else "text/plain"
+
+
+def parse_header_field(line):
+    """(name, value) of a header line; 400 for one that is not NAME: VALUE.  A folded line
+    (one that starts with a space) and a space before the colon are refused, as RFC 9112 asks,
+    since servers that read them otherwise can be made to disagree about a request."""
+    text = line.decode("latin-1").rstrip("\r\n")
+    name, colon, value = text.partition(":")
+    if not colon or not TOKEN.fullmatch(name):
+        raise HTTPError(400, "malformed header line %s" % quoted(text, 60), close=True)
+    return name, value.strip(" \t")
+
 
 class Exchange:
     """One request and its answer: what was asked, by whom, and how far the answer has got."""
@@ -3392,8 +3629,66 @@ class RequestHandler(BaseHTTPRequestHandler):
             return
         self._reader.deadline = time.monotonic() + self.server.request_timeout
         self.exchange = Exchange(time.monotonic())
-        self.command = self.path = None     # set by parse_request once it has read them
-        super().handle_one_request()
+        self.command = self.path = None     # set by _read_head once it has read them
+        self.request_version, self.headers = "HTTP/1.1", Headers([])
+        try:
+            if not self._read_head():
+                return
+            if self.headers.get("Expect", "").lower() == "100-continue" and (
+                    self.request_version != "HTTP/1.0" and not self.handle_expect_100()):
+                return
+        except HTTPError as error:
+            self.exchange.method = self.command or "-"
+            self.exchange.target = self.path or "-"
+            self._answer_error(error)
+            return
+        self._dispatch()
+
+    def _read_head(self):
+        """Read the request line and header fields, as http.server does but without its
+        email parser; False when the client closed instead, HTTPError 400, 414, 431, 501 or
+        505 for a request that cannot be served."""
+        line = self.rfile.readline(MAX_LINE_READ + 1)
+        if not line:
+            self.close_connection = True
+            return False
+        if len(line) > MAX_LINE_READ:
+            raise HTTPError(414, "the request line is longer than %d bytes" % MAX_LINE_READ,
+                            close=True)
+        self.raw_requestline = line
+        self.requestline = line.decode("latin-1").rstrip("\r\n")
+        words = self.requestline.split(" ")
+        if len(words) == 3:
+            self.command, self.path = words[0], words[1]
+        version = HTTP_VERSION.fullmatch(words[-1]) if len(words) == 3 else None
+        if version is None or not TOKEN.fullmatch(self.command) or not self.path:
+            raise HTTPError(400, "malformed request line %s" % quoted(self.requestline, 100),
+                            close=True)
+        if version.group(1) != "1":
+            raise HTTPError(505, "HTTP version %s is not supported; use HTTP/1.1" % quoted(
+                words[-1], 20), close=True)
+        self.request_version = words[-1]
+        self.headers = Headers(self._header_fields())
+        connection = self.headers.get("Connection", "").lower()
+        self.close_connection = connection == "close" or (
+            self.request_version == "HTTP/1.0" and connection != "keep-alive")
+        if self.command not in METHODS:
+            raise HTTPError(501, "method %s is not supported" % quoted(self.command, 20),
+                            close=True)
+        return True
+
+    def _header_fields(self):
+        lines = []
+        while True:
+            line = self.rfile.readline(MAX_LINE_READ + 1)
+            if len(line) > MAX_LINE_READ:
+                raise HTTPError(431, "a header line is longer than %d bytes" % MAX_LINE_READ,
+                                close=True)
+            if line in (b"\r\n", b"\n", b""):
+                return [parse_header_field(line) for line in lines]
+            if len(lines) >= MAX_LINES_READ:
+                raise HTTPError(431, "more than %d header lines" % MAX_LINES_READ, close=True)
+            lines.append(line)
 
     @property
     def who(self):
@@ -3407,11 +3702,6 @@ class RequestHandler(BaseHTTPRequestHandler):
         return "%s:%s" % (host, port)
 
     # -- every request: route, credentials, same-site check, fields; one error boundary
-
-    def do_GET(self):
-        self._dispatch()
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
 
     def _dispatch(self):
         exchange = self.exchange
@@ -3427,10 +3717,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                 self.proven = True
             if exchange.route.changes_state:
                 self._check_same_site()
-            content_type = None
-            if self.headers.get("Content-Type"):
-                content_type = self.headers.get_content_type()
-            exchange.fields = Fields.parse(exchange.query, body, content_type,
+            exchange.fields = Fields.parse(exchange.query, body, self.headers.media_type(),
                                            exchange.route.fields)
             getattr(self, exchange.route.handler)(**arguments)
         except HTTPError as error:
@@ -3516,12 +3803,6 @@ class RequestHandler(BaseHTTPRequestHandler):
             self._answer_error(error)
             return False
         return super().handle_expect_100()
-
-    def send_error(self, code, message=None, explain=None):
-        # http.server's own errors (bad request line, headers too long, unknown method).
-        self.exchange.method = self.command or "-"
-        self.exchange.target = self.path or "-"
-        self._answer_error(HTTPError(code, message or http.HTTPStatus(code).phrase, close=True))
 
     # -- helpers of the endpoints
 
@@ -3657,17 +3938,17 @@ class ApiHandler(RequestHandler):
                                              % task_id)
 
     def read_task(self, task_id):
-        self.send_json(200, self.server.store.read(task_id, self.exchange.fields.count("offset")
-                                                   or 0))
+        answer = self.server.store.read_answer(task_id, self.exchange.fields.count("offset") or 0)
+        self.send_bytes(200, answer, "application/json")
 
     def poll_task(self, task_id):
         fields = self.exchange.fields
         version, offset = fields.count("version"), fields.count("offset")
         if version is None:     # the client has seen the task as it is now: wait for a change
             version = self.server.store.version_of(task_id)
-        task = self._wait_while_here(lambda timeout: self.server.store.wait_for_change(
+        answer = self._wait_while_here(lambda timeout: self.server.store.wait_for_poll_answer(
             task_id, version, offset, timeout))
-        self.send_json(200, {"changed": True, "task": task} if task else {"changed": False})
+        self.send_bytes(200, answer or UNCHANGED, "application/json")
 
     def read_output(self, task_id):
         """The output as plain text from an offset (or its last lines), with X-Text-Size and
@@ -4150,13 +4431,34 @@ def configure_logging(log_dir):
             raise StartupError("--log-dir: cannot write %s: %s" % (log_dir, error))
     else:
         handler = logging.StreamHandler(sys.stderr)
-    formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s %(message)s",
-                                  "%Y-%m-%dT%H:%M:%S")
-    formatter.converter = time.gmtime
-    handler.setFormatter(formatter)
+    handler.setFormatter(LogFormatter())
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    # What a line would cost to find out and no line says (the logging manual's optimisations).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False
+
+
+class LogFormatter(logging.Formatter):
+    """TIME.mmmZ LEVEL message, the time in UTC: formatted once a second, not once a line (a
+    request's line is logged with every answer).  Called under the handler's lock."""
+
+    def __init__(self):
+        super().__init__()
+        self._second, self._text = None, ""
+
+    def format(self, record):
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        line = "%s.%03dZ %s %s" % (self._text, record.msecs, record.levelname,
+                                   record.getMessage())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 class PrivateLogFile(logging.handlers.WatchedFileHandler):
@@ -4628,6 +4930,7 @@ def authenticator_from(settings, environ):
     return GitHubLogin(api, "user", names)
 
 
+@functools.lru_cache(maxsize=1024)     # asked about each request's address
 def is_loopback(host):
     if host == "localhost":
         return True

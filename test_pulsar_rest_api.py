@@ -3486,6 +3486,87 @@ def test_a_full_disk_ends_no_deploy_and_its_end_is_still_recorded(tmp_path, fake
     assert ended["written"] == len(printed(fake, "full").encode()) > 1 << 20
 
 
+def test_a_queued_task_killed_when_its_folder_cannot_take_a_new_file_stays_killed(
+        start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    first = start_server("--db", db)
+    client = first.client()
+    app, gate = unique("app"), fake.gate()
+    holder = client.create(app, "prod", "gate-" + gate.name)
+    queued = client.queue(app, "prod", "say-never")
+    (Path(str(db) + ".tasks") / str(queued) / "dropped.tmp").mkdir()  # no file can be made
+
+    killed = client.kill(queued)
+    first.crash()
+    second = start_server("--db", db)
+    client = second.client()
+    gate.release()
+    ends = [client.wait_ended(task_id) for task_id in (holder, queued)]
+
+    assert killed.status == 200 and killed.json["status"] == "killed", killed
+    assert [task["status"] for task in ends] == ["finished", "killed"]
+    assert fake.actions_run_for(app) == ["gate-" + gate.name]
+
+
+def test_what_a_crash_leaves_between_a_tasks_turn_and_its_keeper_is_told_truly(
+        start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    first = start_server("--db", db)
+    client = first.client()
+    app, gate = unique("app"), fake.gate()
+    holder = client.create(app, "prod", "gate-" + gate.name)
+    turn_came = client.queue(app, "prod", "say-second")
+    behind = client.queue(app, "prod", "say-third")
+    wait_until(lambda: history_statuses(db).get(behind) == "queued", what="the history")
+    first.crash()
+    # As if the server had died just after the second task's turn came: the history says it
+    # runs, but its keeper never got its order.  And a task whose keeper never got its order.
+    with contextlib.closing(sqlite3.connect(str(db))) as history, history:
+        history.execute("UPDATE tasks SET status = 'running' WHERE id = ?", (turn_came,))
+    never = Path(str(db) + ".tasks") / str(behind + 1)
+    never.mkdir()
+    os.mkfifo(str(never / "bell"))
+    (never / "task").write_text(json.dumps({
+        "id": behind + 1, "app": unique("app"), "env": "prod", "action": "say-never",
+        "createdAt": time.time(), "startedBy": "127.0.0.1:1", "queued": False}))
+    (never / "keeper").write_text(json.dumps({"pid": 2 ** 22 + 1, "start": "gone"}))
+
+    second = start_server("--db", db)
+    client = second.client()
+    gate.release()
+    ends = [client.wait_ended(task_id) for task_id in (holder, turn_came, behind, behind + 1)]
+
+    assert [task["status"] for task in ends] == ["finished", "finished", "finished", "killed"]
+    assert fake.actions_run_for(app) == ["gate-" + gate.name, "say-second", "say-third"]
+    assert "did not run" in ends[3]["outcome"]
+
+
+def history_statuses(db):
+    """{id: status} of the tasks in the history file."""
+    with contextlib.closing(sqlite3.connect(str(db))) as history:
+        return dict(history.execute("SELECT id, status FROM tasks"))
+
+
+def test_names_in_the_task_folder_that_are_not_task_ids_are_left_alone(start_server, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    folders = Path(str(db) + ".tasks")
+    folders.mkdir()
+    for name in ("\u00b2", "9223372036854775807", "notes", "0"):
+        (folders / name).mkdir()
+
+    server = start_server("--db", db)
+    client = server.client()
+    first = client.wait_ended(client.create(unique("app"), "prod", "out-1"))
+
+    others = sorted(["\u00b2", "9223372036854775807", "notes", "0"])
+    wait_until(lambda: sorted(path.name for path in folders.iterdir()) == others,
+               what="the task's folder to go once the history has it, and only that one")
+
+    assert first["id"] == 1 and first["status"] == "finished"
+    assert history_statuses(db) == {1: "finished"}
+    server.assert_no_traceback()
+
+
 def test_an_adopted_task_can_be_killed_whole(start_server, fake, tmp_path):
     db = tmp_path / "history.sqlite3"
     first = start_server("--db", db)
@@ -3567,6 +3648,26 @@ def test_a_task_whose_keeper_is_killed_is_lost_and_nothing_of_it_runs_on(api, sh
             in task["outcome"])
     wait_until(lambda: all(are_gone(tree.pids).values()),
                what="what was left of its session to be ended")
+
+
+def test_the_task_queued_behind_a_lost_one_starts_only_once_all_of_the_lost_one_has_ended(
+        api, shared_fake):
+    app = unique("app")
+    lost = api.create(app, "prod", "ignoreterm.say-lost.hang")
+    api.wait_output(lost, "lost\n")
+    queued = api.queue(app, "prod", "say-next")
+    stubborn = shared_fake.runs_for(app)[0]["pid"]      # pulsar, which ignores SIGTERM
+
+    os.kill(os.getsid(stubborn), signal.SIGKILL)        # its keeper
+    started_beside_it = []
+    while not is_gone(stubborn):
+        started_beside_it += [run["pid"] for run in shared_fake.runs_for(app)[1:]]
+        assert not started_beside_it, "the next task started while the lost one still ran"
+        time.sleep(RECHECK)     # the re-check interval of this loop, not a synchronisation
+    ends = [api.wait_ended(task_id) for task_id in (lost, queued)]
+
+    assert [task["status"] for task in ends] == ["lost", "finished"]
+    assert ends[1]["output"] == "next\n"
 
 
 # --- Reliability: the server's own faults ------------------------------------------------------
