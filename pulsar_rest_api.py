@@ -198,6 +198,7 @@ ACCEPT_BACKOFF = 0.1       # seconds the accept loop pauses when out of file des
 STREAM_CHECK = 1.0         # seconds between checks that a streaming client is still there
 SSE_KEEPALIVE = 15.0       # seconds between comment lines on a quiet event stream
 LINGER = 0.1               # seconds a follower of a chatty task waits for more output ...
+QUIET_GAP = 0.01           # ... unless none comes for this long: the task has gone quiet
 LINGER_BYTES = 8192        # ... or for this many characters, to send fewer, fuller replies
 KEPT_ANSWERS = 16          # answers kept with a live task for the clients at its state, ...
 KEPT_STORED_ANSWERS = 64   # ... of ended tasks read from the history, ...
@@ -275,12 +276,17 @@ LOOKALIKE_TABLE = str.maketrans("аеіјкорстухѕԁɑαεικορτυν�
 NOT_A_KEY_CHARACTER = re.compile(r"[^a-z0-9]+")
 COUNT_PATTERN = re.compile(r"[0-9]{1,15}")
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")      # a method or header name (RFC 9110)
+# A header line: a name, a colon and a value with the spaces around it left out (no space may
+# come before the colon, and a folded line, which starts with one, is not one).
+HEADER_FIELD = re.compile(r"^(%s):[ \t]*(.*?)[ \t]*\r?\n" % TOKEN.pattern, re.MULTILINE)
 HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 HOST_PATTERN = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
 # In the environment of pulsar and all it starts: which task they belong to (its folder).
 TASK_MARK = b"PULSAR_REST_API_TASK="
+
+LINGERING = "lingering"    # what Followers files the lingering followers of a chatty task under
 
 QUEUED, RUNNING = "queued", "running"
 FINISHED, FAILED, KILLED, LOST = "finished", "failed", "killed", "lost"
@@ -361,6 +367,9 @@ def parse_count(name, value):
 
 def quoted(value, limit=80):
     """A client-supplied value made safe and short enough to echo in a message or a log line."""
+    if (isinstance(value, str) and len(value) <= limit and value.isascii()
+            and value.isprintable() and "'" not in value and "\\" not in value):
+        return "'%s'" % value           # as it is: the common case, cheaply
     text = value if isinstance(value, str) else json.dumps(value)
     text = text.encode("unicode_escape").decode("ascii").replace("'", "\\'")
     return "'%s'" % (text[:limit] + ("..." if len(text) > limit else ""))
@@ -476,6 +485,7 @@ class Task:
         self.last_output_at = 0.0
         self.chatty = False         # output arrives in quick succession: followers batch it
         self.answers = Answers()    # the bytes of its answers at this version, made once
+        self.followers = Followers()    # the /state polls waiting for its next change
 
     @property
     def ended(self):
@@ -588,7 +598,7 @@ class TaskStore:
         self._history = history
         self.max_output = max_output
         self._clock = clock
-        self.waiters = 0                        # long polls waiting now, for /metrics
+        self._waiters = 0                       # long polls waiting on Conditions now
         self.list_version = 1                   # goes up when a task comes, changes status or goes
         self._write_failing = False             # the last write failed: say so once, not per try
         self._writes = 0                        # history writes done: tasks move there
@@ -672,19 +682,52 @@ class TaskStore:
 
     def wait_for_poll_answer(self, task_id, version, offset, timeout):
         """What /state answers once the task has moved past (version, offset), as JSON bytes,
-        or None after `timeout` (as wait_for_change)."""
+        or None after `timeout` (as wait_for_change).  Its followers wait on Followers, not
+        on the task's Condition, and most find their answer made once they wake: they need
+        not take the lock again."""
+        key = ("state", offset)
         with self._lock:
             task = self._tasks.get(task_id)
             if task is not None:
-                if not self._wait_past(task, version, offset, timeout):
-                    return None
-                answer = task.answers.get(("state", offset))
-                if answer is not None:
-                    return answer
-                snapshot, version = task.snapshot(offset or 0), task.version
+                task.check_offset(offset)
+                version = task.version if version is None else version
+                ticket = None
+                if not task.has_moved_past(version, offset):
+                    ticket = task.followers.ticket(offset)
         if task is None:
             return self._stored_answer("state", task_id, offset or 0, poll_answer)
-        return self._remember(task, version, ("state", offset), poll_answer(snapshot.reply()))
+        if ticket is not None and not ticket.acquire(timeout=timeout):
+            with self._lock:
+                task.followers.cancel(offset, ticket)
+                if not task.has_moved_past(version, offset):
+                    return None
+        if task.chatty and offset is not None and not task.ended:
+            self._linger(task, offset)
+        answer = task.answers.get(key)      # made by the change that woke it, most often
+        if answer is not None:
+            return answer
+        with self._lock:
+            answer = task.answers.get(key)
+            if answer is not None:
+                return answer
+            snapshot, version = task.snapshot(offset or 0), task.version
+        return self._remember(task, version, key, poll_answer(snapshot.reply()))
+
+    def _linger(self, task, offset):
+        """A follower of a chatty task waits a moment for more, so that it gets fuller answers
+        instead of one line per round trip: until LINGER_BYTES more have come, the task has
+        ended or gone quiet for QUIET_GAP, or LINGER has passed."""
+        deadline = time.monotonic() + LINGER
+        while True:
+            with self._lock:
+                if task.ended or task.output.length - offset >= LINGER_BYTES:
+                    return
+                ticket = task.followers.ticket(LINGERING)
+            wait = min(QUIET_GAP, deadline - time.monotonic())
+            if wait <= 0 or not ticket.acquire(timeout=wait):
+                with self._lock:
+                    task.followers.cancel(LINGERING, ticket)
+                return
 
     def read_answer(self, task_id, offset=0):
         """What GET /task/:id answers, as JSON bytes."""
@@ -705,12 +748,18 @@ class TaskStore:
         task.check_offset(offset)
         if version is None:
             version = task.version
-        self.waiters += 1
+        self._waiters += 1
         try:
             return task.has_moved_past(version, offset) or self._wait_and_linger(
                 task, version, offset, timeout)
         finally:
-            self.waiters -= 1
+            self._waiters -= 1
+
+    @property
+    def waiters(self):
+        """Long polls waiting for a change now, for /metrics."""
+        with self._lock:
+            return self._waiters + sum(len(task.followers) for task in self._tasks.values())
 
     # Followers at one place of a task get one answer: its bytes are made once, kept with the
     # task until its next change, and sent to each of them.
@@ -744,12 +793,17 @@ class TaskStore:
 
     def _wait_and_linger(self, task, version, offset, timeout):
         """Wait (the lock held) for the task to move; if it is chatty, wait a moment more so
-        that a follower gets a fuller reply instead of one line per round trip."""
+        that a follower gets a fuller reply instead of one line per round trip (as _linger)."""
         if not task.changed.wait_for(lambda: task.has_moved_past(version, offset), timeout):
             return False
-        if task.chatty and offset is not None and not task.ended:
-            task.changed.wait_for(
-                lambda: task.ended or task.output.length - offset >= LINGER_BYTES, LINGER)
+        deadline = time.monotonic() + LINGER
+        while task.chatty and offset is not None and not task.ended:
+            if task.output.length - offset >= LINGER_BYTES:
+                break
+            length, wait = task.output.length, min(QUIET_GAP, deadline - time.monotonic())
+            if wait <= 0 or not task.changed.wait_for(
+                    lambda: task.ended or task.output.length != length, wait):
+                break
         return True
 
     def wait_for_list_change(self, version, timeout):
@@ -857,6 +911,7 @@ class TaskStore:
                 task.version += 1
                 task.answers.forget()
                 task.changed.notify_all()
+                task.followers.wake(task)
             return not (task.ended or task.output.full)
 
     def attach_keeper(self, task, keeper):
@@ -889,6 +944,7 @@ class TaskStore:
         task.version += 1
         task.answers.forget()
         task.changed.notify_all()
+        task.followers.wake(task)
         self._write_soon.set()
 
     # -- the history
@@ -2624,9 +2680,13 @@ class RefusalLog:
         self._summary = None                    # the Timer that writes the summary lines
 
     def info(self, address, message, *arguments):
-        if is_loopback(address):    # a proxy in front, or someone on this host: not told apart
+        if self.allows(address):
             logger.info(message, *arguments)
-            return
+
+    def allows(self, address):
+        """True when a line about this address may be logged now (it is then counted)."""
+        if is_loopback(address):    # a proxy in front, or someone on this host: not told apart
+            return True
         key = brake_key(address)
         with self._lock:
             if self._clock() >= self._window_ends:
@@ -2640,9 +2700,9 @@ class RefusalLog:
                                                     self._summarize)
                     self._summary.daemon = True
                     self._summary.start()
-                return
+                return False
             self._logged[key] += 1
-        logger.info(message, *arguments)
+        return True
 
     def _summarize(self):
         with self._lock:
@@ -3232,6 +3292,7 @@ ROUTES = (
 )
 
 
+@functools.lru_cache(maxsize=4096)     # the same few paths, asked again and again
 def find_route(method, raw_path):
     """(Route, keyword arguments) for a request, or HTTPError 404/405.  Routes match the
     percent-decoded path, so that /%74ask/... is /task/... and never an app named task."""
@@ -3335,6 +3396,11 @@ class Fields:
 
 
 def parse_form(text, where):
+    if "%" not in text and "+" not in text and ";" not in text:   # nothing to decode: quickly
+        if text.count("&") >= MAX_FIELDS:
+            raise HTTPError(400, "%s has more than %d fields" % (where, MAX_FIELDS))
+        return [(name, value) for name, _, value in
+                (pair.partition("=") for pair in text.split("&") if pair)]
     try:
         return urllib.parse.parse_qsl(text, keep_blank_values=True, errors="strict",
                                       max_num_fields=MAX_FIELDS)
@@ -3416,6 +3482,45 @@ UNCHANGED = json_body({"changed": False})
 def poll_answer(task):
     """What /state answers once the task has moved: the task."""
     return {"changed": True, "task": task}
+
+
+class Followers:
+    """The /state polls waiting for a task to change, by the offset each has read to, each on
+    a lock of its own.  A change makes the answer for each offset waited at, once, and then
+    releases them all: a woken follower finds its answer made and needs no lock to send it.
+    (With a Condition on the store's lock, each woken thread takes that lock in turn: 200
+    followers woken at once queue on it, a context switch each.)  Used with that lock held."""
+
+    def __init__(self):
+        self._waiting = {}      # offset (or LINGERING) -> [the lock each waits on]
+
+    def __len__(self):
+        return sum(len(locks) for locks in self._waiting.values())
+
+    def ticket(self, offset):
+        """A lock, held, that the next change releases."""
+        lock = threading.Lock()
+        lock.acquire()
+        self._waiting.setdefault(offset, []).append(lock)
+        return lock
+
+    def cancel(self, offset, lock):
+        """A follower that stopped waiting (its timeout)."""
+        locks = self._waiting.get(offset, [])
+        if lock in locks:
+            locks.remove(lock)
+
+    def wake(self, task):
+        """The task has changed: make what the followers at each offset will answer (unless
+        it is long, or the task chatty: its followers linger), then release them all."""
+        waiting, self._waiting = self._waiting, {}
+        for offset, locks in waiting.items():
+            if (offset is not LINGERING and not task.chatty
+                    and task.output.length - (offset or 0) <= KEPT_ANSWER_BYTES):
+                task.answers.keep(task.version, ("state", offset), json_body(poll_answer(
+                    task.snapshot(offset or 0).reply())), task.version)
+            for lock in locks:
+                lock.release()
 
 
 class Answers:
@@ -3685,10 +3790,21 @@ class RequestHandler(BaseHTTPRequestHandler):
                 raise HTTPError(431, "a header line is longer than %d bytes" % MAX_LINE_READ,
                                 close=True)
             if line in (b"\r\n", b"\n", b""):
-                return [parse_header_field(line) for line in lines]
+                break
             if len(lines) >= MAX_LINES_READ:
                 raise HTTPError(431, "more than %d header lines" % MAX_LINES_READ, close=True)
             lines.append(line)
+        if len(lines) > MAX_HEADERS:
+            raise HTTPError(431, "more than %d header lines" % MAX_HEADERS, close=True)
+        fields = HEADER_FIELD.findall(b"".join(lines).decode("latin-1"))   # one pass for all
+        if len(fields) != len(lines):       # a line that is not NAME: VALUE: say which
+            for line in lines:
+                parse_header_field(line)
+        for line, (name, _) in zip(lines, fields):
+            if len(line) > MAX_HEADER_LINE and len(line.rstrip(b"\r\n")) > MAX_HEADER_LINE:
+                raise HTTPError(431, "header %s is longer than %d bytes"
+                                % (quoted(name, 40), MAX_HEADER_LINE), close=True)
+        return fields
 
     @property
     def who(self):
@@ -3708,7 +3824,6 @@ class RequestHandler(BaseHTTPRequestHandler):
         exchange.method, exchange.target = self.command, self.path
         try:
             body = self._read_body()
-            self._check_header_limits()
             exchange.route, arguments = find_route(self.command, exchange.path)
             if not exchange.route.public:
                 exchange.login = self.server.access.login(self.headers.get("Authorization"),
@@ -3742,14 +3857,6 @@ class RequestHandler(BaseHTTPRequestHandler):
         closes = error.close or (error.status == 401 and not self.headers.get("Authorization"))
         self.close_connection = self.close_connection or closes
         self.send_json(error.status, error.reply(), error.headers)
-
-    def _check_header_limits(self):
-        if len(self.headers) > MAX_HEADERS:
-            raise HTTPError(431, "more than %d header lines" % MAX_HEADERS, close=True)
-        for name, value in self.headers.items():
-            if len(name) + len(value) + 2 > MAX_HEADER_LINE:
-                raise HTTPError(431, "header %s is longer than %d bytes"
-                                % (quoted(name, 40), MAX_HEADER_LINE), close=True)
 
     def _check_same_site(self):
         """Refuse a state change that a browser sends for another page than this server's:
@@ -3883,15 +3990,12 @@ class RequestHandler(BaseHTTPRequestHandler):
         """Count and log an answer that has been written whole."""
         self.server.metrics.request_answered(status)
         exchange = self.exchange
-        log = logger.info if exchange.login != "-" else self._note_unknown
-        log("%s %s %s %d %d %.0fms%s", self.peer, quoted(exchange.method, 20)[1:-1],
-            quoted(exchange.target, 200), status, size,
-            (time.monotonic() - exchange.started) * 1000,
-            "" if exchange.login == "-" else " user=%s" % quoted(exchange.login))
-
-    def _note_unknown(self, message, *arguments):
-        """A request nobody logged in for: throttled like the connection's other lines."""
-        self.server.refusals.info(self.client_address[0], message, *arguments)
+        # A request nobody logged in for is throttled like the connection's other lines.
+        if exchange.login != "-" or self.server.refusals.allows(self.client_address[0]):
+            log_request("%s %s %s %d %d %.0fms%s" % (
+                self.peer, quoted(exchange.method, 20)[1:-1], quoted(exchange.target, 200),
+                status, size, (time.monotonic() - exchange.started) * 1000,
+                "" if exchange.login == "-" else " user=%s" % quoted(exchange.login)))
 
     def log_message(self, format, *args):
         logger.info("%s: %s", self.peer, format % args)
@@ -4426,12 +4530,11 @@ def configure_logging(log_dir):
                 raise StartupError("--log-dir %s is writable by every user, who could put a "
                                    "link there in place of the log: give a folder of its own"
                                    % log_dir)
-            handler = PrivateLogFile(os.path.join(log_dir, LOG_NAME))
+            handler = LogLines(os.path.join(log_dir, LOG_NAME))
         except OSError as error:
             raise StartupError("--log-dir: cannot write %s: %s" % (log_dir, error))
     else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogFormatter())
+        handler = LogLines()
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -4441,35 +4544,121 @@ def configure_logging(log_dir):
     logging.logAsyncioTasks = False
 
 
-class LogFormatter(logging.Formatter):
-    """TIME.mmmZ LEVEL message, the time in UTC: formatted once a second, not once a line (a
-    request's line is logged with every answer).  Called under the handler's lock."""
+def log_request(line):
+    """Log the line of an answered request: queued for the log's thread (see LogLines)."""
+    handler = logger.handlers[0] if logger.handlers else None
+    if isinstance(handler, LogLines):
+        handler.queue(line)
+    else:
+        logger.info("%s", line)
 
-    def __init__(self):
+
+class LogLines(logging.Handler):
+    """Where the log goes, a line for each event: TIME.mmmZ LEVEL message, the time in UTC.
+
+    To the file in --log-dir (created for its owner only, never through a link put in its
+    place, and opened again when logrotate has moved it away), or else to standard error.
+    Every answered request is logged, and 200 followers woken at once would take turns at a
+    lock and a write each: so a request's line is queued (queue()) and the log's thread writes
+    all that is queued in one write.  Any other line is written at once, after what is queued,
+    so that a task's end is in the log before any client can have seen it.
+    """
+
+    def __init__(self, path=None):
         super().__init__()
-        self._second, self._text = None, ""
+        self._path = path
+        self._fd = None
+        self._opened = None             # (device, inode) of the file that _fd writes to
+        self._queued = collections.deque()
+        self._wake = threading.Event()
+        self._writing = threading.Lock()
+        self._stamp = (None, "")        # (second, its text): formatted once a second
+        self._failing = False
+        if path:
+            self._open()
+        threading.Thread(target=self._write_queued, name="log", daemon=True).start()
 
-    def format(self, record):
-        second = int(record.created)
-        if second != self._second:
-            self._second = second
-            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        line = "%s.%03dZ %s %s" % (self._text, record.msecs, record.levelname,
-                                   record.getMessage())
+    def queue(self, message):
+        """An INFO line, written moments later by the log's thread."""
+        self._queued.append(self._line(time.time(), "INFO", message))
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def emit(self, record):
+        line = self._line(record.created, record.levelname, record.getMessage())
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
+            line += logging.Formatter().formatException(record.exc_info) + "\n"
+        self._write(line)
 
+    def flush(self):
+        self._write("")
 
-class PrivateLogFile(logging.handlers.WatchedFileHandler):
-    """The log file, reopened when logrotate moves it away (WatchedFileHandler), created
-    readable by its owner only whatever the umask, and never through a symbolic link that
-    someone put in its place."""
+    def close(self):
+        self.flush()
+        with self._writing:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+        super().close()
+
+    def _line(self, when, level, message):
+        second = int(when)
+        stamp = self._stamp
+        if stamp[0] != second:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            stamp = self._stamp = (second, text)
+        return "%s.%03dZ %s %s\n" % (stamp[1], (when - second) * 1000, level, message)
+
+    def _write_queued(self):
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            self._write("")
+
+    def _write(self, line):
+        """Write what is queued, then `line`, in one write."""
+        with self._writing:
+            lines = []
+            while self._queued:
+                lines.append(self._queued.popleft())
+            text = "".join(lines) + line
+            if text:
+                self._write_out(text)
+
+    def _write_out(self, text):
+        try:
+            if self._path is None:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+                return
+            self._reopen_if_moved()
+            data = text.encode("utf-8", "backslashreplace")
+            while data:
+                data = data[os.write(self._fd, data):]
+            self._failing = False
+        except (OSError, ValueError) as error:
+            if not self._failing:       # once, not for every line that cannot be written
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.write("pulsar-rest-api: cannot write the log: %s\n" % error)
+            self._failing = True
 
     def _open(self):
-        fd = os.open(self.baseFilename,
-                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = fd
+        info = os.fstat(fd)
+        self._opened = (info.st_dev, info.st_ino)
+
+    def _reopen_if_moved(self):
+        try:
+            info = os.stat(self._path, follow_symlinks=False)
+            moved = (info.st_dev, info.st_ino) != self._opened
+        except FileNotFoundError:
+            moved = True
+        if moved:
+            self._open()
 
 
 def serve(settings):
