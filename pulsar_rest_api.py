@@ -195,7 +195,7 @@ MAX_LINE_READ = 65536      # bytes of a line read before a request is refused un
 MAX_LINES_READ = 100       # http.server does), and header lines read (past the limits above,
                            # the rest of the request is read, so that the client reads the 431)
 ACCEPT_BACKOFF = 0.1       # seconds the accept loop pauses when out of file descriptors
-STREAM_CHECK = 1.0         # seconds between checks that a streaming client is still there
+STREAM_CHECK = 0.5         # seconds between checks that a waiting or streaming client is there
 SSE_KEEPALIVE = 15.0       # seconds between comment lines on a quiet event stream
 LINGER = 0.1               # seconds a follower of a chatty task waits for more output ...
 QUIET_GAP = 0.01           # ... unless none comes for this long: the task has gone quiet
@@ -3924,7 +3924,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _wait_while_here(self, wait):
         """wait(timeout)'s answer once it has one, or None after the poll timeout; asked in
         slices of STREAM_CHECK, so that a client that leaves frees its thread and connection
-        within a second (ConnectionAbortedError), not at the end of the poll."""
+        within half a second (ConnectionAbortedError), not at the end of the poll."""
         deadline = time.monotonic() + self.server.poll_timeout
         while True:
             answer = wait(max(0.0, min(STREAM_CHECK, deadline - time.monotonic())))
