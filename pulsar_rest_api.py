@@ -119,7 +119,6 @@ import io
 import ipaddress
 import json
 import logging
-import logging.handlers
 import math
 import os
 import re
@@ -138,10 +137,7 @@ import tempfile
 import threading
 import time
 import unicodedata
-import urllib.error
 import urllib.parse
-import urllib.request
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "0.1.0"
@@ -2888,6 +2884,7 @@ def github_connection(api, timeout):
     options = {"timeout": timeout}
     if https:
         options["context"] = ssl.create_default_context()
+    import urllib.request   # here: only GitHub logins need it, and it costs every server 1 MB
     proxy = urllib.request.getproxies().get(api.scheme)
     if proxy and not urllib.request.proxy_bypass(api.hostname):
         proxy = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
@@ -3840,7 +3837,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         except (ConnectionError, socket.timeout, ssl.SSLError):
             raise                       # the client went away: handle() logs one line
         except Exception:
-            incident = uuid.uuid4().hex[:12]
+            incident = os.urandom(6).hex()
             self.close_connection = True
             if exchange.head_sent:      # a second answer would land inside the first
                 logger.exception("internal error %s in %s %s after its answer had begun; the "
