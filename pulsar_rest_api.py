@@ -995,6 +995,7 @@ class TaskStore:
         next_trim = 0.0
         while not stopped.is_set():
             self._write_soon.wait(PERSIST_EVERY)
+            stopped.wait(PERSIST_SOON)      # what comes with it, and the answers, go first
             self._write_soon.clear()
             try:
                 self.persist()
@@ -1003,7 +1004,6 @@ class TaskStore:
                     next_trim = time.monotonic() + TRIM_EVERY
             except Exception:       # the history must go on being written, whatever failed
                 logger.exception("error while writing the task history; trying again")
-            stopped.wait(PERSIST_SOON)
 
     def trim(self, keep_days, keep_tasks):
         """Remove what the history keeps no longer (never a live task: only ended ones)."""
@@ -1607,6 +1607,7 @@ class Keeper:
         self.start_token = start_token      # identifies the keeper across a server restart
         self._exit = exit                   # for a child: when the Reaper reaped it
         self.kill_requested_by = None
+        self.end_rung = False
         self.bell = None
         self._output = None
         self._offset = 0                    # bytes of the output file read so far
@@ -1646,7 +1647,8 @@ class Keeper:
         self.bell = self._output = None
 
     def rung(self):
-        """Drain the doorbell; False once the keeper has closed it (it has exited)."""
+        """Drain the doorbell; False once the keeper has closed it (it has exited).  The
+        keeper's last ring is "!", once it has written its end: `end_rung` notes it."""
         while True:
             try:
                 data = os.read(self.bell, 4096)
@@ -1654,6 +1656,7 @@ class Keeper:
                 return True
             if not data:
                 return False
+            self.end_rung = self.end_rung or b"!" in data
 
     def read_output(self, limit):
         """The output printed since the last call, decoded, at most about `limit` bytes of
@@ -1817,10 +1820,12 @@ class TaskWatcher:
         """Read what a keeper has for its task; end the task once the keeper has gone."""
         try:
             # End-of-file on the doorbell comes once the keeper has exited, and also before a
-            # new keeper has opened it: the keeper is gone once it wrote its end or has died.
+            # new keeper has opened it: the keeper is gone once it wrote its end (it rings "!"
+            # then, a moment before it exits) or has died.
             still_open = keeper.rung()
-            ended = None if still_open else keeper.folder.read_json("ended")
-            gone = not still_open and (ended is not None or not keeper.alive())
+            ended = keeper.folder.read_json("ended") if (
+                keeper.end_rung or not still_open) else None
+            gone = ended is not None or (not still_open and not keeper.alive())
             more = self._read_output(keeper, finish=gone)
             if keeper.pulsar_pid is None:
                 self._note_start(keeper)
@@ -5703,28 +5708,18 @@ PAGE_SECURITY = [
 # ---------------------------------------------------------------- appendix B: the keeper
 
 # Each task runs under a keeper: this program, started ahead of need (KeeperPool) as
-# `python3 -I -S -c KEEPER` in a session of its own.  It reads its order (one JSON line: the
-# task's folder, pulsar's command line) on standard input, moves into the task's folder, starts
-# pulsar in a process group of its own (in work/, empty), copies pulsar's output into the
-# file `output` (up to the order's `keep` bytes) and rings the doorbell FIFO `bell` after each
-# piece, ends what pulsar leaves in the session, and writes how it all ended to `ended`.  It
-# needs nothing from the server once started: a server that dies, stops or is replaced changes
-# nothing for the task, and the next server finds the files.  Kill: SIGTERM to the keeper.
+# `python3 -I -S -c KEEPER` in a session of its own.  It reads its order on standard input
+# (NUL-terminated fields: the task's folder, the kill grace, how many bytes of output to keep,
+# pulsar's command line), moves into the task's folder, starts pulsar in a process group of its
+# own (in work/, empty, with PULSAR_REST_API_TASK=FOLDER in its environment), copies pulsar's
+# output into the file `output` (up to `keep` bytes) and rings the doorbell FIFO `bell` after
+# each piece, ends what pulsar leaves in the session, writes how it all ended to `ended`, and
+# rings "!".  It needs nothing from the server once started: a server that dies, stops or is
+# replaced changes nothing for the task, and the next server finds the files.  Kill: SIGTERM
+# to the keeper.
 KEEPER = r'''
 import ctypes, errno, os, select, sys, time     # no more: each costs every task
 import _signal as signal        # without the enums of `signal`: 5 ms less CPU per task
-
-order = sys.stdin.buffer.read().split(b"\0")    # folder, kill grace, keep, pulsar's argv
-if len(order) < 5 or order.pop() != b"":     # none, or half of one: the server stopped
-    sys.exit(0)
-folder, GRACE, KEEP, argv = order[0], float(order[1]), int(order[2]), order[3:]
-os.chdir(folder)
-log = os.open("keeper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-os.dup2(log, 2)
-null = os.open(os.devnull, os.O_RDWR)
-for fd in (0, 1):
-    os.dup2(null, fd)
-
 
 def as_json(value):
     """JSON of a dict of numbers, booleans, None and text (the json module costs an import)."""
@@ -5778,9 +5773,9 @@ def make_room(name, size):
     return True
 
 
-def ring():
+def ring(sound=b"."):
     try:
-        os.write(bell, b".")
+        os.write(bell, sound)
     except OSError:             # full: the server has rings enough to read
         pass
 
@@ -5873,7 +5868,7 @@ def remove_run_folders():
             note("removed %s, which pulsar leaves behind when killed" % folder)
 
 
-me, FOLDER = os.getpid(), os.getcwd()
+# All that can be done before the order is done while the keeper waits for it.
 asked = []
 wake_r, wake_w = os.pipe()
 os.set_blocking(wake_w, False)
@@ -5887,6 +5882,18 @@ try:        # what pulsar's processes leave behind becomes ours to wait for (Lin
     subreaper = ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
 except (OSError, AttributeError):
     subreaper = False
+
+order = sys.stdin.buffer.read().split(b"\0")    # folder, kill grace, keep, pulsar's argv
+if len(order) < 5 or order.pop() != b"":     # none, or half of one: the server stopped
+    sys.exit(0)
+folder, GRACE, KEEP, argv = order[0], float(order[1]), int(order[2]), order[3:]
+os.chdir(folder)
+log = os.open("keeper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+os.dup2(log, 2)
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1):
+    os.dup2(null, fd)
+me, FOLDER = os.getpid(), os.getcwd()
 bell = os.open("bell", os.O_RDWR | os.O_NONBLOCK)
 output = os.open("output", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 read_end, write_end = os.pipe()
@@ -5997,7 +6004,7 @@ while True:
             note("cannot write ended (trying again every second): %s" % problem)
         waited = True
         time.sleep(1)
-ring()
+ring(b"!")                      # the end is written: no need to wait for the exit
 '''
 
 
