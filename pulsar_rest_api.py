@@ -69,16 +69,20 @@ ended meanwhile, and calls lost only a task whose keeper died too.  SIGUSR1 stop
 leaves tasks and the line to the next server; SIGTERM waits for tasks, then kills them.
 
 Threading: ThreadingHTTPServer gives each connection a thread, which does its own TLS handshake.
-TaskStore's Condition guards every live task; changes notify_all, long polls wait_for a predicate.
-One watcher thread follows every keeper (selectors on the doorbells), one reaper thread reaps
-every child, one persist thread writes to SQLite (the history is never written under the store's
-lock), and KeeperPool keeps a keeper started ahead of need.  Lock order: TaskRunner's lock, then
-TaskStore's; TaskStore._persisting, then its lock; TaskHistory's lock is taken alone, never with
-another held but _persisting.  Under TaskStore's lock only memory is touched.
+TaskStore's lock guards every live task; a change notifies the task's Condition (waits for its
+end, for output) and releases its Followers (each /state poll waits on a lock of its own, and
+finds its answer made once for all at its offset).  One watcher thread follows every keeper
+(selectors on the doorbells), one reaper thread reaps every child, one persist thread writes to
+SQLite (the history is never written under the store's lock), one log thread writes the request
+lines, and KeeperPool keeps a keeper started ahead of need.  Lock order: TaskRunner's lock, then
+TaskStore's; TaskStore._persisting, then its lock; TaskHistory's two locks (its writer's, its
+reader's) are taken alone, never with another held but _persisting; LogLines' lock is the last
+of all.  Under TaskStore's lock only memory is touched.
 
-History: tasks and their output are kept in SQLite (--db): a running task's record as it
-changes, its output once it has ended (until then its output file keeps it); a failed write is
-retried every second.  One server per history (DB.lock).  --keep-days and --keep-tasks trim it.
+History: a task's folder records it from its creation (DB.tasks/ID/task); SQLite (--db) gets
+its record from the persist thread, and its output once it has ended (until then its output
+file keeps it); a failed write is retried every second, and a locked history holds up no start.
+One server per history (DB.lock).  --keep-days and --keep-tasks trim it.
 
 The file reads top to bottom in the order a request's data flows: constants, errors, input
 checks, the task model, the store and the history, running pulsar, access, metrics, TLS, HTTP
