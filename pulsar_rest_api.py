@@ -157,7 +157,6 @@ KILL_GRACE = 5.0           # seconds between SIGTERM and SIGKILL for a task's pr
 REQUEST_TIMEOUT = 10.0     # seconds for a TLS handshake, and for a request from first byte to last
 IDLE_TIMEOUT = 60.0        # seconds a keep-alive connection may wait for its next request
 SEND_TIMEOUT = 30.0        # seconds to write one response to a client that has stopped reading
-SHUTDOWN_POLL = 0.05       # seconds; how soon the accept loop notices a stop
 OUTPUT_DRAIN = 1.0         # seconds to wait for output held open by a process that left the group
 MAX_BODY = 64 * 1024       # bytes; a task request is a few dozen
 MAX_FIELDS = 20            # query or form fields in one request
@@ -997,6 +996,7 @@ class TaskStore:
         failed writes every PERSIST_EVERY seconds, and trim the history every TRIM_EVERY
         seconds (--keep-days, --keep-tasks), until `stopped` is set."""
         next_trim = 0.0
+        self._write_soon.set()      # the first trim comes as the server starts
         while not stopped.is_set():
             self._write_soon.wait(PERSIST_EVERY)
             stopped.wait(PERSIST_SOON)      # what comes with it, and the answers, go first
@@ -4431,7 +4431,36 @@ class PulsarServer(ThreadingHTTPServer):
         self._lock = threading.Lock()
         self._per_address = collections.Counter()   # brake_key(address) -> connections open
         self.refusals = RefusalLog()
-        super().__init__((settings.host, settings.port), ApiHandler)
+        self._stop_bell = os.pipe()     # rung by shutdown() to wake the accept loop
+        self._stopping = threading.Event()
+        self._accepting_ended = threading.Event()
+        super().__init__((settings.host, settings.port), ApiHandler)    # closes all if it fails
+
+    def serve_forever(self, poll_interval=None):
+        """Accept connections until shutdown().  socketserver's own loop wakes every poll
+        interval to see a stop; this one sleeps until a connection comes or shutdown() rings,
+        so that an idle server costs no CPU and a stop takes no wait."""
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._stop_bell[0], selectors.EVENT_READ)
+                while not self._stopping.is_set():
+                    ready = [key.fileobj for key, _ in selector.select()]
+                    if self in ready and not self._stopping.is_set():
+                        self._handle_request_noblock()
+        finally:
+            self._accepting_ended.set()
+
+    def shutdown(self):
+        """Stop the accept loop and wait for it to end (it must be running)."""
+        self._stopping.set()
+        os.write(self._stop_bell[1], b"!")
+        self._accepting_ended.wait()
+
+    def server_close(self):
+        super().server_close()
+        for fd in self._stop_bell:
+            os.close(fd)
 
     def server_bind(self):
         # HTTPServer.server_bind also looks up our own name (getfqdn), which can stall on bad DNS.
@@ -4705,8 +4734,7 @@ def serve(settings):
 
 def serve_until_stopped(settings, server, signals, store, runner, history):
     """Serve until a stop signal, stop as it asks, and close everything; the exit code."""
-    threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL,), name="accept",
-                     daemon=True).start()
+    threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
     stopped = threading.Event()
     threading.Thread(target=store.persist_until_stopped, name="persist", daemon=True,
                      args=(stopped, settings.keep_days, settings.keep_tasks)).start()
