@@ -340,6 +340,18 @@ TEE = []     # the file the step tee-NAME opened: a copy of everything printed a
 HELD = []    # file descriptors a step keeps open
 
 
+def new_run_folder():
+    """A new pulsar 1.x run folder, named by the time as pulsar names it; one that a task
+    started in the same instant made is not taken."""
+    while True:
+        folder = os.path.join(FAKE_DIR, "home", ".pulsar", "tmp", "run-%.7f" % time.time())
+        try:
+            os.makedirs(folder)
+            return folder
+        except FileExistsError:
+            pass
+
+
 def emit(stream, data):
     data = data if isinstance(data, bytes) else data.encode()
     stream.write(data)
@@ -456,8 +468,7 @@ def run(action):
                        else "signal.signal(signal.SIGTERM, say)\ntime.sleep(60)\n"))
             subprocess.Popen([sys.executable, "-S", "-c", code, FAKE_DIR])
         elif name == "runfolderfd":
-            folder = os.path.join(FAKE_DIR, "home", ".pulsar", "tmp", "run-%.7f" % time.time())
-            os.makedirs(folder)
+            folder = new_run_folder()
             HELD.append(os.open(folder, os.O_RDONLY))     # copying into it, as Ruby's cp_r does
             emit(OUT, "run folder %s\n" % folder)
         elif name == "tee":
@@ -469,7 +480,7 @@ def run(action):
         elif name == "otherhalf":
             emit(OUT, "-api: task 7 finished]\n")
         elif name == "runfolder":
-            folder = os.path.join(FAKE_DIR, "home", ".pulsar", "tmp", "run-%.7f" % time.time())
+            folder = new_run_folder()
             os.makedirs(os.path.join(folder, "cap"))
             os.chdir(os.path.join(folder, "cap"))
             emit(OUT, "run folder %s\n" % folder)
@@ -3486,13 +3497,19 @@ def test_a_full_disk_ends_no_deploy_and_its_end_is_still_recorded(tmp_path, fake
     assert ended["written"] == len(printed(fake, "full").encode()) > 1 << 20
 
 
+def held_line(start_server, fake, tmp_path):
+    """A server on a history file in tmp_path whose app has a task held at a gate, so that
+    what is queued behind it waits: (db, server, client, app, gate, the holder's id)."""
+    db = tmp_path / "history.sqlite3"
+    server = start_server("--db", db)
+    client = server.client()
+    app, gate = unique("app"), fake.gate()
+    return db, server, client, app, gate, client.create(app, "prod", "gate-" + gate.name)
+
+
 def test_a_queued_task_killed_when_its_folder_cannot_take_a_new_file_stays_killed(
         start_server, fake, tmp_path):
-    db = tmp_path / "history.sqlite3"
-    first = start_server("--db", db)
-    client = first.client()
-    app, gate = unique("app"), fake.gate()
-    holder = client.create(app, "prod", "gate-" + gate.name)
+    db, first, client, app, gate, holder = held_line(start_server, fake, tmp_path)
     queued = client.queue(app, "prod", "say-never")
     (Path(str(db) + ".tasks") / str(queued) / "dropped.tmp").mkdir()  # no file can be made
 
@@ -3510,11 +3527,7 @@ def test_a_queued_task_killed_when_its_folder_cannot_take_a_new_file_stays_kille
 
 def test_what_a_crash_leaves_between_a_tasks_turn_and_its_keeper_is_told_truly(
         start_server, fake, tmp_path):
-    db = tmp_path / "history.sqlite3"
-    first = start_server("--db", db)
-    client = first.client()
-    app, gate = unique("app"), fake.gate()
-    holder = client.create(app, "prod", "gate-" + gate.name)
+    db, first, client, app, gate, holder = held_line(start_server, fake, tmp_path)
     turn_came = client.queue(app, "prod", "say-second")
     behind = client.queue(app, "prod", "say-third")
     wait_until(lambda: history_statuses(db).get(behind) == "queued", what="the history")
