@@ -5599,9 +5599,10 @@ def real_pulsars_started(request, tmp_path_factory):
         yield None
         return
     servers = []
-    started = InBackground(lambda: (
-        start_pulsar_1_1(realpulsar, tmp_path_factory.mktemp("pulsar-1.1"), servers),
-        start_pulsar_0_3(realpulsar, tmp_path_factory.mktemp("pulsar-0.3"), servers)))
+    # Folders made here: pytest makes its base folder on first use, in a race with the tests.
+    folders = [tmp_path_factory.mktemp(name) for name in ("pulsar-1.1", "pulsar-0.3")]
+    started = InBackground(lambda: (start_pulsar_1_1(realpulsar, folders[0], servers),
+                                    start_pulsar_0_3(realpulsar, folders[1], servers)))
     try:
         yield started
     finally:
