@@ -277,7 +277,7 @@ COUNT_PATTERN = re.compile(r"[0-9]{1,15}")
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")      # a method or header name (RFC 9110)
 # A header line: a name, a colon and a value with the spaces around it left out (no space may
 # come before the colon, and a folded line, which starts with one, is not one).
-HEADER_FIELD = re.compile(r"^(%s):[ \t]*(.*?)[ \t]*\r?\n" % TOKEN.pattern, re.MULTILINE)
+HEADER_FIELD = re.compile(r"^(%s):[ \t]*([^\r\n]*?)[ \t]*\r?\n" % TOKEN.pattern, re.MULTILINE)
 HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 HOST_PATTERN = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
@@ -372,6 +372,11 @@ def quoted(value, limit=80):
     text = value if isinstance(value, str) else json.dumps(value)
     text = text.encode("unicode_escape").decode("ascii").replace("'", "\\'")
     return "'%s'" % (text[:limit] + ("..." if len(text) > limit else ""))
+
+
+def printable(text):
+    """Text for a log line: control characters (a header's ANSI escape, say) as escapes."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def utc_iso(timestamp):
@@ -1902,7 +1907,7 @@ class TaskRunner:
         with self._lock:
             if self._stopping:
                 raise HTTPError(503, "the server is stopping; no new tasks")
-            blocker = self._blocker(app, env)
+            blocker = self._blocker(app, env, advise=not queue)
             if blocker is None:
                 task = self._store.create(app, env, action, started_by, record=self._record)
                 self._launch(task)
@@ -1941,15 +1946,17 @@ class TaskRunner:
 
     def refuse_new(self, keep_line=False):
         """From now on a new task is answered 503; tasks waiting in line are dropped, unless
-        they are kept for the next server (a hand-over)."""
+        they are kept for the next server (a hand-over).  The tasks that were in line."""
         with self._lock:
             self._stopping = True
             line = [task for tasks in self._line.values() for task in tasks]
             self._line.clear()
             self._queued = 0
-        for task in sorted(line, key=lambda task: task.id):
+        line.sort(key=lambda task: task.id)
+        for task in line:
             if not keep_line:
                 self._drop(task, "the server stopped before this task's turn")
+        return line
 
     @property
     def stopping(self):
@@ -2106,17 +2113,17 @@ class TaskRunner:
             raise HTTPError(403, "action %s is not allowed on this server; allowed: %s"
                             % (quoted(action), ", ".join(self._allowed_actions)))
 
-    def _blocker(self, app, env, queued=False):
+    def _blocker(self, app, env, queued=False, advise=False):
         """Why a task for this pair cannot start now (an HTTPError to raise), or None.  A new
         request waits for any live task of the pair; a queued one, whose elders in line have
-        had their turn, only for a running one."""
+        had their turn, only for a running one.  `advise`: the reason says how to wait."""
         if self._one_per_pair:
             holder = self._store.task_of_pair(app, env, (RUNNING,) if queued else (RUNNING, QUEUED))
             if holder is not None:
-                return HTTPError(409, "%s/%s already has task %d (%s, %s), started by %s at %s; "
-                                      "add queue=true to wait in line"
+                return HTTPError(409, "%s/%s already has task %d (%s, %s), started by %s at %s%s"
                                  % (app, env, holder["id"], holder["action"], holder["status"],
-                                    holder["startedBy"], holder["createdAt"]),
+                                    holder["startedBy"], holder["createdAt"],
+                                    "; add queue=true to wait in line" if advise else ""),
                                  details={"taskId": holder["id"], "action": holder["action"],
                                           "status": holder["status"],
                                           "startedBy": holder["startedBy"],
@@ -2124,7 +2131,8 @@ class TaskRunner:
         running = self._store.running_count
         if running >= self._max_tasks:
             return HTTPError(429, "%d tasks are running, the most this server runs at once "
-                                  "(--max-tasks); try later, or add queue=true" % running)
+                                  "(--max-tasks)%s" % (running, "; try later, or add queue=true"
+                                                       if advise else ""))
         return None
 
     def _record(self, task):
@@ -3630,11 +3638,13 @@ class Headers:
 
 def parse_header_field(line):
     """(name, value) of a header line; 400 for one that is not NAME: VALUE.  A folded line
-    (one that starts with a space) and a space before the colon are refused, as RFC 9112 asks,
-    since servers that read them otherwise can be made to disagree about a request."""
-    text = line.decode("latin-1").rstrip("\r\n")
+    (one that starts with a space), a space before the colon and a CR but at the line's end
+    are refused, as RFC 9112 asks, since servers that read them otherwise can be made to
+    disagree about a request."""
+    text = line.decode("latin-1")
+    text = text[:-2] if text.endswith("\r\n") else text.rstrip("\n")
     name, colon, value = text.partition(":")
-    if not colon or not TOKEN.fullmatch(name):
+    if not colon or not TOKEN.fullmatch(name) or "\r" in value:
         raise HTTPError(400, "malformed header line %s" % quoted(text, 60), close=True)
     return name, value.strip(" \t")
 
@@ -3650,6 +3660,7 @@ class Exchange:
         self.fields = Fields()
         self.login = "-"                # who the credentials say sent it; "-" for nobody
         self.head_sent = False          # from then on an error can only close the connection
+        self.refused = None             # why it was refused (an HTTPError's message), for the log
 
     @property
     def path(self):
@@ -3804,8 +3815,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise HTTPError(431, "more than %d header lines" % MAX_HEADERS, close=True)
         fields = HEADER_FIELD.findall(b"".join(lines).decode("latin-1"))   # one pass for all
         if len(fields) != len(lines):       # a line that is not NAME: VALUE: say which
-            for line in lines:
-                parse_header_field(line)
+            fields = [parse_header_field(line) for line in lines]
         for line, (name, _) in zip(lines, fields):
             if len(line) > MAX_HEADER_LINE and len(line.rstrip(b"\r\n")) > MAX_HEADER_LINE:
                 raise HTTPError(431, "header %s is longer than %d bytes"
@@ -3862,6 +3872,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         # keeps no connection for it.
         closes = error.close or (error.status == 401 and not self.headers.get("Authorization"))
         self.close_connection = self.close_connection or closes
+        if self.exchange is not None:
+            self.exchange.refused = error.message
         self.send_json(error.status, error.reply(), error.headers)
 
     def _check_same_site(self):
@@ -3909,12 +3921,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         return body
 
     def handle_expect_100(self):
-        # A body that would be refused is refused before the client sends it.
-        try:
-            self._content_length()
-        except HTTPError as error:
-            self._answer_error(error)
-            return False
+        self._content_length()      # a body that would be refused is refused before it is sent
         return super().handle_expect_100()
 
     # -- helpers of the endpoints
@@ -3998,10 +4005,11 @@ class RequestHandler(BaseHTTPRequestHandler):
         exchange = self.exchange
         # A request nobody logged in for is throttled like the connection's other lines.
         if exchange.login != "-" or self.server.refusals.allows(self.client_address[0]):
-            log_request("%s %s %s %d %d %.0fms%s" % (
+            log_request("%s %s %s %d %d %.0fms%s%s" % (
                 self.peer, quoted(exchange.method, 20)[1:-1], quoted(exchange.target, 200),
                 status, size, (time.monotonic() - exchange.started) * 1000,
-                "" if exchange.login == "-" else " user=%s" % quoted(exchange.login)))
+                "" if exchange.login == "-" else " user=%s" % quoted(exchange.login),
+                "" if exchange.refused is None else ": " + printable(exchange.refused)))
 
     def log_message(self, format, *args):
         logger.info("%s: %s", self.peer, format % args)
@@ -4761,11 +4769,13 @@ def serve_until_stopped(settings, server, signals, store, runner, history):
 def hand_over(store, runner):
     """Stop at once, leaving running tasks and the line to the next server on this history
     (the upgrade path: stop with SIGUSR1, replace the file, start)."""
-    runner.refuse_new(keep_line=True)
+    queued = runner.refuse_new(keep_line=True)
     running = store.running()
-    logger.info("SIGUSR1: stopping at once; %d running task(s) go on under their keepers for "
-                "the next server to take over%s", len(running),
-                ": " + ", ".join(str(task.id) for task in running) if running else "")
+    logger.info("SIGUSR1: stopping at once; %d running task(s) go on under their keepers and "
+                "%d queued task(s) stay in line, for the next server to take over%s",
+                len(running), len(queued), ": " + ", ".join(
+                    str(task.id) for task in sorted(running + queued, key=lambda task: task.id))
+                if running or queued else "")
 
 
 def stop_gracefully(signum, signals, store, runner, timeout):
@@ -5011,8 +5021,9 @@ def build_parser():
         help="time allowed for a TLS handshake, and for a request from its first byte to its last; "
              "slower clients are dropped (default: %(default)g)")
     add("--db", metavar="PATH",
-        help="SQLite file holding the task history (default: tasks.sqlite3 in the state folder "
-             "above); ':memory:' keeps nothing after a stop")
+        help="SQLite file holding the task history (default: tasks.sqlite3 in "
+             "$XDG_STATE_HOME/pulsar-rest-api, or ~/.local/state/pulsar-rest-api); ':memory:' "
+             "keeps nothing after a stop")
     add("--max-output", type=byte_count, default=MAX_OUTPUT, metavar="BYTES",
         help="output kept per task; beyond it the rest is dropped after a marker line "
              "(default: %(default)d, 32 MiB; suffixes K, M, G)")

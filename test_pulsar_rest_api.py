@@ -2075,6 +2075,44 @@ def test_malformed_request_gets_a_json_4xx_not_a_500(shared_server, ended_task, 
     assert_json_error(reply, reply.status)
 
 
+REFUSED_AND_LOGGED = [
+    # A CR inside a field, a folded field, a space before the colon: servers and proxies that
+    # read them otherwise can be made to disagree about where a request ends (RFC 9112).
+    ("bare-cr", b"POST /APP/prod?action=deploy HTTP/1.1\r\nHost: x\rContent-Length: 5\r\n"
+                b"Content-Length: 0\r\n\r\n", 400, "malformed header line"),
+    ("folded", b"POST /APP/prod?action=deploy HTTP/1.1\r\nHost: x\r\n Content-Length: 5\r\n"
+               b"Content-Length: 0\r\n\r\n", 400, "malformed header line"),
+    ("space-before-colon", b"POST /APP/prod?action=deploy HTTP/1.1\r\nHost : x\r\n"
+                           b"Content-Length: 0\r\n\r\n", 400, "malformed header line"),
+    # What curl sends with a big body: refused before the body comes, logged like any other.
+    ("expect-100", b"POST /APP/prod HTTP/1.1\r\nHost: x\r\nContent-Type: " + FORM.encode()
+                   + b"\r\nContent-Length: 99999999\r\nExpect: 100-continue\r\n\r\n",
+     413, "the body is 99999999 bytes; the limit is 65536"),
+    ("shell", b"POST /APP/prod?action=shell HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+     400, "action 'shell' is refused"),
+]
+
+
+@pytest.mark.parametrize("request_bytes, status, why",
+                         [case[1:] for case in REFUSED_AND_LOGGED],
+                         ids=[case[0] for case in REFUSED_AND_LOGGED])
+def test_a_refused_request_starts_nothing_and_its_log_line_says_why(
+        shared_server, shared_fake, request_bytes, status, why):
+    app = unique("app")
+    with tls_connection(shared_server) as tls:
+        port = tls.getsockname()[1]
+        tls.sendall(request_bytes.replace(b"APP", app.encode()))
+        reply = read_reply(tls)
+    line = wait_until(lambda: log_lines(shared_server, r"127\.0\.0\.1:%d " % port),
+                      what="the request's log line")
+
+    assert_json_error(reply, status)
+    assert why in reply.json["error"]
+    assert re.search(r"127\.0\.0\.1:%d POST '/%s/prod[^']*' %d \d+ \d+ms: .*%s" % (
+        port, app, status, re.escape(why)), line[0]), line
+    assert shared_fake.actions_run_for(app) == []
+
+
 def test_keep_alive_serves_several_requests_on_one_connection(api, ended_task):
     conn = api.connection()
     try:
@@ -4432,7 +4470,8 @@ def test_log_file_moved_away_by_logrotate_is_created_again_by_the_next_request(s
     server.log_path.rename(rotated)
 
     reply = client.get("/task/4242")
-    pattern = r"INFO 127\.0\.0\.1:%d GET '/task/4242' 404 \d+ \d+ms$" % reply.local_port
+    pattern = r"INFO 127\.0\.0\.1:%d GET '/task/4242' 404 \d+ \d+ms: no task 4242$" % (
+        reply.local_port)
     wait_until(lambda: log_lines(server, pattern), what="the request's line in a new log file")
 
     assert_json_error(reply, 404)
@@ -4707,7 +4746,8 @@ def test_log_names_who_made_each_request_start_and_kill_but_never_the_password(
         r"INFO task %d: kill requested by alice \(127\.0\.0\.1:%d\)$" % (task_id, killed.local_port),
         r"INFO 127\.0\.0\.1:%d POST '/task/%d/kill' 200 \d+ \d+ms user='alice'$"
         % (killed.local_port, task_id),
-        r"INFO 127\.0\.0\.1:%d GET '/tasks' 401 \d+ \d+ms$" % refused.local_port,
+        r"INFO 127\.0\.0\.1:%d GET '/tasks' 401 \d+ \d+ms: %s$" % (
+            refused.local_port, re.escape(refused.json["error"])),
     ]
     wait_until(lambda: all(log_lines(server, pattern) for pattern in expected),
                what="the requests, the start and the kill in the log")
