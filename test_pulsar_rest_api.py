@@ -68,6 +68,11 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "pulsar_rest_api.py"
+# How the suite starts the server: without site-packages (-S), since the standard library is all
+# it may use (an import from elsewhere fails here), and ~30 ms sooner on machines whose site runs
+# .pth hooks.  The tests of the script copied alone start it the README's way, `python3 FILE`.
+SERVER_PYTHON = (sys.executable, "-S")
+README_PYTHON = (sys.executable,)
 DEV_CERT = HERE / "ssl" / "cert.pem"
 DEV_KEY = HERE / "ssl" / "key.pem"
 LOG_NAME = "pulsar-rest-api.log"
@@ -723,14 +728,14 @@ class Server:
     """One pulsar_rest_api.py process started with the real command line."""
 
     def __init__(self, workdir, fake, args=(), env=None, script=SCRIPT, pulsar_bin=None,
-                 launcher=()):
+                 launcher=(), python=SERVER_PYTHON):
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.fake = fake
         self.log_path = workdir / "log" / LOG_NAME
         self.console_path = workdir / "console.txt"
-        command = list(launcher) + [
-            sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
+        command = list(launcher) + list(python) + [
+            str(script), "--host", "127.0.0.1", "--port", "0",
             "--pulsar-bin", str(pulsar_bin or fake.path),
             "--log-dir", str(workdir / "log"), "--db", str(workdir / "tasks.sqlite3"),
             "--shutdown-timeout", "1"] + [str(arg) for arg in args]
@@ -1143,10 +1148,10 @@ class CliRun:
     """The server's command line, expected to end by itself (an error, --help), started in a
     folder of its own; result() waits for it.  Several can run side by side."""
 
-    def __init__(self, directory, fake, args, env=None, script=SCRIPT):
+    def __init__(self, directory, fake, args, env=None, script=SCRIPT, python=SERVER_PYTHON):
         directory.mkdir(parents=True, exist_ok=True)
         self.directory, self.args = directory, args
-        self.command = [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
+        self.command = list(python) + [str(script), "--host", "127.0.0.1", "--port", "0",
                         "--pulsar-bin", str(fake.path), "--log-dir", str(directory / "cli-log"),
                         "--db", str(directory / "cli.sqlite3")] + [str(arg) for arg in args]
         full_env = dict(os.environ, FAKE_DIR=str(fake.dir))
@@ -1175,9 +1180,9 @@ class CliRun:
         return subprocess.CompletedProcess(self.command, self.proc.returncode, *output)
 
 
-def run_cli(directory, fake, args, env=None, script=SCRIPT):
+def run_cli(directory, fake, args, env=None, script=SCRIPT, python=SERVER_PYTHON):
     """Run the server's command line expected to end by itself; return the CompletedProcess."""
-    return CliRun(directory, fake, args, env, script).result()
+    return CliRun(directory, fake, args, env, script, python).result()
 
 
 def run_side_by_side(directory, runs):
@@ -1673,8 +1678,8 @@ def fake(tmp_path):
 
 @pytest.fixture
 def start_server(tmp_path, fake):
-    """start_server(*flags, env=, script=, pulsar_bin=, launcher=) starts a dedicated server
-    for one test."""
+    """start_server(*flags, env=, script=, pulsar_bin=, launcher=, python=) starts a dedicated
+    server for one test."""
     servers = []
 
     def start(*args, **kwargs):
@@ -4330,12 +4335,14 @@ def test_script_alone_makes_a_self_signed_certificate_once_and_reuses_it(start_s
     state = tmp_path / "state"
     cert, key = state / "pulsar-rest-api" / "cert.pem", state / "pulsar-rest-api" / "key.pem"
 
-    first = start_server(script=script, env={"XDG_STATE_HOME": str(state)})
+    first = start_server(script=script, env={"XDG_STATE_HOME": str(state)},
+                         python=README_PYTHON)
     first_logged = logged_fingerprint(first.log())
     first_served, _ = served_certificate(first, unverified_context())
     cert_text = cert.read_text()
     first.stop_cleanly()
-    second = start_server(script=script, env={"XDG_STATE_HOME": str(state)})
+    second = start_server(script=script, env={"XDG_STATE_HOME": str(state)},
+                          python=README_PYTHON)
     second_served, _ = served_certificate(second, unverified_context())
 
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
@@ -5168,7 +5175,8 @@ def test_a_self_made_certificate_names_this_host_and_the_log_gives_a_pin_curl_ta
         start_server, tmp_path):
     script = copy_script_alone(tmp_path)
     state = tmp_path / "state"
-    server = start_server(script=script, env={"XDG_STATE_HOME": str(state)})
+    server = start_server(script=script, env={"XDG_STATE_HOME": str(state)},
+                          python=README_PYTHON)
     pin = re.search(r"curl --pinnedpubkey sha256//(\S+) ", server.log()).group(1)
     der, _ = served_certificate(server, unverified_context())
     names = subprocess.run(["openssl", "x509", "-inform", "der", "-noout", "-ext",
