@@ -99,7 +99,8 @@ Slow or silent clients are dropped after --request-timeout and never hold up any
 for an address after 10 failed logins in a minute; 503 when GitHub cannot answer, never open).
 Starts, reruns and kills that a browser sends from another page are refused (403).
 One task per app and environment (409, or queue=true to wait in line: status `queued`), at most
---max-tasks running (429), at most --max-connections connections (503).
+--max-tasks running (429), at most --max-connections connections (503; with credentials
+required, the oldest connection that has shown none that work gives way to a newcomer first).
 """
 
 import argparse
@@ -3845,7 +3846,9 @@ class RequestHandler(BaseHTTPRequestHandler):
                 exchange.login = self.server.access.login(self.headers.get("Authorization"),
                                                           self.client_address[0],
                                                           exchange.route.changes_state)
-                self.proven = True
+                if not self.proven:
+                    self.proven = True
+                    self.server.proven(self.connection)
             if exchange.route.changes_state:
                 self._check_same_site()
             exchange.fields = Fields.parse(exchange.query, body, self.headers.media_type(),
@@ -4438,6 +4441,9 @@ class PulsarServer(ThreadingHTTPServer):
         self._refusal_logged = -REFUSAL_LOG_EVERY
         self._lock = threading.Lock()
         self._per_address = collections.Counter()   # brake_key(address) -> connections open
+        # Connections none of whose requests has shown working credentials, oldest first:
+        # socket -> address.  At --max-connections the oldest gives way to a newcomer.
+        self._unproven = collections.OrderedDict()
         self.refusals = RefusalLog()
         self._stop_bell = os.pipe()     # rung by shutdown() to wake the accept loop
         self._stopping = threading.Event()
@@ -4493,15 +4499,18 @@ class PulsarServer(ThreadingHTTPServer):
         if not self._count_in(client_address[0]):
             self._refuse(request, client_address, "from its address (%d)" % MAX_PER_ADDRESS)
             return
-        if not self.metrics.open_connection(self.max_connections):
+        if not (self.metrics.open_connection(self.max_connections) or self._make_room()):
             self._count_out(client_address[0])
             self._refuse(request, client_address, "(--max-connections)")
             return
+        with self._lock:
+            self._unproven[request] = client_address
         try:
             super().process_request(request, client_address)
         except RuntimeError as error:      # can't start new thread
             self.metrics.close_connection()
             self._count_out(client_address[0])
+            self.proven(request)
             logger.error("%s:%s: dropped: %s", client_address[0], client_address[1], error)
             self.shutdown_request(request)
 
@@ -4511,6 +4520,34 @@ class PulsarServer(ThreadingHTTPServer):
         finally:
             self.metrics.close_connection()
             self._count_out(client_address[0])
+            self.proven(request)
+
+    def proven(self, connection):
+        """A request on this connection has shown working credentials: it never gives way."""
+        with self._lock:
+            self._unproven.pop(connection, None)
+
+    def _make_room(self):
+        """At --max-connections, on a server that asks for credentials: end the oldest
+        connection that has shown none that work, and count the newcomer in its place, so that
+        clients without credentials, from however many addresses, never keep a user out.
+        False when there is none (every open connection is a user's)."""
+        if not self.access.requires_credentials:
+            return False
+        with self._lock:
+            if not self._unproven:
+                return False
+            oldest, address = self._unproven.popitem(last=False)
+        self.metrics.connection_refused()
+        self.refusals.info(address[0], "%s:%s: closed to make room for a new connection "
+                           "(--max-connections): it had shown no working credentials",
+                           address[0], address[1])
+        try:        # beneath TLS: its thread, reading, sees the end and counts it out
+            socket.socket.shutdown(oldest, socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.metrics.open_connection(float("inf"))
+        return True
 
     def _count_in(self, address):
         """Count a connection from `address`; False (not counted) when that address has
@@ -5047,7 +5084,8 @@ def build_parser():
     add("--github-api", metavar="URL", help="GitHub API (default: %s; GitHub Enterprise: "
                                             "https://HOST/api/v3)" % GITHUB_API)
     add("--max-connections", type=positive_count, default=MAX_CONNECTIONS, metavar="N",
-        help="client connections at once; more get 503 and are closed (default: %(default)d)")
+        help="client connections at once; at the limit the oldest that has shown no working "
+             "credentials makes room, else more get 503 (default: %(default)d)")
     add("--max-tasks", type=positive_count, default=MAX_TASKS, metavar="N",
         help="tasks running at once; more are refused with 429, or wait with queue=true "
              "(default: %(default)d)")

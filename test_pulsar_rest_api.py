@@ -5094,6 +5094,33 @@ def test_a_request_without_credentials_is_answered_and_its_connection_closed(sta
     assert allowed.status == 200 and user_kept      # a user keeps it (60 s), past 2 x 0.5 s
 
 
+def test_clients_without_credentials_from_any_number_of_addresses_never_keep_a_user_out(
+        start_server, tmp_path):
+    flags, env = basic_login(tmp_path, "file")
+    server = start_server(*flags, "--max-connections", "4", env=env)
+    alice = server.client()
+    silent = [tcp_connection(server) for _ in range(4)]     # as many as are allowed, no hello
+    users, statuses = [], []
+    try:
+        for _ in range(4):          # each takes the place of the oldest silent connection
+            users.append(alice.connection())
+            users[-1].request("GET", "/tasks", headers=basic_auth("alice", PASSWORD))
+            response = users[-1].getresponse()
+            response.read()
+            statuses.append(response.status)
+        gave_way = [closed_by_peer(sock, TIMEOUT) for sock in silent]
+        busy, _ = unasked_reply(server)     # every connection is a user's now: none gives way
+    finally:
+        for connection in silent + users:
+            connection.close()
+
+    assert statuses == [200] * 4
+    assert gave_way == [True] * 4
+    assert_json_error(busy, 503)
+    assert log_lines(server, r"closed to make room for a new connection \(--max-connections\): "
+                             r"it had shown no working credentials")
+
+
 def test_one_address_holds_at_most_64_connections_and_others_still_get_in(start_server):
     address = other_address()
     server = start_server("--host", address, "--max-connections", "100")
