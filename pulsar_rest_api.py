@@ -2602,7 +2602,7 @@ class Access:
         with self._lock:
             now = self._clock()
             self._prune(now)
-            wait = self._cooling.get(key, now) - now
+            wait, whose = self._cooling.get(key, now) - now, "from %s" % address
             if wait <= 0:
                 checking = self._checking.setdefault(key, {})
                 guesses = self._recent_failures(key, now) + len(set(checking) - {credential})
@@ -2611,12 +2611,14 @@ class Access:
                 elif (len(self._all_failures) >= self._ceiling
                       and credential not in self._worked):
                     wait = self._all_failures[0] + self._window - now
+                    whose = ("from all addresses together (credentials that have worked since "
+                             "the server started still get in)")
                 else:
                     checking[credential] = checking.get(credential, 0) + 1
                     return
         retry = max(1, int(math.ceil(wait)))
-        raise HTTPError(429, "too many failed logins from %s; try again in %d s"
-                        % (address, retry), headers=[("Retry-After", "%d" % retry)])
+        raise HTTPError(429, "too many failed logins %s; try again in %d s"
+                        % (whose, retry), headers=[("Retry-After", "%d" % retry)])
 
     def _end_attempt(self, key, credential):
         with self._lock:
@@ -2824,14 +2826,18 @@ class GitHubLogin:
                 self._lock.notify_all()
 
     def _ask(self, token):
+        """GitHub's answer about a token.  A grant lasts from when it was asked; a refusal or a
+        failure from when it came, or a GitHub that hangs for the whole deadline would be asked
+        again at once by every request waiting behind the check."""
         asked = self._clock()
         try:
             status, login = self._decide(token, asked + GITHUB_DEADLINE)
         except GitHubUnavailable as error:
             logger.error("GitHub API unavailable while checking credentials: %s", error)
-            return GitHubAnswer(503, None, asked, asked + GITHUB_CACHE_ERROR)
-        lifetime = GITHUB_CACHE_YES if status == 200 else GITHUB_CACHE_NO
-        return GitHubAnswer(status, login, asked, asked + lifetime)
+            return GitHubAnswer(503, None, asked, self._clock() + GITHUB_CACHE_ERROR)
+        if status == 200:
+            return GitHubAnswer(status, login, asked, asked + GITHUB_CACHE_YES)
+        return GitHubAnswer(status, login, asked, self._clock() + GITHUB_CACHE_NO)
 
     def _forget_expired(self):
         if len(self._cache) > AUTH_TRACKED:

@@ -6327,16 +6327,24 @@ def test_refusals_beyond_the_limit_come_back_as_one_summary_line_per_address(cap
     assert any("from this host" in line for line in lines)
 
 
-def test_a_github_that_trickles_its_answer_is_given_up_on_as_a_whole(github, monkeypatch):
+def test_a_github_that_trickles_its_answer_is_given_up_on_as_a_whole_and_not_asked_again(
+        github, monkeypatch):
     monkeypatch.setattr(server_module, "GITHUB_DEADLINE", 0.5)
+    # As with the real figures (a 15 s deadline, a failure answered for 10 s): the failure is
+    # remembered for less time than the check took.
+    monkeypatch.setattr(server_module, "GITHUB_CACHE_ERROR", 0.4)
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     github.trickle = 0.1        # 50 bytes: 5 s in all, though each read comes within 0.1 s
     login = server_module.GitHubLogin(github.url, "user", ["alice"])
 
     with pytest.raises(server_module.HTTPError) as refused:
         login.login("Bearer " + ALICE_TOKEN)
+    asked = len(github.requests)
+    with pytest.raises(server_module.HTTPError) as refused_again:  # a request that waited
+        login.login("Bearer " + ALICE_TOKEN)
 
-    assert refused.value.status == 503
+    assert refused.value.status == refused_again.value.status == 503
+    assert len(github.requests) == asked        # answered from the failure just seen
 
 
 def test_a_grant_is_asked_again_before_a_change_once_it_is_a_minute_old(github, monkeypatch):
