@@ -5631,12 +5631,14 @@ class RealTasks:
 
 
 def real_server(directory, pulsar_bin, *flags, files=()):
-    """A server of the real pulsar, started in `directory` after putting `files` (names) there."""
+    """A server of the real pulsar, started in `directory` after putting `files` (names) there.
+    Its tasks run in the background of the other tests, niced: their Ruby takes the CPU the
+    other tests leave idle, not theirs."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in files:
         (directory / name).write_text("# not an app: pulsar must not run in this folder\n")
     return Server(directory, FakePulsar(directory / "unused-fake"), flags + ("--kill-grace", "2"),
-                  pulsar_bin=pulsar_bin)
+                  pulsar_bin=pulsar_bin, launcher=("nice", "-n", "10"))
 
 
 class InBackground:
