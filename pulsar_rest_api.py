@@ -375,11 +375,6 @@ def quoted(value, limit=80):
     return "'%s'" % (text[:limit] + ("..." if len(text) > limit else ""))
 
 
-def printable(text):
-    """Text for a log line: control characters (a header's ANSI escape, say) as escapes."""
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-
-
 def utc_iso(timestamp):
     """ISO 8601 in UTC with milliseconds, as JSON clients expect: 2026-11-28T11:38:54.123Z."""
     if timestamp is None:
