@@ -158,6 +158,7 @@ KILL_GRACE = 5.0           # seconds between SIGTERM and SIGKILL for a task's pr
 REQUEST_TIMEOUT = 10.0     # seconds for a TLS handshake, and for a request from first byte to last
 IDLE_TIMEOUT = 60.0        # seconds a keep-alive connection may wait for its next request
 SEND_TIMEOUT = 30.0        # seconds to write one response to a client that has stopped reading
+TAKE_OVER_CHANGES = 4       # changes of a task but its output (started, pid, end...): a bound
 OUTPUT_DRAIN = 1.0         # seconds to wait for output held open by a process that left the group
 MAX_BODY = 64 * 1024       # bytes; a task request is a few dozen
 MAX_FIELDS = 20            # query or form fields in one request
@@ -919,6 +920,13 @@ class TaskStore:
             task.keeper = keeper
             task.keeper_pid, task.keeper_start = keeper.pid, keeper.start_token
             self._changed(task)
+
+    def move_version_past(self, task, version):
+        """Let a task's version be at least `version` (a task taken over: see _adopt)."""
+        with self._lock:
+            if task.version < version:
+                task.version = version - 1
+                self._changed(task)
 
     def attach(self, task, pid):
         """pulsar runs, as `pid`: news to a follower of a queued task."""
@@ -2080,6 +2088,7 @@ class TaskRunner:
             return self._lost(task, "the server stopped while this task ran, and its folder "
                                     "cannot be followed (%s); its end is unknown" % error)
         task.keeper = keeper
+        recorded_version, recorded_length = task.version, task.persisted
         self._store.add(task)
         # What it printed so far, read before anyone can ask (the server does not listen yet),
         # so that a follower's offset from the earlier server is never past the end.
@@ -2088,6 +2097,11 @@ class TaskRunner:
             self._store.add_output(task, text)
             if not more:
                 break
+        # The earlier server may have shown versions past the last one it recorded: at most
+        # one per character printed since that record, and one per change of status.  Go past
+        # them all, so that a version never goes back.
+        self._store.move_version_past(task, recorded_version + TAKE_OVER_CHANGES + max(
+            0, task.output.length - recorded_length))
         self._watcher.follow(keeper)    # adopted, or ended: the watcher reads on
         logger.info("task %d (%s %s %s) taken over from an earlier server: keeper pid %d %s",
                     task.id, task.app, task.env, task.action, keeper.pid,

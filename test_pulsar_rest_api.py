@@ -3336,6 +3336,31 @@ def printed(fake, name):
     return path.read_bytes().decode("utf-8") if path.exists() else ""
 
 
+def test_a_version_never_goes_back_though_the_last_ones_before_a_crash_were_not_recorded(
+        start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    first = start_server("--db", db)
+    client = first.client()
+    gate = fake.gate()
+    task_id = client.create(unique("app"), "prod", "out-3.gate-%s.out-1" % gate.name)
+    before = client.wait_at_gate(task_id, gate)
+    first.crash()
+    # As if it had died before its last changes were recorded (they are written 20 ms late).
+    with contextlib.closing(sqlite3.connect(str(db))) as history, history:
+        history.execute("UPDATE tasks SET version = 2, output_length = 0 WHERE id = ?",
+                        (task_id,))
+
+    second = start_server("--db", db)
+    client = second.client()
+    adopted = client.task(task_id)
+    gate.release()
+    ended = client.wait_ended(task_id)
+
+    assert adopted["output"] == before["output"]
+    assert adopted["version"] > before["version"]       # "goes up on every change"
+    assert ended["version"] > adopted["version"]
+
+
 def test_a_task_goes_on_untouched_when_the_server_dies_and_the_next_server_follows_it_on(
         start_server, fake, tmp_path):
     db = tmp_path / "history.sqlite3"
