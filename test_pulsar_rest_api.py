@@ -2103,18 +2103,19 @@ REFUSED_AND_LOGGED = [
                          ids=[case[0] for case in REFUSED_AND_LOGGED])
 def test_a_refused_request_starts_nothing_and_its_log_line_says_why(
         shared_server, shared_fake, request_bytes, status, why):
-    app = unique("app")
+    app, log_start = unique("app"), len(shared_server.log())
     with tls_connection(shared_server) as tls:
         port = tls.getsockname()[1]
         tls.sendall(request_bytes.replace(b"APP", app.encode()))
         reply = read_reply(tls)
-    line = wait_until(lambda: log_lines(shared_server, r"127\.0\.0\.1:%d " % port),
-                      what="the request's log line")
+    about_it = wait_until(lambda: log_lines(shared_server, r"127\.0\.0\.1:%d " % port,
+                                            since=log_start), what="the request's log line")
 
     assert_json_error(reply, status)
     assert why in reply.json["error"]
-    assert re.search(r"127\.0\.0\.1:%d POST '/%s/prod[^']*' %d \d+ \d+ms: .*%s" % (
-        port, app, status, re.escape(why)), line[0]), line
+    assert len(about_it) == 1 and re.search(
+        r"127\.0\.0\.1:%d POST '/%s/prod[^']*' %d \d+ \d+ms: .*%s" % (
+            port, app, status, re.escape(why)), about_it[0]), about_it
     assert shared_fake.actions_run_for(app) == []
 
 
