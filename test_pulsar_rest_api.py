@@ -219,14 +219,19 @@ def parse_utc(text):
     return moment + datetime.timedelta(seconds=float("0." + fraction) if fraction else 0)
 
 
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command name (state, parent, ...), or None."""
+    try:
+        with open("/proc/%s/stat" % pid) as source:
+            return source.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
 def is_gone(pid):
     """True when pid no longer runs: absent from /proc, or a zombie waiting to be reaped."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except OSError:
-        return True
-    return state in ("Z", "X")
+    fields = proc_stat(pid)
+    return fields is None or fields[0] in ("Z", "X")
 
 
 def are_gone(pids):
@@ -257,13 +262,13 @@ def processes_mentioning(marks, spared):
 def waiting_keeper_of(pid, servers):
     """True when pid is a keeper that one of the servers started ahead of need and that waits
     for a task (it is in no task's folder yet)."""
+    fields = proc_stat(pid)
     try:
-        with open("/proc/%s/stat" % pid, "rb") as source:
-            parent = int(source.read().rpartition(b")")[2].split()[1])
+        parent = int(fields[1])
         with open("/proc/%s/cmdline" % pid, "rb") as source:
             keeper = KEEPER_MARK in source.read().split(b"\0")
         waiting = os.readlink("/proc/%s/cwd" % pid) == "/"
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         return False
     return parent in servers and keeper and waiting
 
@@ -308,7 +313,7 @@ Steps are separated by '.', a step's argument follows '-':
   flood-N               N blocks of 1040 lines "%06d " + 500 x "\u00fc" (1008 bytes a line, about
                         1 MiB a block), one write per block
   ansi                  colours, a carriage-return progress line, and what a terminal must
-                        never get (ANSI_LINES below)
+                        never get (ANSI_OUTPUT below)
   succeed, fail1x       what pulsar 1.x prints last on success, or on failure (with the task's
                         own app, environment and action)
   say-WORD              WORD on a line of its own
@@ -331,8 +336,8 @@ Steps are separated by '.', a step's argument follows '-':
 Each run first appends {argv, pid, pgid, sid, cwd, cwd_entries, fds, env} as one JSON line to
 $FAKE_DIR/invocations.jsonl.  `--version` prints $FAKE_PULSAR_VERSION (default: no version)
 and exits $FAKE_PULSAR_VERSION_EXIT (default 0).  `list ...` (pulsar 1.x's list of apps) sleeps
-the seconds in $FAKE_DIR/apps.sleep, prints $FAKE_DIR/apps.txt, exits with the status in
-$FAKE_DIR/apps.exit (default 0), and appends its argv to $FAKE_DIR/lists.jsonl.  Neither is a
+the seconds in $FAKE_DIR/apps.sleep, prints $FAKE_DIR/apps.txt, and appends its argv to
+$FAKE_DIR/lists.jsonl.  Neither is a
 task, so neither is recorded as an invocation.
 """
 import json, os, signal, subprocess, sys, time
@@ -512,11 +517,7 @@ if sys.argv[1:2] == ["list"]:
     if os.path.exists(os.path.join(FAKE_DIR, "apps.txt")):
         with open(os.path.join(FAKE_DIR, "apps.txt")) as source:
             emit(OUT, source.read())
-    code = 0
-    if os.path.exists(os.path.join(FAKE_DIR, "apps.exit")):
-        with open(os.path.join(FAKE_DIR, "apps.exit")) as source:
-            code = int(source.read())
-    sys.exit(code)
+    sys.exit(0)
 record_invocation()
 run(sys.argv[-1])
 '''
@@ -1112,14 +1113,6 @@ def logged_version(server):
     return match.group(1)
 
 
-def stored_output_length(db, task_id):
-    """The output_length the server has written to its SQLite file for a task (read-only)."""
-    uri = "file:%s?mode=ro" % urllib.parse.quote(str(db))
-    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
-        row = conn.execute("SELECT output_length FROM tasks WHERE id = ?", (task_id,)).fetchone()
-    return None if row is None else row[0]
-
-
 def insert_task(db, app, action, status, exit_code=None, finished=False, version=1, pid=None,
                 process_start=None, created=None):
     """Write a task of app and env prod into the history file of a stopped server, as a crashed
@@ -1139,9 +1132,7 @@ def process_start_token(pid):
     """What the server records to know a process again: boot id and start time."""
     with open("/proc/sys/kernel/random/boot_id") as source:
         boot = source.read().strip()
-    with open("/proc/%d/stat" % pid, "rb") as source:
-        fields = source.read().rpartition(b")")[2].split()
-    return "%s:%s" % (boot, fields[19].decode())
+    return "%s:%s" % (boot, proc_stat(pid)[19])
 
 
 class CliRun:
@@ -2509,10 +2500,9 @@ def test_pulsar_is_told_to_keep_thor_and_bundler_deprecations_to_itself(api, sha
     assert environment["BUNDLE_SILENCE_DEPRECATIONS"] == "true"
 
 
-def apps_listed(server, text, code=0):
-    """Make the fake's `list` print text and exit with code."""
+def apps_listed(server, text):
+    """Make the fake's `list` print text."""
     (server.fake.dir / "apps.txt").write_text(text)
-    (server.fake.dir / "apps.exit").write_text(str(code))
 
 
 def lists_run(server):
@@ -2522,7 +2512,6 @@ def lists_run(server):
 
 def test_apps_lists_what_pulsar_knows_once_and_again_when_a_task_names_an_unknown_pair(
         start_server, fake):
-    fake.dir.mkdir(parents=True, exist_ok=True)
     (fake.dir / "apps.txt").write_text("\x1b[36mblog\x1b[0m: production, staging\n")
     server = start_server("--config-repo", "file:///srv/conf", env=V1)
     client = server.client()
@@ -2545,7 +2534,6 @@ def test_apps_lists_what_pulsar_knows_once_and_again_when_a_task_names_an_unknow
 
 
 def test_apps_says_why_it_cannot_list_and_tasks_still_start(start_server, fake):
-    fake.dir.mkdir(parents=True, exist_ok=True)
     (fake.dir / "apps.txt").write_text(
         "Failed to list application and environments.\n"
         "Command failed with status (128): [git clone --quiet --depth 1 file:///nonexi...]\n")
@@ -2566,7 +2554,6 @@ def test_apps_says_why_it_cannot_list_and_tasks_still_start(start_server, fake):
 
 def test_apps_lists_once_for_many_requests_while_it_cannot_list_and_once_for_many_tasks(
         start_server, fake):
-    fake.dir.mkdir(parents=True, exist_ok=True)
     (fake.dir / "apps.txt").write_text("Failed to list application and environments.\n")
     server = start_server(env=V1)
     client = server.client()
@@ -2605,7 +2592,6 @@ def run_side_by_side_requests(client, paths):
 
 
 def test_apps_lists_only_names_a_task_could_be_started_with(start_server, fake):
-    fake.dir.mkdir(parents=True, exist_ok=True)
     (fake.dir / "apps.txt").write_text("blog: production\nbad name: x\nshop: production, <img>\n"
                                        "warning: this is not an app\nweb: staging\n")
     client = start_server(env=V1).client()
@@ -3279,7 +3265,7 @@ def test_a_task_an_older_server_left_running_is_lost_and_its_processes_ended_at_
     # What a server older than keepers left when it died: pulsar was its child, in a group of
     # its own, and the history has its pid and start time.
     orphan = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(600)",
-                               str(tmp_path)], start_new_session=True)
+                               str(tmp_path) + os.sep], start_new_session=True)  # the mark
     app = unique("app")
     task_id = insert_task(db, app, "deploy", "running", pid=orphan.pid,
                           process_start=process_start_token(orphan.pid))
@@ -3741,11 +3727,12 @@ def test_the_task_queued_behind_a_lost_one_starts_only_once_all_of_the_lost_one_
     stubborn = shared_fake.runs_for(app)[0]["pid"]      # pulsar, which ignores SIGTERM
 
     os.kill(os.getsid(stubborn), signal.SIGKILL)        # its keeper
-    started_beside_it = []
-    while not is_gone(stubborn):
-        started_beside_it += [run["pid"] for run in shared_fake.runs_for(app)[1:]]
-        assert not started_beside_it, "the next task started while the lost one still ran"
-        time.sleep(RECHECK)     # the re-check interval of this loop, not a synchronisation
+
+    def lost_one_gone():
+        assert not shared_fake.runs_for(app)[1:], "the next task started while the lost one ran"
+        return is_gone(stubborn)
+
+    wait_until(lost_one_gone, what="the lost task's pulsar to be ended")
     ends = [api.wait_ended(task_id) for task_id in (lost, queued)]
 
     assert [task["status"] for task in ends] == ["lost", "finished"]
@@ -3861,14 +3848,6 @@ def zombie_children(pid):
     return [child for child in os.listdir("/proc") if child.isdigit()
             and (lambda fields: fields and int(fields[1]) == pid and fields[0] == "Z")(
                 proc_stat(child))]
-
-
-def proc_stat(pid):
-    try:
-        with open("/proc/%s/stat" % pid) as source:
-            return source.read().rpartition(")")[2].split()
-    except OSError:
-        return None
 
 
 def test_a_server_that_inherits_orphans_reaps_them(start_server, fake):
@@ -4383,7 +4362,7 @@ def test_script_alone_without_openssl_exits_with_a_hint(tmp_path, fake):
     empty_bin = tmp_path / "bin"
     empty_bin.mkdir()
 
-    result = run_cli(tmp_path, fake, [], script=script,
+    result = run_cli(tmp_path, fake, [], script=script, python=README_PYTHON,
                      env={"XDG_STATE_HOME": str(tmp_path / "state"), "PATH": str(empty_bin)})
 
     line = one_error_line(result)
@@ -5176,6 +5155,10 @@ def test_log_lines_about_clients_without_credentials_are_throttled_per_address(s
 
     for number in range(40):
         client.get("/tasks/%d" % number)
+    # A request with credentials is always logged, after those before it (one log thread).
+    client.get("/tasks?marker", headers=basic_auth("alice", PASSWORD))
+    wait_until(lambda: log_lines(server, r"GET '/tasks\?marker'", since=start),
+               what="the marked request's line")
 
     lines = log_lines(server, r"%s:\d+ GET '/tasks/\d+'" % re.escape(address), since=start)
     assert len(lines) == 30
@@ -6253,7 +6236,9 @@ def test_an_error_after_the_answer_began_closes_the_connection_and_adds_nothing(
                 sock.sendall(b"GET /task/%d/stream HTTP/1.1\r\nHost: x\r\n\r\n" % task.id)
                 received = b""
                 while b"first line" not in received:
-                    received += sock.recv(65536)
+                    data = sock.recv(65536)
+                    assert data, received
+                    received += data
                 store.add_output(task, "second line\n")      # its send fails
                 received += read_until_closed(sock)
     finally:
