@@ -163,12 +163,10 @@ OUTPUT_DRAIN = 1.0         # seconds to wait for output held open by a process t
 MAX_BODY = 64 * 1024       # bytes; a task request is a few dozen
 MAX_FIELDS = 20            # query or form fields in one request
 READ_SIZE = 64 * 1024      # bytes per read from a task's output pipe (fits the CPU cache)
-PIPE_SIZE = 1024 * 1024    # bytes a task's output pipe may hold (Linux)
 SOCKET_BUFFER = 64 * 1024  # bytes of a client's request read at once
 OUTPUT_CHUNK = 16 * 1024   # characters; small reads are merged up to this size
 MAX_OUTPUT = 32 * 1024 * 1024   # bytes of output kept per task; the rest is dropped
 OUTPUT_DROPPED = "[pulsar-rest-api: the output passed %d bytes; the rest is dropped]\n"
-LAST_WORDS = 4096          # bytes of pulsar's last output kept to judge how it ended
 OUTCOME_MAX = 300          # characters of pulsar's own words quoted in a task's outcome
 PULSAR_PROBE_TIMEOUT = 30.0     # seconds for `pulsar --version` at start
 APPS_FRESH = 300.0         # seconds GET /apps serves the list of apps before listing again
@@ -246,7 +244,6 @@ THOR_ERROR = re.compile(r'(ERROR: "pulsar [^"]*" was called with|Could not find 
 VERSION_ANSWER = re.compile(r"(?:pulsar\s+)?v?(\d+\.\d+(?:\.\d+)?(?:[-.+][0-9A-Za-z.-]+)?)"
                             r"(?:\s+\(.*\))?", re.IGNORECASE)
 APP_LINE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*): (.*)")      # a line of `pulsar list`
-PULSAR_RUN_FOLDER = re.compile(r"(/\S*/\.pulsar/tmp/run-[0-9.]+)(?:/|$)")
 # Escape sequences: CSI (ESC [ ... final), OSC (ESC ] ... BEL or ST), DCS/SOS/PM/APC strings, and
 # two-character escapes.  An unfinished one at the end of a piece of output does not match.
 ESCAPE_SEQUENCE = re.compile(
@@ -534,8 +531,8 @@ class Task:
 
 def last_lines(pieces_backwards, count):
     """The last `count` lines of an output given as (start, text) pieces from its end, lines
-    ended by \\n only: (where they start, their text).  It reads no further back than they go,
-    so that it costs what the tail is, not what the output is."""
+    ended by \\n only.  It reads no further back than they go, so that it costs what the tail
+    is, not what the output is."""
     taken, found, last = [], 0, True
     for start, text in pieces_backwards:
         end = len(text) - 1 if last and text.endswith("\n") else len(text)   # the last line's end
@@ -547,9 +544,9 @@ def last_lines(pieces_backwards, count):
             found += 1
             if found == count:
                 taken.append(text[end + 1:])
-                return start + end + 1, "".join(reversed(taken))
+                return "".join(reversed(taken))
         taken.append(text)
-    return 0, "".join(reversed(taken))
+    return "".join(reversed(taken))
 
 
 # What the history stores of a task, a row of its table: written by TaskHistory.save.
@@ -652,7 +649,7 @@ class TaskStore:
         with self._lock:
             task = self._tasks.get(task_id)
             if task is not None:
-                return task.list_entry(), last_lines(task.output.pieces_backwards(), count)[1]
+                return task.list_entry(), last_lines(task.output.pieces_backwards(), count)
         stored = self._history_read(self._history.load, task_id, None)
         if stored is None:
             raise HTTPError(404, "no task %d" % task_id)
@@ -945,7 +942,6 @@ class TaskStore:
             task.keeper = None
             self._changed(task)
             self._list_changed()
-        self._write_soon.set()
 
     def _changed(self, task):
         """Note a change of a task (the lock held): its followers wake, its record is due."""
@@ -1189,7 +1185,7 @@ class TaskHistory:
         with self._read_lock:
             chunks = self._reader.execute("SELECT start, text FROM output WHERE task_id = ? "
                                       "ORDER BY start DESC", (task_id,))
-            return last_lines(chunks, count)[1]
+            return last_lines(chunks, count)
 
     def summaries(self, app, env, status, before, limit):
         """Stored tasks (without output), newest first, filtered."""
@@ -4205,7 +4201,7 @@ class ApiHandler(RequestHandler):
         stopping = self.server.runner.stopping
         self.send_json(503 if stopping else 200, {
             "status": "stopping" if stopping else "ok",
-            "running": len(self.server.store.running()), "version": __version__,
+            "running": self.server.store.running_count, "version": __version__,
             "pulsar": self.server.apps.pulsar_version})
 
     def metrics(self):
