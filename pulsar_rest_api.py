@@ -815,11 +815,13 @@ class TaskStore:
         self._comings_and_goings.notify_all()
 
     def wait_until_ended(self, task_id, timeout):
-        """The task as the API answers it once it has ended, or as it is after `timeout`."""
+        """The task as the API answers it once it has ended, or None if it still runs after
+        `timeout` (no copy of an output that is still growing)."""
         with self._lock:
             task = self._tasks.get(task_id)
             if task is not None:
-                task.changed.wait_for(lambda: task.ended, timeout)
+                if not task.changed.wait_for(lambda: task.ended, timeout):
+                    return None
                 return task.snapshot().reply()
         return self.read(task_id)
 
@@ -1113,8 +1115,11 @@ class TaskHistory:
                                    % (path, version, self.SCHEMA_VERSION))
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            for step in range(max(version, 1), self.SCHEMA_VERSION) if version else ():
-                self._db.executescript(self.MIGRATIONS[step])
+            for step in range(version or self.SCHEMA_VERSION, self.SCHEMA_VERSION):
+                # A step and the version it reaches commit together: a server killed halfway
+                # leaves a history the next start migrates, not one with half a step done.
+                self._db.executescript("BEGIN; %s; PRAGMA user_version = %d; COMMIT;"
+                                       % (self.MIGRATIONS[step], step + 1))
             self._db.executescript(self.SCHEMA)
             self._db.execute("PRAGMA user_version = %d" % self.SCHEMA_VERSION)
             self._db.execute("SELECT count(*) FROM tasks").fetchone()
@@ -1938,7 +1943,8 @@ class TaskRunner:
             self._drop(queued, why)
             return self._store.read(task_id)
         self._store.keeper_to_kill(task_id).terminate(requested_by)
-        task = self._store.wait_until_ended(task_id, self._kill_grace + OUTPUT_DRAIN + 2)
+        task = (self._store.wait_until_ended(task_id, self._kill_grace + OUTPUT_DRAIN + 2)
+                or self._store.read(task_id))
         if task["status"] not in (KILLED, RUNNING):
             raise HTTPError(409, "task %d was not killed: it ended %s (%s)"
                             % (task_id, task["status"], task["outcome"]))
@@ -2609,7 +2615,7 @@ class Access:
             self._prune(now)
             wait, whose = self._cooling.get(key, now) - now, "from %s" % address
             if wait <= 0:
-                checking = self._checking.setdefault(key, {})
+                checking = self._checking.get(key, {})     # made only for an accepted attempt
                 guesses = self._recent_failures(key, now) + len(set(checking) - {credential})
                 if guesses >= self._failures_allowed:
                     wait = min(GITHUB_DEADLINE, self._window)   # when the checks will be over
@@ -2619,6 +2625,7 @@ class Access:
                     whose = ("from all addresses together (credentials that have worked since "
                              "the server started still get in)")
                 else:
+                    checking = self._checking.setdefault(key, checking)
                     checking[credential] = checking.get(credential, 0) + 1
                     return
         retry = max(1, int(math.ceil(wait)))
@@ -2671,6 +2678,7 @@ class Access:
                 del self._worked[credential]
 
 
+@functools.lru_cache(maxsize=1024)
 def brake_key(address):
     """What the brake counts by: an IPv4 address, or the /64 of an IPv6 one (one client has a
     whole /64 to pick addresses from)."""
@@ -3962,11 +3970,12 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def _client_gone(self):
         """True when the client has closed its end (or sent something it should not have)."""
+        poller = select.poll()      # select.select fails on a descriptor past 1023
+        poller.register(self.connection, select.POLLIN)
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-        except (OSError, ValueError):
+            return bool(poller.poll(0))
+        except OSError:
             return True
-        return bool(readable)
 
     # -- answers: every one starts with _begin_answer()
 
@@ -4017,8 +4026,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         """Count and log an answer that has been written whole."""
         self.server.metrics.request_answered(status)
         exchange = self.exchange
-        # A request nobody logged in for is throttled like the connection's other lines.
-        if exchange.login != "-" or self.server.refusals.allows(self.client_address[0]):
+        # On a server that asks for credentials, a request nobody logged in for is throttled
+        # like the connection's other lines.
+        if (exchange.login != "-" or not self.server.access.requires_credentials
+                or self.server.refusals.allows(self.client_address[0])):
             log_request("%s %s %s %d %d %.0fms%s%s" % (
                 self.peer, quoted(exchange.method, 20)[1:-1], quoted(exchange.target, 200),
                 status, size, (time.monotonic() - exchange.started) * 1000,
@@ -4063,7 +4074,7 @@ class ApiHandler(RequestHandler):
         """The ended task; if the client goes away first, stop waiting (the task goes on)."""
         while True:
             task = self.server.store.wait_until_ended(task_id, STREAM_CHECK)
-            if task["status"] in ENDED:
+            if task is not None:
                 return task
             if self._client_gone():
                 raise ConnectionAbortedError("went away while waiting for task %d, which goes on"
