@@ -24,7 +24,7 @@ Endpoints (JSON everywhere; every error is {"error": "..."}; ROUTES holds the sa
   GET  /task/:id            -> 200 the task (below); ?offset=N keeps only output from character N
   GET  /task/:id/state      long poll -> 200 {"changed": true, "task": {...}} or {"changed": false}
                             after the poll timeout.  ?version=V and ?offset=N: see "Following" below.
-  GET  /task/:id/kill       -> 200 the task once its process group is gone; 409 if it already ended
+  GET  /task/:id/kill       -> 200 the task once every process of its session is gone; 409 if it already ended
   POST /task/:id/kill       the same
   GET  /task/:id/output     -> 200 text/plain from ?offset=N (X-Text-Size, X-More-Data); wait=1
                             waits for more; ?tail=N gives the last N lines
@@ -49,8 +49,8 @@ Endpoints (JSON everywhere; every error is {"error": "..."}; ROUTES holds the sa
 
   A task: {"id", "app", "env", "action", "status", "exitCode", "pid", "createdAt", "finishedAt",
            "version", "outputOffset", "outputLength", "output", "outcome"}
-  status: queued | running | finished | failed | killed | lost (the server stopped while it ran:
-  its end is unknown).  finished means pulsar reported success: for pulsar 1.x, which exits 0
+  status: queued | running | finished | failed | killed | lost (its keeper was killed or the machine
+  restarted while it ran: its end is unknown).  finished means pulsar reported success: for pulsar 1.x, which exits 0
   whatever happens, exit 0 and its own success line as its last line; for 0.x, exit 0.
   Anything else is failed.  outcome is the sentence that says what decided the status.
   exitCode is pulsar's exit status: null while running and when a signal ended pulsar.
@@ -2040,7 +2040,6 @@ class TaskRunner:
         folder = TaskFolder(self._task_folders, task.id)
         if folder.exists():
             task.folder = folder
-        task.output = Output(self._store.max_output)    # read again from its folder, if any
         keeper = folder.read_json("keeper") or {}
         pid, start = keeper.get("pid"), keeper.get("start")
         if pid is None:         # from a server that wrote no keeper file
@@ -2082,6 +2081,7 @@ class TaskRunner:
             self._store.add(task)
             return self._lost(task, "the server stopped while this task ran, and its folder %s "
                                     "is gone; its end is unknown" % folder.path)
+        task.output = Output(self._store.max_output)    # read again whole from its folder
         keeper = Keeper(task, folder, pid, start)
         try:
             keeper.open()

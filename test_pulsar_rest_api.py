@@ -3281,6 +3281,31 @@ def test_a_task_an_older_server_left_running_is_lost_and_its_processes_ended_at_
     assert len(log_lines(server, r"WARNING .*task %d\b.* is lost" % task_id)) == 1, server.log()
 
 
+def test_a_task_an_older_server_left_keeps_the_output_it_had_stored_when_it_is_found_lost(
+        start_server, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    start_server("--db", db).stop_cleanly()
+    # An older server wrote a running task's output to the history as it came, then died.
+    before_the_crash = "printed before the crash\n" * 20
+    task_id = insert_task(db, unique("app"), "deploy", "running", pid=2 ** 22 + 1,
+                          process_start="gone")
+    with contextlib.closing(sqlite3.connect(str(db))) as history, history:
+        history.execute("INSERT INTO output (task_id, start, text) VALUES (?, 0, ?)",
+                        (task_id, before_the_crash))
+        history.execute("UPDATE tasks SET output_length = ? WHERE id = ?",
+                        (len(before_the_crash), task_id))
+
+    first = start_server("--db", db)
+    shown = first.client().task(task_id)
+    first.stop_cleanly()
+    stored = start_server("--db", db).client().task(task_id)
+
+    assert shown["status"] == "lost"
+    assert shown["output"].startswith(before_the_crash)
+    assert LOST_NOTE in shown["output"].splitlines()[-1]
+    assert stored["output"] == shown["output"]
+
+
 def test_a_task_found_queued_at_start_takes_its_turn_in_line(start_server, fake, tmp_path):
     db = tmp_path / "history.sqlite3"
     start_server("--db", db).stop_cleanly()
