@@ -1293,11 +1293,6 @@ class PulsarCommand:
             return None
         return "Executed task %s for %s on %s!" % (action, app, env)
 
-    @property
-    def name(self):
-        """pulsar and its version, for the log and /health."""
-        return "%s %s" % (self.binary, self.version or "(no version named)")
-
     def _repo_options(self):
         if not self.conf_repo:
             return []
