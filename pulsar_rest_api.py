@@ -650,10 +650,18 @@ class TaskStore:
             task = self._tasks.get(task_id)
             if task is not None:
                 return task.list_entry(), last_lines(task.output.pieces_backwards(), count)
+        return self.read_entry(task_id), self._history_read(self._history.tail, task_id, count)
+
+    def read_entry(self, task_id):
+        """The task without its output, as GET /tasks lists it; 404 if there is none."""
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is not None:
+                return task.list_entry()
         stored = self._history_read(self._history.load, task_id, None)
         if stored is None:
             raise HTTPError(404, "no task %d" % task_id)
-        return stored.list_entry(), self._history_read(self._history.tail, task_id, count)
+        return stored.list_entry()
 
     def version_of(self, task_id):
         """The version of a live task now, or None for one that has ended."""
@@ -837,7 +845,7 @@ class TaskStore:
             task = self._tasks.get(task_id)
             if task is not None and not task.ended and task.keeper is not None:
                 return task.keeper
-        ended = self.read(task_id)
+        ended = self.read_entry(task_id)     # not its output, which may be 32 MiB
         raise HTTPError(409, "task %d has already ended (%s); there is nothing to kill"
                         % (task_id, ended["status"]))
 
@@ -1376,7 +1384,9 @@ def process_start_token(pid):
     return "%s:%s" % (boot, fields[19].decode())
 
 
+@functools.lru_cache(maxsize=None)
 def boot_id():
+    """This boot's id: it stays the same while the server runs, so it is read once."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as source:
             return source.read().strip()
