@@ -1842,9 +1842,12 @@ class TaskWatcher:
             # new keeper has opened it: the keeper is gone once it wrote its end (it rings "!"
             # then, a moment before it exits) or has died.
             still_open = keeper.rung()
+            # Whether it lives is asked before its end is read: a keeper seen dead had
+            # written its end by then, if it ever did.
+            dead = not still_open and not keeper.alive()
             ended = keeper.folder.read_json("ended") if (
                 keeper.end_rung or not still_open) else None
-            gone = ended is not None or (not still_open and not keeper.alive())
+            gone = ended is not None or dead
             more = self._read_output(keeper, finish=gone)
             if keeper.pulsar_pid is None:
                 self._note_start(keeper)
