@@ -50,7 +50,7 @@ Endpoints (JSON everywhere; every error is {"error": "..."}; ROUTES holds the sa
   A task: {"id", "app", "env", "action", "status", "exitCode", "pid", "createdAt", "finishedAt",
            "version", "outputOffset", "outputLength", "output", "outcome"}
   status: queued | running | finished | failed | killed | lost (its keeper was killed or the machine
-  restarted while it ran: its end is unknown).  finished means pulsar reported success: for pulsar 1.x, which exits 0
+  restarted while it ran, or its record of the end cannot be read: its end is unknown).  finished means pulsar reported success: for pulsar 1.x, which exits 0
   whatever happens, exit 0 and its own success line as its last line; for 0.x, exit 0.
   Anything else is failed.  outcome is the sentence that says what decided the status.
   exitCode is pulsar's exit status: null while running and when a signal ended pulsar.
@@ -1536,6 +1536,14 @@ class TaskFolder:
     whole output are in the history.
     """
 
+    # The fields of the keeper's records and the types it writes them with: a record of
+    # another shape was not written by a keeper (a damaged disk, a hand) and is not acted on.
+    KEEPER_RECORDS = {
+        "started": {"pid": (int, type(None)), "error": (str, type(None))},
+        "ended": {"exit": (int, type(None)), "killed": (bool,), "ended": (int, float),
+                  "last": (str,), "error": (str, type(None))},
+    }
+
     def __init__(self, root, task_id):
         self.path = os.path.join(root, str(task_id))
 
@@ -1592,13 +1600,18 @@ class TaskFolder:
         os.replace(path + ".tmp", path)
 
     def read_json(self, name):
-        """The JSON the keeper wrote under `name`, or None when it has not (yet)."""
+        """The JSON object written under `name`, or None when there is none of the shape
+        expected (not yet, or not readable)."""
         try:
             with open(self.file(name)) as source:
                 value = json.load(source)
         except (OSError, ValueError):
             return None
-        return value if isinstance(value, dict) else None
+        if not isinstance(value, dict):
+            return None
+        fields = self.KEEPER_RECORDS.get(name, {})
+        fits = all(type(value.get(key)) in types for key, types in fields.items())
+        return value if fits else None
 
     def keeper_said(self):
         """What the keeper wrote to its log, in one line (empty if nothing)."""
@@ -1837,6 +1850,7 @@ class TaskWatcher:
 
     def _serve(self, keeper):
         """Read what a keeper has for its task; end the task once the keeper has gone."""
+        ended = None
         try:
             # End-of-file on the doorbell comes once the keeper has exited, and also before a
             # new keeper has opened it: the keeper is gone once it wrote its end (it rings "!"
@@ -1851,15 +1865,25 @@ class TaskWatcher:
             more = self._read_output(keeper, finish=gone)
             if keeper.pulsar_pid is None:
                 self._note_start(keeper)
-            if more:
-                self._pending.add(keeper)
-            elif gone:
-                self._selector.unregister(keeper.bell)
-                self._followed.discard(keeper)
-                keeper.close()
-                self._on_end(keeper, ended)
         except Exception:       # one task's trouble must not stop every task being followed
             logger.exception("task %d: error while following its keeper", keeper.task.id)
+            # A keeper that has gone is let go all the same: its task must still end (its
+            # record says how, or that its end is unknown), and its closed doorbell would
+            # otherwise be ready at every select.
+            more, gone = False, ended is not None or not keeper.alive()
+        if more:
+            self._pending.add(keeper)
+        elif gone:
+            self._unfollow(keeper)
+            try:
+                self._on_end(keeper, ended)
+            except Exception:
+                logger.exception("task %d: error while ending it", keeper.task.id)
+
+    def _unfollow(self, keeper):
+        self._selector.unregister(keeper.bell)
+        self._followed.discard(keeper)
+        keeper.close()
 
     def _read_output(self, keeper, finish):
         """Move new output into the store, a few MiB at a time; True if more is waiting."""
@@ -2265,8 +2289,11 @@ class TaskRunner:
             self._store.add_output(keeper.task, "\n[pulsar-rest-api: %s]\n" % outcome)
             self._record_end(keeper, ended, status, exit_code, outcome)
 
-        threading.Thread(target=end_what_is_left, name="lost-%d" % keeper.task.id,
-                         daemon=True).start()
+        try:
+            threading.Thread(target=end_what_is_left, name="lost-%d" % keeper.task.id,
+                             daemon=True).start()
+        except RuntimeError:    # no thread to be had: it ends here, late rather than never
+            end_what_is_left()
 
     def _record_end(self, keeper, ended, status, exit_code, outcome):
         task = keeper.task
@@ -2289,6 +2316,9 @@ class TaskRunner:
 
     def _judge(self, keeper, ended):
         """(status, exit code, outcome) from what the keeper recorded at its end."""
+        if ended is None and os.path.exists(keeper.folder.file("ended")):
+            return LOST, None, ("its keeper's record of how the task ended (%s) cannot be "
+                                "read; its end is unknown" % keeper.folder.file("ended"))
         if ended is None and not os.path.exists(keeper.folder.file("keeper.log")):
             # The keeper makes its log first thing once it has its order: it never had one.
             return KILLED, None, ("the server stopped before the keeper of this task got its "
@@ -2302,7 +2332,7 @@ class TaskRunner:
         code = ended.get("exit")
         killed = bool(ended.get("killed")) and code != 0     # it exited 0 by itself first
         status, outcome = judge_end(self._command, keeper.task, code, killed,
-                                    ended.get("last", "").encode("latin-1"))
+                                    ended["last"].encode("latin-1", "replace"))
         if status == KILLED:
             outcome = "killed by %s" % (keeper.kill_requested_by or "a request to an earlier "
                                                                     "server")

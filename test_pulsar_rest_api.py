@@ -3439,6 +3439,32 @@ def test_a_task_that_ended_while_no_server_ran_shows_its_real_end(start_server, 
                what="its folder to go once the history has it")
 
 
+@pytest.mark.parametrize("record", [
+    '{"exit": 0, "killed": fal',
+    '{"exit": "0", "killed": false, "ended": 1.5, "last": "done", "error": null}',
+], ids=["cut-short", "wrong-types"])
+def test_an_end_record_that_cannot_be_read_ends_the_task_lost_saying_so(start_server, fake,
+                                                                         tmp_path, record):
+    db = tmp_path / "history.sqlite3"
+    first = start_server("--db", db)
+    gate = fake.gate()
+    task_id = first.client().create(unique("app"), "prod", "out-1.gate-%s" % gate.name)
+    first.client().wait_at_gate(task_id, gate)
+    folder = Path(str(db) + ".tasks") / str(task_id)
+    keeper = json.loads((folder / "keeper").read_text())["pid"]
+
+    first.crash()
+    gate.release()
+    wait_until(lambda: is_gone(keeper), what="the keeper to end while no server runs")
+    (folder / "ended").write_text(record)       # as a damaged disk might leave it
+    second = start_server("--db", db)
+    task = second.client().wait_ended(task_id)
+
+    assert task["status"] == "lost", task
+    assert "how the task ended" in task["outcome"] and "cannot be read" in task["outcome"]
+    assert task["output"].startswith("out 1\n" + gate.line)
+
+
 @contextlib.contextmanager
 def history_locked(db):
     """Hold the history's write lock, as another program writing to it would."""
