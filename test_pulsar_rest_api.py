@@ -32,16 +32,19 @@ and must leave no process behind.
 Run: python3 -m pytest -q
 """
 
+import atexit
 import base64
 import collections
 import contextlib
 import datetime
 import fcntl
+import functools
 import hashlib
 import http.client
 import json
 import logging
 import os
+import py_compile
 import re
 import select
 import shutil
@@ -52,6 +55,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -70,7 +74,9 @@ HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "pulsar_rest_api.py"
 # How the suite starts the server: without site-packages (-S), since the standard library is all
 # it may use (an import from elsewhere fails here), and ~30 ms sooner on machines whose site runs
-# .pth hooks.  The tests of the script copied alone start it the README's way, `python3 FILE`.
+# .pth hooks; and from its bytecode, compiled once (see compiled_script): Python compiles a script
+# it is given at every start, ~50 ms of CPU, which ~200 starts make seconds of the suite.  The
+# tests of the script copied alone start it the README's way, `python3 FILE`.
 SERVER_PYTHON = (sys.executable, "-S")
 README_PYTHON = (sys.executable,)
 DEV_CERT = HERE / "ssl" / "cert.pem"
@@ -728,7 +734,7 @@ class FakeGitHubHandler(BaseHTTPRequestHandler):
 class Server:
     """One pulsar_rest_api.py process started with the real command line."""
 
-    def __init__(self, workdir, fake, args=(), env=None, script=SCRIPT, pulsar_bin=None,
+    def __init__(self, workdir, fake, args=(), env=None, script=None, pulsar_bin=None,
                  launcher=(), python=SERVER_PYTHON):
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
@@ -736,7 +742,7 @@ class Server:
         self.log_path = workdir / "log" / LOG_NAME
         self.console_path = workdir / "console.txt"
         command = list(launcher) + list(python) + [
-            str(script), "--host", "127.0.0.1", "--port", "0",
+            str(script or compiled_script()), "--host", "127.0.0.1", "--port", "0",
             "--pulsar-bin", str(pulsar_bin or fake.path),
             "--log-dir", str(workdir / "log"), "--db", str(workdir / "tasks.sqlite3"),
             "--shutdown-timeout", "1"] + [str(arg) for arg in args]
@@ -1139,12 +1145,13 @@ class CliRun:
     """The server's command line, expected to end by itself (an error, --help), started in a
     folder of its own; result() waits for it.  Several can run side by side."""
 
-    def __init__(self, directory, fake, args, env=None, script=SCRIPT, python=SERVER_PYTHON):
+    def __init__(self, directory, fake, args, env=None, script=None, python=SERVER_PYTHON):
         directory.mkdir(parents=True, exist_ok=True)
         self.directory, self.args = directory, args
-        self.command = list(python) + [str(script), "--host", "127.0.0.1", "--port", "0",
-                        "--pulsar-bin", str(fake.path), "--log-dir", str(directory / "cli-log"),
-                        "--db", str(directory / "cli.sqlite3")] + [str(arg) for arg in args]
+        self.command = list(python) + [
+            str(script or compiled_script()), "--host", "127.0.0.1", "--port", "0",
+            "--pulsar-bin", str(fake.path), "--log-dir", str(directory / "cli-log"),
+            "--db", str(directory / "cli.sqlite3")] + [str(arg) for arg in args]
         full_env = dict(os.environ, FAKE_DIR=str(fake.dir))
         full_env.update(env or {})
         with open(str(directory / "stdout.txt"), "wb") as out:
@@ -1171,7 +1178,7 @@ class CliRun:
         return subprocess.CompletedProcess(self.command, self.proc.returncode, *output)
 
 
-def run_cli(directory, fake, args, env=None, script=SCRIPT, python=SERVER_PYTHON):
+def run_cli(directory, fake, args, env=None, script=None, python=SERVER_PYTHON):
     """Run the server's command line expected to end by itself; return the CompletedProcess."""
     return CliRun(directory, fake, args, env, script, python).result()
 
@@ -1217,6 +1224,19 @@ def make_bad_db(tmp_path, kind):
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA user_version = 99")
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_script():
+    """The server's bytecode, compiled once for the session, in a folder of its own with the
+    development certificate beside it (ssl/) as the script has it; Python runs it as it would
+    the script."""
+    folder = Path(tempfile.mkdtemp(prefix="pulsar-rest-api-compiled-"))
+    atexit.register(shutil.rmtree, str(folder), True)
+    compiled = folder / (SCRIPT.stem + ".pyc")
+    py_compile.compile(str(SCRIPT), cfile=str(compiled), doraise=True)
+    (folder / "ssl").symlink_to(HERE / "ssl")
+    return compiled
 
 
 def copy_script_alone(tmp_path):
