@@ -1768,11 +1768,24 @@ class KeeperPool:
 
     def _start(self):
         with kill_held_back():
-            return self._reaper.start(lambda: subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", KEEPER, "pulsar-rest-api-keeper"], cwd="/",
-                env=self._environ,
+            process, exit = self._reaper.start(lambda: subprocess.Popen(
+                keeper_command(), cwd="/", env=self._environ,
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True, close_fds=True))
+        try:        # it fits in the pipe: this never waits for the keeper
+            process.stdin.write(KEEPER_PROGRAM)
+            process.stdin.flush()
+        except OSError:
+            pass            # it died: taking it gives a task a keeper that never started
+        return process, exit
+
+
+def keeper_command():
+    """A keeper's command line: its program comes first on its standard input, since a command
+    line that held it would put 12 KB of code in every `ps` listing of the host."""
+    return [sys.executable, "-I", "-S", "-c", "import sys; exec(compile(sys.stdin.buffer.read("
+            "%d), 'pulsar-rest-api-keeper', 'exec'))" % len(KEEPER_PROGRAM),
+            "pulsar-rest-api-keeper"]
 
 
 @contextlib.contextmanager
@@ -5849,8 +5862,8 @@ PAGE_SECURITY = [
 # ---------------------------------------------------------------- appendix B: the keeper
 
 # Each task runs under a keeper: this program, started ahead of need (KeeperPool) as
-# `python3 -I -S -c KEEPER` in a session of its own.  It reads its order on standard input
-# (NUL-terminated fields: the task's folder, the kill grace, how many bytes of output to keep,
+# `python3 -I -S -c LOADER` in a session of its own, which reads it from standard input
+# (keeper_command).  Then it reads its order there (NUL-terminated fields: the task's folder, the kill grace, how many bytes of output to keep,
 # pulsar's command line), moves into the task's folder, starts pulsar in a process group of its
 # own (in work/, empty, with PULSAR_REST_API_TASK=FOLDER in its environment), copies pulsar's
 # output into the file `output` (up to `keep` bytes) and rings the doorbell FIFO `bell` after
@@ -6147,6 +6160,8 @@ while True:
         time.sleep(1)
 ring(b"!")                      # the end is written: no need to wait for the exit
 '''
+
+KEEPER_PROGRAM = KEEPER.encode()
 
 
 if __name__ == "__main__":

@@ -3613,8 +3613,9 @@ def test_a_full_disk_ends_no_deploy_and_its_end_is_still_recorded(tmp_path, fake
              "tee-full.quick-200000.exit-3"]
 
     keeper = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", server_module.KEEPER, "pulsar-rest-api-keeper"],
-        input=b"".join(os.fsencode(part) + b"\0" for part in order),
+        server_module.keeper_command(),
+        input=server_module.KEEPER_PROGRAM + b"".join(os.fsencode(part) + b"\0"
+                                                      for part in order),
         env=dict(os.environ, FAKE_DIR=str(fake.dir)), timeout=TIMEOUT)
     ended = json.loads((folder / "ended").read_text())
 
@@ -3704,6 +3705,22 @@ def test_names_in_the_task_folder_that_are_not_task_ids_are_left_alone(start_ser
     assert first["id"] == 1 and first["status"] == "finished"
     assert history_statuses(db) == {1: "finished"}
     server.assert_no_traceback()
+
+
+def test_a_keepers_command_line_is_one_short_line_in_ps(start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    client = start_server("--db", db).client()
+    gate = fake.gate()
+    task_id = client.create(unique("app"), "prod", "gate-" + gate.name)
+    client.wait_at_gate(task_id, gate)
+    keeper = json.loads((Path(str(db) + ".tasks") / str(task_id) / "keeper").read_text())["pid"]
+    command_line = Path("/proc/%d/cmdline" % keeper).read_bytes().split(b"\0")[:-1]
+    gate.release()
+    client.wait_ended(task_id)
+
+    assert command_line[-1] == KEEPER_MARK
+    assert all(b"\n" not in part for part in command_line)
+    assert len(b" ".join(command_line)) < 200 + len(sys.executable), command_line
 
 
 def test_an_adopted_task_can_be_killed_whole(start_server, fake, tmp_path):
