@@ -597,7 +597,9 @@ class TaskStore:
         self.max_output = max_output
         self._clock = clock
         self._waiters = 0                       # long polls waiting on Conditions now
-        self.list_version = 1                   # goes up when a task comes, changes status or goes
+        # Goes up when a task comes, changes status or goes; and across restarts: it starts from
+        # the start's time in milliseconds (no server makes a change a millisecond for long).
+        self.list_version = int(time.time() * 1000)
         self._write_failing = False             # the last write failed: say so once, not per try
         self._writes = 0                        # history writes done: tasks move there
         self._stored_answers = collections.OrderedDict()    # see _stored_answer

@@ -3230,6 +3230,27 @@ def test_task_list_long_poll_refuses_a_bad_limit_at_once_not_after_the_poll_time
 
 # --- Task history across restarts -------------------------------------------------------------
 
+def test_the_lists_version_goes_up_across_a_restart_so_a_page_polling_it_sees_the_change(
+        start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    first = start_server("--db", db)
+    client = first.client()
+    for _ in range(3):
+        client.wait_ended(client.create(unique("app"), "prod", "out-1"))
+    seen = client.listing()["version"]
+    first.stop_cleanly()
+
+    second = start_server("--db", db, "--poll-timeout", "5")
+    client = second.client()
+    task_id = client.create(unique("app"), "prod", "out-1")
+    client.wait_ended(task_id)
+    poll, took = timed(lambda: client.get("/tasks?version=%d" % seen))
+
+    assert poll.status == 200 and poll.json["version"] > seen
+    assert task_id in [task["id"] for task in poll.json["tasks"]]
+    assert took < 2             # at once: the list has changed since `seen`
+
+
 def test_history_survives_a_restart_character_for_character_and_ids_go_on(start_server,
                                                                            tmp_path):
     db = tmp_path / "history.sqlite3"
