@@ -3464,10 +3464,11 @@ def test_a_task_that_ended_while_no_server_ran_shows_its_real_end(start_server, 
                             % gate.name)
     client.wait_at_gate(task_id, gate)
 
+    keeper = json.loads((Path(str(db) + ".tasks") / str(task_id) / "keeper").read_text())["pid"]
     first.crash()
     gate.release()
-    pid = fake.invocations()[-1]["pid"]
-    wait_until(lambda: is_gone(pid), what="the task to end while no server runs")
+    # The keeper records the end once all of the task has ended: after pulsar has exited.
+    wait_until(lambda: is_gone(keeper), what="the task to end while no server runs")
     ended_by = time.time()
     second = start_server("--db", db)
     task = second.client().wait_ended(task_id)
