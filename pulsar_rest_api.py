@@ -74,7 +74,7 @@ end, for output) and releases its Followers (each /state poll waits on a lock of
 finds its answer made once for all at its offset).  One watcher thread follows every keeper
 (selectors on the doorbells), one reaper thread reaps every child, one persist thread writes to
 SQLite (the history is never written under the store's lock), one log thread writes the request
-lines, and KeeperPool keeps a keeper started ahead of need.  Lock order: TaskRunner's lock, then
+lines, and KeeperFactory forks each task's keeper from a small process of its own.  Lock order: TaskRunner's lock, then
 TaskStore's; TaskStore._persisting, then its lock; TaskHistory's two locks (its writer's, its
 reader's) are taken alone, never with another held but _persisting; LogLines' lock is the last
 of all.  Under TaskStore's lock only memory is touched.
@@ -178,6 +178,7 @@ PERSIST_SOON = 0.02        # seconds the persist thread waits to take more chang
 HAND_OVER = signal.SIGUSR1     # stop at once, leaving running tasks to the next server
 MAX_QUEUED = 100           # tasks waiting in line at most; more get 429
 REAPER_IDLE = 1.0          # seconds the reaper waits when there is no child (orphans may come)
+KEEPER_START_TIMEOUT = 10.0     # seconds the keeper factory may take to start a keeper (~1 ms)
 WATCH_ROUND = 4 * 1024 * 1024  # bytes of one task's output read before the others' turn
 SHUTDOWN_TIMEOUT = 600.0   # seconds a stop waits for running tasks before killing them
 LIST_LIMIT, LIST_MAX = 50, 500  # tasks per page of GET /tasks
@@ -1523,8 +1524,9 @@ class TaskFolder:
     history has not been able to take:
 
       task        JSON, written first: what was asked, by whom, when, and whether it was queued
-      keeper      JSON, written before the keeper gets its order: its pid and start time.  With
-                  it the task has left the line and may run; without it, it never ran
+      keeper      JSON, written by the factory before it lets the keeper go: its pid and
+                  start time.  With it the task has left the line and may run; without it, it
+                  never ran
       dropped     JSON: why a queued task left the line without running (a kill, a stop)
       bell        a FIFO the keeper writes a byte to after each piece of output
       output      everything pulsar printed, up to --max-output bytes (and 4 more)
@@ -1649,24 +1651,25 @@ class Keeper:
         self.pulsar_pid = None
 
     @classmethod
-    def start(cls, task, folder, *, argv, kill_grace, keep, pool):
-        """Give a waiting keeper the order to run a task in its folder, once the folder says
-        which keeper has it; OSError if no keeper can be started (none has the order then)."""
-        process, exit = pool.take()
-        keeper = cls(task, folder, process.pid, process_start_token(process.pid), exit)
+    def start(cls, task, folder, *, argv, kill_grace, keep, factory):
+        """Have the factory start a keeper that runs a task in its folder; OSError if none was
+        started."""
+        keeper = cls(task, folder, None, None)
+        keeper.open()       # before the factory opens the bell: see TaskWatcher for why
+        order = [folder.path, str(kill_grace), str(keep)] + list(argv)
         try:
-            keeper.open()       # before the keeper opens the bell: see TaskWatcher for why
-            folder.write_json("keeper", {"pid": keeper.pid, "start": keeper.start_token})
+            keeper.pid, keeper.start_token = factory.start_keeper(order)
+        except KeeperUnknown as error:
+            # The factory died with the order: the keeper file names the keeper if one may
+            # have been let go.
+            named = folder.read_json("keeper") or {}
+            if not isinstance(named.get("pid"), int):
+                keeper.close()
+                raise OSError(str(error)) from None
+            keeper.pid, keeper.start_token = named["pid"], named.get("start")
         except OSError:
             keeper.close()
-            process.stdin.close()           # no order: it exits
             raise
-        order = [folder.path, str(kill_grace), str(keep)] + list(argv)
-        try:    # ended by a NUL, so that a keeper never acts on half an order
-            process.stdin.write(b"".join(os.fsencode(part) + b"\0" for part in order))
-            process.stdin.close()
-        except OSError:
-            pass            # it died: its end (no `started`) says the rest
         return keeper
 
     def open(self):
@@ -1723,71 +1726,113 @@ class Keeper:
                 os.kill(self.pid, signal.SIGTERM)
 
 
-class KeeperPool:
-    """Keepers started ahead of need: starting Python costs a task 10-20 ms it should not wait
-    for.  One keeper waits for its order (on its standard input) at a time; taking it has the
-    next one started in the background.  A waiting keeper that gets end-of-file instead (the
-    server stopped or died) exits."""
+class KeeperUnknown(OSError):
+    """The factory went away with an order: whether a keeper has it, the folder says."""
+
+
+class KeeperFactory:
+    """Starts the tasks' keepers.  Starting Python for each would cost a task ~12 ms of CPU:
+    instead one small process started with the server, the factory (the KEEPER program), forks
+    a keeper for each order, in ~1 ms.  The factory opens the task's doorbell for the keeper and
+    writes its `keeper` file before it lets it go, so that a keeper that may act is always named
+    by its folder and its doorbell reports its exit, whenever it comes.  Keepers are the
+    factory's children, not the server's: it reaps them.  A factory that has died is started
+    again for the next task; one whose stdin closes (the server stopped or died) exits."""
 
     def __init__(self, *, environ, reaper):
         self._environ = environ
         self._reaper = reaper
         self._lock = threading.Lock()
-        self._waiting = None                # (Popen, Exit) of the keeper waiting for an order
-        self._wanted = threading.Event()
-        self._wanted.set()
-        threading.Thread(target=self._keep_one_waiting, name="keepers", daemon=True).start()
+        self._process = None
+        self._exit = None
+        try:            # now, so that the first task need not wait for Python to start
+            self._start()
+        except OSError as error:
+            logger.error("cannot start the keeper factory (the first task will try again): %s",
+                         error)
 
-    def take(self):
-        """(Popen, Exit) of a keeper waiting for its order; OSError if none can be started."""
+    def start_keeper(self, order):
+        """(pid, start token) of a new keeper for `order` (the folder, the kill grace, bytes
+        of output to keep, pulsar's argv); OSError if none was started, KeeperUnknown if the
+        factory went away before it said."""
+        message = keeper_order(order)
         with self._lock:
-            waiting, self._waiting = self._waiting, None
-        self._wanted.set()
-        if waiting is None or waiting[1].reaped:
-            waiting = self._start()
-        return waiting
+            try:
+                self._send(message)
+            except OSError:     # it had died: nothing of this order reached it
+                self._let_go()
+                self._send(message)
+            answer = self._answer()
+        if answer.startswith("! "):
+            raise OSError(answer[2:])
+        pid, token = answer.split(" ")
+        return int(pid), None if token == "-" else token
 
     def close(self):
-        """Let the waiting keeper go (it exits on end-of-file)."""
+        """Let the factory go (it exits at the end of its standard input)."""
         with self._lock:
-            waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            waiting[0].stdin.close()
+            self._let_go()
 
-    def _keep_one_waiting(self):
-        while True:
-            self._wanted.wait()
-            self._wanted.clear()
-            try:
-                started = self._start()
-            except OSError as error:
-                logger.error("cannot start a keeper ahead of need: %s", error)
-                continue
-            with self._lock:
-                spare, self._waiting = self._waiting, started
-            if spare is not None:
-                spare[0].stdin.close()
+    def _let_go(self):
+        if self._process is not None:
+            with contextlib.suppress(OSError):
+                self._process.stdin.close()
+            with contextlib.suppress(OSError):
+                self._process.stdout.close()
+        self._process = None
+
+    def _send(self, message):
+        if self._process is None or self._exit.reaped:
+            self._let_go()
+            self._start()
+        write_all(self._process.stdin.fileno(), message)
+
+    def _answer(self):
+        """The factory's one-line answer; KeeperUnknown if it went away without one, or gave
+        none in time (it is killed then: a keeper it has not let go exits)."""
+        answer, source = b"", self._process.stdout.fileno()
+        deadline = time.monotonic() + KEEPER_START_TIMEOUT
+        while not answer.endswith(b"\n"):
+            waited = select.select([source], [], [], max(0, deadline - time.monotonic()))[0]
+            piece = os.read(source, 4096) if waited else b""
+            if not piece:
+                pid = self._process.pid
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                self._let_go()
+                raise KeeperUnknown("the keeper factory (pid %d) %s" % (
+                    pid, "went away with the order" if waited else "did not answer in %g s"
+                    % KEEPER_START_TIMEOUT))
+            answer += piece
+        return answer[:-1].decode("utf-8", "replace")
 
     def _start(self):
-        with kill_held_back():
-            process, exit = self._reaper.start(lambda: subprocess.Popen(
-                keeper_command(), cwd="/", env=self._environ,
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        with kill_held_back():      # the factory keeps SIGTERM blocked, and its keepers too
+            self._process, self._exit = self._reaper.start(lambda: subprocess.Popen(
+                keeper_command(), cwd="/", env=self._environ, bufsize=0,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 start_new_session=True, close_fds=True))
-        try:        # it fits in the pipe: this never waits for the keeper
-            process.stdin.write(KEEPER_PROGRAM)
-            process.stdin.flush()
-        except OSError:
-            pass            # it died: taking it gives a task a keeper that never started
-        return process, exit
+        write_all(self._process.stdin.fileno(), KEEPER_PROGRAM)    # it fits in the pipe
+
+
+def keeper_order(order):
+    """An order as the factory reads it: its length in 10 digits, then NUL-terminated fields."""
+    fields = b"".join(os.fsencode(part) + b"\0" for part in order)
+    return b"%010d" % len(fields) + fields
 
 
 def keeper_command():
-    """A keeper's command line: its program comes first on its standard input, since a command
-    line that held it would put 12 KB of code in every `ps` listing of the host."""
+    """The factory's command line: its program comes first on its standard input, since a
+    command line that held it would put 12 KB of code in every `ps` listing of the host."""
     return [sys.executable, "-I", "-S", "-c", "import sys; exec(compile(sys.stdin.buffer.read("
             "%d), 'pulsar-rest-api-keeper', 'exec'))" % len(KEEPER_PROGRAM),
             "pulsar-rest-api-keeper"]
+
+
+def write_all(fd, data):
+    """Write all of data to a blocking pipe (a write a signal interrupts may write part)."""
+    while data:
+        data = data[os.write(fd, data):]
 
 
 @contextlib.contextmanager
@@ -1941,7 +1986,7 @@ class TaskRunner:
         self._command = command
         self._kill_grace = settings.kill_grace
         self._task_folders = task_folders   # each task's folder is made in here
-        self._keepers = keepers             # a KeeperPool
+        self._keepers = keepers             # a KeeperFactory
         self._max_tasks = settings.max_tasks
         self._one_per_pair = not settings.allow_concurrent
         self._allowed_actions = tuple(settings.allow_action)
@@ -2215,7 +2260,7 @@ class TaskRunner:
                 task.folder = TaskFolder(self._task_folders, task.id)
                 task.folder.create(task)
             keeper = Keeper.start(task, task.folder, argv=argv, kill_grace=self._kill_grace,
-                                  keep=self._store.max_output + 4, pool=self._keepers)
+                                  keep=self._store.max_output + 4, factory=self._keepers)
         except OSError as error:
             logger.error("task %d: could not start its keeper: %s", task.id, error)
             self._metrics.task_finished(FAILED, 0.0)
@@ -4827,7 +4872,7 @@ def serve(settings):
             command = find_pulsar(settings, environ, task_folders, reaper)
             metrics = Metrics()
             store = TaskStore(history, max_output=settings.max_output)
-            keepers = KeeperPool(environ=environ, reaper=reaper)
+            keepers = KeeperFactory(environ=environ, reaper=reaper)
             runner = TaskRunner(store=store, metrics=metrics, settings=settings, command=command,
                                 task_folders=task_folders, keepers=keepers)
             apps = AppCatalog(command=command, environ=environ, workdir=task_folders,
@@ -5863,16 +5908,18 @@ PAGE_SECURITY = [
 
 # ---------------------------------------------------------------- appendix B: the keeper
 
-# Each task runs under a keeper: this program, started ahead of need (KeeperPool) as
-# `python3 -I -S -c LOADER` in a session of its own, which reads it from standard input
-# (keeper_command).  Then it reads its order there (NUL-terminated fields: the task's folder, the kill grace, how many bytes of output to keep,
-# pulsar's command line), moves into the task's folder, starts pulsar in a process group of its
-# own (in work/, empty, with PULSAR_REST_API_TASK=FOLDER in its environment), copies pulsar's
-# output into the file `output` (up to `keep` bytes) and rings the doorbell FIFO `bell` after
-# each piece, ends what pulsar leaves in the session, writes how it all ended to `ended`, and
-# rings "!".  It needs nothing from the server once started: a server that dies, stops or is
-# replaced changes nothing for the task, and the next server finds the files.  Kill: SIGTERM
-# to the keeper.
+# Each task runs under a keeper, which this program makes: started once with the server as
+# `python3 -I -S -c LOADER` in a session of its own, it reads itself from standard input
+# (keeper_command), then becomes the factory (KeeperFactory): for each order the server sends
+# (the task's folder, the kill grace, how many bytes of output to keep, pulsar's command line)
+# it forks a keeper, writes the `keeper` file that names it, lets it go, and answers "PID TOKEN"
+# (or "! WHY").  The keeper takes a session of its own, moves into the task's folder, starts
+# pulsar in a process group of its own (in work/, empty, with PULSAR_REST_API_TASK=FOLDER in its
+# environment), copies pulsar's output into the file `output` (up to `keep` bytes) and rings the
+# doorbell FIFO `bell` after each piece, ends what pulsar leaves in the session, writes how it
+# all ended to `ended`, and rings "!".  It needs nothing from the server or the factory once let
+# go: a server that dies, stops or is replaced changes nothing for the task, and the next server
+# finds the files.  Kill: SIGTERM to the keeper.
 KEEPER = r'''
 import ctypes, errno, os, select, sys, time     # no more: each costs every task
 import _signal as signal        # without the enums of `signal`: 5 ms less CPU per task
@@ -5900,10 +5947,11 @@ def note(text):
         pass
 
 
-def write_json(name, value):
-    """Write a file whole, into its .tmp file first: one made ahead, so that the room it
-    needs is there on a disk that has filled up since.  OSError if it cannot."""
-    path = os.path.join(FOLDER, name)
+def write_json(name, value, folder=None):
+    """Write a file of the task's folder whole, into its .tmp file first: one made ahead, so
+    that the room it needs is there on a disk that has filled up since.  OSError if it
+    cannot."""
+    path = os.path.join(folder or FOLDER, name)
     data = as_json(value).encode()
     out = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
@@ -6024,33 +6072,136 @@ def remove_run_folders():
             note("removed %s, which pulsar leaves behind when killed" % folder)
 
 
-# All that can be done before the order is done while the keeper waits for it.
+# -- the factory: it forks a keeper for each order the server sends
+
+def read_exactly(count):
+    """`count` bytes of standard input (read as the program was), or None at its end: the
+    server stopped or died."""
+    data = sys.stdin.buffer.read(count)
+    return data if len(data) == count else None
+
+
+def next_order():
+    """The server's next order, or None once the server has gone: its length in 10 digits,
+    then NUL-terminated fields (the task's folder, the kill grace, how many bytes of output to
+    keep, pulsar's command line)."""
+    head = read_exactly(10)
+    fields = read_exactly(int(head)) if head else None
+    return fields.split(b"\0")[:-1] if fields else None
+
+
+def start_token(pid):
+    """What names a process across restarts of the server: the boot's id and its start time
+    (as the server's process_start_token has it); None without /proc."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as source:
+            boot = source.read().strip()
+        with open("/proc/%d/stat" % pid, "rb") as source:
+            return "%s:%s" % (boot, source.read().rpartition(b")")[2].split()[19].decode())
+    except OSError:
+        return None
+
+
+def reply(text):
+    """Answer the server; once it has gone there is nobody to fork for."""
+    try:
+        os.write(1, text.replace("\n", " ").encode("utf-8", "replace") + b"\n")
+    except OSError:
+        sys.exit(0)
+
+
+def reap_keepers(number=None, frame=None):
+    """Reap the keepers that have exited (the factory's SIGCHLD handler)."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def fork_keeper(order):
+    """Fork the keeper of an order.  In the keeper: its doorbell, once the factory has let it
+    go.  In the factory: None, once the keeper's `keeper` file names it and it has been let go
+    (the folder names every keeper that may act); OSError if that cannot be done, the keeper
+    then killed before it did anything.  The factory opens the doorbell for it, so that the
+    doorbell reports the keeper's exit whenever it comes."""
+    folder = os.fsdecode(order[0])
+    bell = os.open(os.path.join(folder, "bell"), os.O_RDWR | os.O_NONBLOCK)
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:            # whatever happens, a keeper never goes back to the factory's loop
+            os.close(go_w)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1):   # the factory's pipes to the server are not the keeper's
+                os.dup2(null, fd)
+            os.close(null)
+            if os.read(go_r, 1) != b".":
+                os._exit(0)     # never let go: the factory died, or could not name it
+            os.close(go_r)
+            return bell
+        except BaseException:
+            os._exit(1)
+    os.close(go_r)
+    os.close(bell)
+    try:
+        token = start_token(pid)
+        write_json("keeper", {"pid": pid, "start": token}, folder)
+    except OSError:
+        os.kill(pid, signal.SIGKILL)
+        raise
+    else:
+        os.write(go_w, b".")
+    finally:
+        os.close(go_w)
+    reply("%d %s" % (pid, token or "-"))
+    return None
+
+
+def run_factory():
+    """Fork a keeper for each order until the server goes; return (order, doorbell) in each
+    keeper.  SIGTERM stays blocked (the server started the factory with it blocked): only the
+    end of its standard input ends the factory, and the keepers start with it blocked."""
+    signal.signal(signal.SIGCHLD, reap_keepers)
+    for number in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
+        signal.signal(number, signal.SIG_IGN)
+    while True:
+        order = next_order()
+        if order is None:
+            sys.exit(0)
+        # Not reaped before its start time is read: SIGCHLD waits (the keeper unblocks it).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            bell = fork_keeper(order)
+        except (OSError, IndexError) as problem:
+            reply("! %s" % problem)
+            bell = None
+        if bell is not None:
+            return order, bell
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+
+
+# -- the keeper
+
+order, bell = run_factory()
+os.setsid()                     # a session of its own, whose id is the keeper's pid
 asked = []
 wake_r, wake_w = os.pipe()
 os.set_blocking(wake_w, False)
 signal.set_wakeup_fd(wake_w)
 signal.signal(signal.SIGTERM, lambda number, frame: asked.append(number))
 signal.signal(signal.SIGCHLD, lambda number, frame: None)
-for number in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
-    signal.signal(number, signal.SIG_IGN)
-signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})     # the server blocked it
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGCHLD})
 try:        # what pulsar's processes leave behind becomes ours to wait for (Linux)
     subreaper = ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
 except (OSError, AttributeError):
     subreaper = False
-
-order = sys.stdin.buffer.read().split(b"\0")    # folder, kill grace, keep, pulsar's argv
-if len(order) < 5 or order.pop() != b"":     # none, or half of one: the server stopped
-    sys.exit(0)
 folder, GRACE, KEEP, argv = order[0], float(order[1]), int(order[2]), order[3:]
 os.chdir(folder)
 log = os.open("keeper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 os.dup2(log, 2)
 null = os.open(os.devnull, os.O_RDWR)
-for fd in (0, 1):
-    os.dup2(null, fd)
 me, FOLDER = os.getpid(), os.getcwd()
-bell = os.open("bell", os.O_RDWR | os.O_NONBLOCK)
 output = os.open("output", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 read_end, write_end = os.pipe()
 os.makedirs("work", exist_ok=True)

@@ -247,11 +247,11 @@ def are_gone(pids):
 
 def processes_mentioning(marks, spared):
     """{pid: cmdline} of live processes whose command line or environment contains a mark, but
-    the spared servers and the keeper each of them keeps waiting for the next task."""
+    the spared servers and the keeper factory each of them keeps for the next task."""
     marks = [mark.encode() for mark in marks]
     found = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in spared or waiting_keeper_of(entry, spared):
+        if not entry.isdigit() or int(entry) in spared or keeper_factory_of_one(entry, spared):
             continue
         try:
             with open("/proc/%s/cmdline" % entry, "rb") as f:
@@ -265,9 +265,9 @@ def processes_mentioning(marks, spared):
     return found
 
 
-def waiting_keeper_of(pid, servers):
-    """True when pid is a keeper that one of the servers started ahead of need and that waits
-    for a task (it is in no task's folder yet)."""
+def keeper_factory_of_one(pid, servers):
+    """True when pid is the keeper factory of one of the servers: their child that runs the
+    keeper program in no task's folder."""
     fields = proc_stat(pid)
     try:
         parent = int(fields[1])
@@ -3634,14 +3634,15 @@ def test_a_full_disk_ends_no_deploy_and_its_end_is_still_recorded(tmp_path, fake
     order = [str(folder), "1", str(1 << 20), str(fake.path), "blog", "prod",
              "tee-full.quick-200000.exit-3"]
 
-    keeper = subprocess.run(
-        server_module.keeper_command(),
-        input=server_module.KEEPER_PROGRAM + b"".join(os.fsencode(part) + b"\0"
-                                                      for part in order),
+    factory = subprocess.run(
+        server_module.keeper_command(), stdout=subprocess.PIPE,
+        input=server_module.KEEPER_PROGRAM + server_module.keeper_order(order),
         env=dict(os.environ, FAKE_DIR=str(fake.dir)), timeout=TIMEOUT)
+    keeper = int(factory.stdout.split()[0])
+    wait_until(lambda: is_gone(keeper), what="the keeper to end")
     ended = json.loads((folder / "ended").read_text())
 
-    assert keeper.returncode == 0
+    assert factory.returncode == 0
     assert (ended["exit"], ended["killed"], ended["kept"]) == (3, False, 0)
     assert ended["written"] == len(printed(fake, "full").encode()) > 1 << 20
 
@@ -3826,6 +3827,38 @@ def test_a_task_whose_keeper_is_killed_is_lost_and_nothing_of_it_runs_on(api, sh
             in task["outcome"])
     wait_until(lambda: all(are_gone(tree.pids).values()),
                what="what was left of its session to be ended")
+
+
+def keeper_factory_of(server):
+    """The pid of the server's keeper factory: its child that runs the keeper program."""
+    factories = [pid for pid in processes_where_parent_is(server.proc.pid)
+                 if keeper_factory_of_one(str(pid), {server.proc.pid})]
+    assert len(factories) == 1, factories
+    return factories[0]
+
+
+def processes_where_parent_is(parent):
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()
+            and (proc_stat(entry) or [None, None])[1] == str(parent)]
+
+
+def test_a_keeper_factory_that_died_is_started_again_and_its_keepers_run_on(start_server,
+                                                                           fake):
+    server = start_server()
+    client = server.client()
+    gate = fake.gate()
+    running = client.create(unique("app"), "prod", "gate-%s.out-1" % gate.name)
+    client.wait_at_gate(running, gate)
+    factory = keeper_factory_of(server)
+
+    os.kill(factory, signal.SIGKILL)
+    wait_until(lambda: is_gone(factory), what="the factory to die")
+    after = client.create(unique("app"), "prod", "out-2")
+    gate.release()
+
+    assert client.wait_ended(after)["output"] == "out 1\nout 2\n"
+    assert client.wait_ended(running)["status"] == "finished"
+    assert keeper_factory_of(server) != factory
 
 
 def test_the_task_queued_behind_a_lost_one_starts_only_once_all_of_the_lost_one_has_ended(
