@@ -6121,41 +6121,58 @@ def reap_keepers(number=None, frame=None):
 
 def fork_keeper(order):
     """Fork the keeper of an order.  In the keeper: its doorbell, once the factory has let it
-    go.  In the factory: None, once the keeper's `keeper` file names it and it has been let go
-    (the folder names every keeper that may act); OSError if that cannot be done, the keeper
-    then killed before it did anything.  The factory opens the doorbell for it, so that the
-    doorbell reports the keeper's exit whenever it comes."""
-    folder = os.fsdecode(order[0])
-    bell = os.open(os.path.join(folder, "bell"), os.O_RDWR | os.O_NONBLOCK)
-    go_r, go_w = os.pipe()
-    pid = os.fork()
+    go.  In the factory: None, once the keeper has been named and let go; OSError if that
+    cannot be done.  The factory opens the doorbell for the keeper, so that the doorbell
+    reports the keeper's exit whenever it comes."""
+    folder, fds = os.fsdecode(order[0]), []
+    try:
+        fds.append(os.open(os.path.join(folder, "bell"), os.O_RDWR | os.O_NONBLOCK))
+        fds.extend(os.pipe())
+        pid = os.fork()
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    bell, go_r, go_w = fds
     if pid == 0:
-        try:            # whatever happens, a keeper never goes back to the factory's loop
-            os.close(go_w)
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1):   # the factory's pipes to the server are not the keeper's
-                os.dup2(null, fd)
-            os.close(null)
-            if os.read(go_r, 1) != b".":
-                os._exit(0)     # never let go: the factory died, or could not name it
-            os.close(go_r)
-            return bell
-        except BaseException:
-            os._exit(1)
+        return wait_to_be_let_go(bell, go_r, go_w)
     os.close(go_r)
     os.close(bell)
+    name_and_let_go(pid, folder, go_w)
+    return None
+
+
+def wait_to_be_let_go(bell, go_r, go_w):
+    """In a keeper just forked: leave the factory's pipes to the server, and wait until the
+    factory lets it go; its doorbell.  It exits if it is not let go."""
+    try:            # whatever happens, a keeper never goes back to the factory's loop
+        os.close(go_w)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1):
+            os.dup2(null, fd)
+        os.close(null)
+        if os.read(go_r, 1) != b".":
+            os._exit(0)         # the factory died, or could not name it
+        os.close(go_r)
+        return bell
+    except BaseException:
+        os._exit(1)
+
+
+def name_and_let_go(pid, folder, go_w):
+    """Write the `keeper` file that names a keeper, then let it go and tell the server: the
+    folder names every keeper that may act.  OSError, the keeper killed before it did
+    anything, if it cannot be named."""
     try:
         token = start_token(pid)
         write_json("keeper", {"pid": pid, "start": token}, folder)
+        os.write(go_w, b".")
     except OSError:
         os.kill(pid, signal.SIGKILL)
         raise
-    else:
-        os.write(go_w, b".")
     finally:
         os.close(go_w)
     reply("%d %s" % (pid, token or "-"))
-    return None
 
 
 def run_factory():

@@ -3675,6 +3675,22 @@ def test_a_queued_task_killed_when_its_folder_cannot_take_a_new_file_stays_kille
     assert fake.actions_run_for(app) == ["gate-" + gate.name]
 
 
+def test_a_keeper_that_its_folder_cannot_name_never_runs_and_its_task_fails_saying_why(
+        start_server, fake, tmp_path):
+    db, server, client, app, gate, holder = held_line(start_server, fake, tmp_path)
+    queued = client.queue(app, "prod", "say-never")
+    (Path(str(db) + ".tasks") / str(queued) / "keeper.tmp").mkdir()   # no file can be made
+
+    gate.release()
+    task = client.wait_ended(queued)
+
+    assert task["status"] == "failed", task
+    assert task["outcome"].startswith("could not start pulsar's keeper: ")
+    assert "Is a directory" in task["outcome"]
+    assert fake.actions_run_for(app) == ["gate-" + gate.name]
+    assert client.wait_ended(client.create(app, "prod", "out-1"))["status"] == "finished"
+
+
 def test_what_a_crash_leaves_between_a_tasks_turn_and_its_keeper_is_told_truly(
         start_server, fake, tmp_path):
     db, first, client, app, gate, holder = held_line(start_server, fake, tmp_path)
