@@ -179,6 +179,8 @@ HAND_OVER = signal.SIGUSR1     # stop at once, leaving running tasks to the next
 MAX_QUEUED = 100           # tasks waiting in line at most; more get 429
 REAPER_IDLE = 1.0          # seconds the reaper waits when there is no child (orphans may come)
 KEEPER_START_TIMEOUT = 10.0     # seconds the keeper factory may take to start a keeper (~1 ms)
+PID_MAX = 1 << 22          # the highest pid Linux gives (kernel.pid_max can be no higher)
+LATEST_TIME = 253402300800  # seconds since 1970 of the first moment past year 9999
 WATCH_ROUND = 4 * 1024 * 1024  # bytes of one task's output read before the others' turn
 SHUTDOWN_TIMEOUT = 600.0   # seconds a stop waits for running tasks before killing them
 LIST_LIMIT, LIST_MAX = 50, 500  # tasks per page of GET /tasks
@@ -1614,8 +1616,8 @@ class TaskFolder:
         if not isinstance(value, dict):
             return None
         fields = self.KEEPER_RECORDS.get(name, {})
-        fits = all(type(value.get(key)) in types for key, types in fields.items())
-        return value if fits else None
+        fits = all(key in value and type(value[key]) in types for key, types in fields.items())
+        return value if fits and keeper_record_holds(name, value) else None
 
     def keeper_said(self):
         """What the keeper wrote to its log, in one line (empty if nothing)."""
@@ -1628,6 +1630,20 @@ class TaskFolder:
 
     def remove(self):
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def keeper_record_holds(name, value):
+    """True when the values of a keeper's record (of the right shape) are ones a keeper can
+    have written: a pid Linux can give, an exit status of 0-255 or a signal, none only for a
+    pulsar that never ran (killed first, or it could not start), and a time a date can show."""
+    if name == "started":
+        return value["pid"] is None or 0 < value["pid"] <= PID_MAX
+    if name == "ended":
+        code = value["exit"]
+        ran = code is not None and -64 <= code <= 255
+        never_ran = code is None and (value["killed"] or value["error"] is not None)
+        return (ran or never_ran) and 0 < value["ended"] < LATEST_TIME
+    return True
 
 
 class Keeper:
@@ -1931,6 +1947,9 @@ class TaskWatcher:
             # record says how, or that its end is unknown), and its closed doorbell would
             # otherwise be ready at every select.
             more, gone = False, ended is not None or not keeper.alive()
+            if gone and ended is None:      # what failed may have come before its end was read
+                with contextlib.suppress(Exception):
+                    ended = keeper.folder.read_json("ended")
         if more:
             self._pending.add(keeper)
         elif gone:
@@ -2338,7 +2357,12 @@ class TaskRunner:
         """A task's keeper has gone (the watcher's thread): judge how the task ended.  A lost
         task ends once what it left has been ended (in a thread of its own: that takes up to
         the kill grace), so that the next task of its pair never runs beside it."""
-        status, exit_code, outcome = self._judge(keeper, ended)
+        try:
+            status, exit_code, outcome = self._judge(keeper, ended)
+        except Exception as error:      # it must end all the same, and its line move on
+            logger.exception("task %d: cannot judge how it ended", keeper.task.id)
+            status, exit_code, outcome = LOST, None, (
+                "the server could not judge how it ended (%s); its end is unknown" % error)
         if status != LOST:
             self._record_end(keeper, ended, status, exit_code, outcome)
             return
