@@ -1582,6 +1582,10 @@ class TaskFolder:
                         QUEUED if said["queued"] is True else RUNNING)
         except (KeyError, TypeError, ValueError):
             return None
+        names = [NAME_PATTERN.fullmatch(task.app), NAME_PATTERN.fullmatch(task.env),
+                 ACTION_PATTERN.fullmatch(task.action)]
+        if not (all(names) and 0 < task.created_at < LATEST_TIME):     # not one we took
+            return None
         return task if os.path.basename(self.path) == str(task.id) else None
 
     def file(self, name):
