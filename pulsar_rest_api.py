@@ -1843,7 +1843,7 @@ def keeper_order(order):
 
 def keeper_command():
     """The factory's command line: its program comes first on its standard input, since a
-    command line that held it would put 12 KB of code in every `ps` listing of the host."""
+    command line that held it would put 16 KB of code in every `ps` listing of the host."""
     return [sys.executable, "-I", "-S", "-c", "import sys; exec(compile(sys.stdin.buffer.read("
             "%d), 'pulsar-rest-api-keeper', 'exec'))" % len(KEEPER_PROGRAM),
             "pulsar-rest-api-keeper"]
