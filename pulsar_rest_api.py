@@ -5064,7 +5064,8 @@ def announce(settings, server, fingerprint, history, command):
     else:
         logger.info("access: %s", authenticator.description)
     if settings.password_in_argv:
-        logger.warning("--auth-password shows in ps; prefer --auth-password-file or %s",
+        logger.warning("--auth-password is in the shell's history, and was in ps until the "
+                       "server restarted itself without it; prefer --auth-password-file or %s",
                        PASSWORD_VARIABLE)
     logger.info("task history: %s", history.path if history.path != ":memory:" else
                 "in memory only (--db :memory:): nothing is kept after a stop")

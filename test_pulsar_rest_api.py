@@ -4874,7 +4874,7 @@ def test_basic_login_lets_in_only_the_password_from_a_file_the_environment_or_th
         assert_not_cached_and_not_sniffed(reply)
     assert right.status == 200, right
     assert right.json["tasks"] == []
-    warnings = log_lines(server, r"WARNING .*--auth-password shows in ps")
+    warnings = log_lines(server, r"WARNING .*--auth-password is in the shell's history")
     assert len(warnings) == (1 if source == "flag" else 0), server.log()
     assert leaked_secrets(server.log()) == []
 
