@@ -47,14 +47,15 @@ Endpoints (JSON everywhere; every error is {"error": "..."}; ROUTES holds the sa
   with --auth-provider      401 no or wrong credentials, 403 not allowed, 429 too many failed
                             logins, 503 GitHub cannot answer; every endpoint but /health
 
-  A task: {"id", "app", "env", "action", "status", "exitCode", "pid", "createdAt", "finishedAt",
-           "version", "outputOffset", "outputLength", "output", "outcome"}
+  A task: {"id", "app", "env", "action", "status", "exitCode", "pid", "createdAt", "startedAt",
+           "finishedAt", "version", "outputOffset", "outputLength", "output", "outcome"}
   status: queued | running | finished | failed | killed | lost (its keeper was killed or the machine
   restarted while it ran, or its record of the end cannot be read: its end is unknown).  finished means pulsar reported success: for pulsar 1.x, which exits 0
   whatever happens, exit 0 and its own success line as its last line; for 0.x, exit 0.
   Anything else is failed.  outcome is the sentence that says what decided the status.
   exitCode is pulsar's exit status: null while running and when a signal ended pulsar.
-  Times are ISO 8601 UTC.  version goes up by one on every change (new output, new status).
+  Times are ISO 8601 UTC; startedAt is when pulsar started (null while queued, or if it never
+  did).  version goes up by one on every change (new output, new status).
 
 Following a task without missing anything: keep the last `version` and `outputLength` you saw and
 pass them back:  GET /task/7/state?version=V&offset=N  answers at once if the task has moved past
@@ -472,6 +473,7 @@ class Task:
         self.keeper_pid = None      # the task's keeper, and its start time: who to adopt
         self.keeper_start = None
         self.created_at = created_at
+        self.started_at = None      # when pulsar started: none while queued, or if it never did
         self.finished_at = None
         self.outcome = None         # once ended: the sentence that says what decided its status
         self.started_by = started_by
@@ -513,15 +515,15 @@ class Task:
         return TaskRecord(self.id, self.app, self.env, self.action, self.status, self.exit_code,
                           self.pid, self.process_start, self.created_at, self.finished_at,
                           self.started_by, self.version, output_length, self.outcome,
-                          self.keeper_pid, self.keeper_start)
+                          self.keeper_pid, self.keeper_start, self.started_at)
 
     def list_entry(self):
         """The task without its output, as GET /tasks lists it."""
         return {
             "id": self.id, "app": self.app, "env": self.env, "action": self.action,
             "status": self.status, "exitCode": self.exit_code, "pid": self.pid,
-            "createdAt": utc_iso(self.created_at), "finishedAt": utc_iso(self.finished_at),
-            "version": self.version, "outputLength": self.output.length, "outcome": self.outcome,
+            "createdAt": utc_iso(self.created_at), "startedAt": utc_iso(self.started_at),
+            "finishedAt": utc_iso(self.finished_at), "version": self.version, "outputLength": self.output.length, "outcome": self.outcome,
         }
 
     def snapshot(self, offset=0):
@@ -556,7 +558,7 @@ def last_lines(pieces_backwards, count):
 TaskRecord = collections.namedtuple(
     "TaskRecord",
     "id app env action status exit_code pid process_start created_at finished_at started_by "
-    "version output_length outcome keeper_pid keeper_start")
+    "version output_length outcome keeper_pid keeper_start started_at")
 
 
 class TaskSnapshot(collections.namedtuple("TaskSnapshot", "fields pieces")):
@@ -940,10 +942,10 @@ class TaskStore:
                 task.version = version - 1
                 self._changed(task)
 
-    def attach(self, task, pid):
-        """pulsar runs, as `pid`: news to a follower of a queued task."""
+    def attach(self, task, pid, started_at):
+        """pulsar runs, as `pid`, since `started_at`: news to a follower of a queued task."""
         with self._lock:
-            task.pid = pid
+            task.pid, task.started_at = pid, started_at
             self._changed(task)
 
     def end(self, task, status, exit_code, outcome, finished_at=None):
@@ -1089,11 +1091,12 @@ class TaskHistory:
     AUTOINCREMENT remembers the highest ever given, so that ids keep rising across restarts.
     """
 
-    SCHEMA_VERSION = 3
+    SCHEMA_VERSION = 4
     MIGRATIONS = {          # from version N to N + 1
         1: "ALTER TABLE tasks ADD COLUMN outcome TEXT",
         2: "ALTER TABLE tasks ADD COLUMN keeper_pid INTEGER; "
            "ALTER TABLE tasks ADD COLUMN keeper_start TEXT",
+        3: "ALTER TABLE tasks ADD COLUMN started_at REAL",
     }
     SCHEMA = """
         CREATE TABLE IF NOT EXISTS tasks (
@@ -1102,7 +1105,7 @@ class TaskHistory:
             status TEXT NOT NULL, exit_code INTEGER, pid INTEGER, process_start TEXT,
             created_at REAL NOT NULL, finished_at REAL, started_by TEXT,
             version INTEGER NOT NULL, output_length INTEGER NOT NULL, outcome TEXT,
-            keeper_pid INTEGER, keeper_start TEXT);
+            keeper_pid INTEGER, keeper_start TEXT, started_at REAL);
         CREATE INDEX IF NOT EXISTS tasks_by_app ON tasks (app, env, id);
         CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id);
         CREATE TABLE IF NOT EXISTS output (
@@ -1268,7 +1271,7 @@ class TaskHistory:
         task = Task(row["id"], row["app"], row["env"], row["action"], row["created_at"],
                     row["started_by"], output, row["status"])
         for field in ("exit_code", "pid", "process_start", "finished_at", "version", "outcome",
-                      "keeper_pid", "keeper_start"):
+                      "keeper_pid", "keeper_start", "started_at"):
             setattr(task, field, row[field])
         task.persisted, task.persisted_version = output.length, task.version
         task.stored = True
@@ -1545,7 +1548,7 @@ class TaskFolder:
     # The fields of the keeper's records and the types it writes them with: a record of
     # another shape was not written by a keeper (a damaged disk, a hand) and is not acted on.
     KEEPER_RECORDS = {
-        "started": {"pid": (int, type(None)), "error": (str, type(None))},
+        "started": {"pid": (int, type(None)), "at": (int, float), "error": (str, type(None))},
         "ended": {"exit": (int, type(None)), "killed": (bool,), "ended": (int, float),
                   "last": (str,), "error": (str, type(None))},
     }
@@ -1641,7 +1644,8 @@ def keeper_record_holds(name, value):
     have written: a pid Linux can give, an exit status of 0-255 or a signal, none only for a
     pulsar that never ran (killed first, or it could not start), and a time a date can show."""
     if name == "started":
-        return value["pid"] is None or 0 < value["pid"] <= PID_MAX
+        return (value["pid"] is None or 0 < value["pid"] <= PID_MAX) and (
+            0 < value["at"] < LATEST_TIME)
     if name == "ended":
         code = value["exit"]
         ran = code is not None and -64 <= code <= 255
@@ -1988,7 +1992,7 @@ class TaskWatcher:
         if started.get("error"):
             self._store.add_output(keeper.task, started["error"] + "\n")
         elif keeper.pulsar_pid:
-            self._store.attach(keeper.task, keeper.pulsar_pid)
+            self._store.attach(keeper.task, keeper.pulsar_pid, started["at"])
             logger.info("task %d: pulsar runs as pid %d", keeper.task.id, keeper.pulsar_pid)
 
 
@@ -2254,7 +2258,8 @@ class TaskRunner:
                                  details={"taskId": holder["id"], "action": holder["action"],
                                           "status": holder["status"],
                                           "startedBy": holder["startedBy"],
-                                          "startedAt": holder["createdAt"]})
+                                          "createdAt": holder["createdAt"],
+                                          "startedAt": holder["startedAt"]})
         running = self._store.running_count
         if running >= self._max_tasks:
             return HTTPError(429, "%d tasks are running, the most this server runs at once "
@@ -2391,13 +2396,16 @@ class TaskRunner:
             logger.info("task %d: its keeper said: %s", task.id, said)
         # Counted and logged before anyone can see that it ended, so that /metrics and the
         # log already say so when a client that saw the end looks there.
-        duration = finished_at - task.created_at
+        started_at = task.started_at or task.created_at     # how long it ran, not waited
+        duration = finished_at - started_at
         self._metrics.task_finished(status, duration)
         code = (ended or {}).get("exit")
         how = ("no exit code" if code is None else "signal %d" % -code if code < 0
                else "exit code %d" % code)
+        waited = started_at - task.created_at
         log = logger.warning if status == LOST else logger.info
-        log("task %d %s (%s) after %.1f s: %s", task.id, status, how, duration, outcome)
+        log("task %d %s (%s) after %.1f s%s: %s", task.id, status, how, duration,
+            " (and %.1f s in line)" % waited if waited >= 1 else "", outcome)
         with self._lock:    # the freed slot goes to the line, not to a newcomer in between
             self._store.end(task, status, exit_code, outcome, finished_at)
             self._start_from_line()
@@ -5605,13 +5613,21 @@ function statusBadge(status) {
 }
 
 function when(task) {
-  const started = new Date(task.createdAt);
-  let text = started.toLocaleString();
+  const created = new Date(task.createdAt);
+  const started = task.startedAt ? new Date(task.startedAt) : created;
+  let text = created.toLocaleString();
+  if (started - created >= 1000) {
+    text += " · waited " + seconds(started - created) + " s in line";
+  }
   if (task.finishedAt) {
-    const seconds = Math.round((new Date(task.finishedAt) - started) / 100) / 10;
-    text += " · " + seconds + " s";
+    text += " · " + (task.startedAt ? "ran " : "") + seconds(new Date(task.finishedAt) - started)
+      + " s";
   }
   return text;
+}
+
+function seconds(milliseconds) {
+  return Math.round(milliseconds / 100) / 10;
 }
 
 // ---- the list: /tasks?version=V answers when a task comes, changes status or goes

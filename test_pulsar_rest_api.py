@@ -96,8 +96,8 @@ MAX_BODY = 65536
 LISTENING = re.compile(r"listening on (https?)://([0-9.]+):(\d+)/")
 FINGERPRINT = re.compile(r"SHA-256 fingerprint ((?:[0-9A-F]{2}:){31}[0-9A-F]{2})")
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z")
-TASK_KEYS = {"id", "app", "env", "action", "status", "exitCode", "pid", "createdAt", "finishedAt",
-             "version", "outputOffset", "outputLength", "output", "outcome"}
+TASK_KEYS = {"id", "app", "env", "action", "status", "exitCode", "pid", "createdAt", "startedAt",
+             "finishedAt", "version", "outputOffset", "outputLength", "output", "outcome"}
 CLI_ERROR_PREFIX = "pulsar_rest_api.py: error:"
 SUMMARY_KEYS = TASK_KEYS - {"output", "outputOffset"}    # an item of GET /tasks
 LIVE = ("queued", "running")                            # statuses of a task that has not ended
@@ -2212,7 +2212,8 @@ def test_pulsar_that_cannot_start_gives_a_failed_task_saying_so(pulsarless_serve
 
     assert reply.status == 200, reply
     task = client.wait_ended(reply.json["taskId"])
-    assert (task["status"], task["exitCode"], task["pid"]) == ("failed", None, None)
+    assert (task["status"], task["exitCode"], task["pid"], task["startedAt"]) == (
+        "failed", None, None, None)
     assert "could not start" in task["output"]
     parse_utc(task["finishedAt"])
 
@@ -3529,6 +3530,37 @@ def test_an_end_record_that_cannot_be_read_ends_the_task_lost_saying_so(start_se
     assert start_server("--db", db).client().task(task_id)["status"] == "lost"
 
 
+def test_a_history_of_the_first_schema_is_carried_forward_whole(start_server, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    created = int(time.time()) - 60     # recent: retention keeps it
+    with contextlib.closing(sqlite3.connect(str(db))) as conn:     # as the first server left it
+        conn.executescript("""
+            CREATE TABLE tasks (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                app TEXT NOT NULL, env TEXT NOT NULL, action TEXT NOT NULL,
+                status TEXT NOT NULL, exit_code INTEGER, pid INTEGER, process_start TEXT,
+                created_at REAL NOT NULL, finished_at REAL, started_by TEXT,
+                version INTEGER NOT NULL, output_length INTEGER NOT NULL);
+            CREATE TABLE output (task_id INTEGER NOT NULL, start INTEGER NOT NULL,
+                text TEXT NOT NULL, PRIMARY KEY (task_id, start)) WITHOUT ROWID;
+            INSERT INTO tasks VALUES (1, 'shop', 'prod', 'deploy', 'failed', 3, 4321, NULL,
+                %d.5, %d.25, '127.0.0.1:40000', 7, 6);
+            INSERT INTO output VALUES (1, 0, 'out 1\n');
+            PRAGMA user_version = 1;""" % (created, created + 12))
+    client = start_server("--db", db).client()
+    old = client.task(1)
+    new = client.wait_ended(client.create(unique("app"), "prod", "out-1"))
+
+    assert {key: old[key] for key in ("status", "exitCode", "output", "outcome", "startedAt")} == {
+        "status": "failed", "exitCode": 3, "output": "out 1\n", "outcome": None,
+        "startedAt": None}
+    assert (parse_utc(old["createdAt"]).timestamp(), parse_utc(old["finishedAt"]).timestamp()) \
+        == (created + 0.5, created + 12.25)
+    assert new["id"] == 2 and new["startedAt"] is not None
+    with contextlib.closing(sqlite3.connect(str(db))) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+
+
 @contextlib.contextmanager
 def history_locked(db):
     """Hold the history's write lock, as another program writing to it would."""
@@ -3695,6 +3727,24 @@ def test_a_queued_task_killed_when_its_folder_cannot_take_a_new_file_stays_kille
     assert killed.status == 200 and killed.json["status"] == "killed", killed
     assert [task["status"] for task in ends] == ["finished", "killed"]
     assert fake.actions_run_for(app) == ["gate-" + gate.name]
+
+
+def test_a_queued_task_starts_when_it_leaves_the_line_and_the_history_keeps_when(
+        start_server, fake, tmp_path):
+    db, server, client, app, gate, holder = held_line(start_server, fake, tmp_path)
+    queued = client.queue(app, "prod", "out-1")
+    waiting = client.task(queued)
+    released_at = time.time()
+    gate.release()
+    ended = client.wait_ended(queued)
+    server.stop_cleanly()
+    stored = start_server("--db", db).client().task(queued)
+
+    created, started, finished = (parse_utc(ended[key]).timestamp()
+                                  for key in ("createdAt", "startedAt", "finishedAt"))
+    assert (waiting["status"], waiting["startedAt"]) == ("queued", None)
+    assert created < released_at <= started + 0.001 <= finished + 0.001   # (ms in the answer)
+    assert stored["startedAt"] == ended["startedAt"]
 
 
 def test_a_keeper_that_its_folder_cannot_name_never_runs_and_its_task_fails_saying_why(
@@ -4690,9 +4740,12 @@ def test_second_task_for_a_busy_pair_is_409_naming_the_task_that_holds_it(api, s
 
     assert busy.status == 409, busy
     assert isinstance(busy.json["error"], str) and str(holder) in busy.json["error"], busy
-    assert {key: busy.json[key] for key in ("taskId", "action", "startedBy", "startedAt")} == {
+    assert {key: busy.json[key] for key in ("taskId", "action", "startedBy", "createdAt",
+                                            "startedAt")} == {
         "taskId": holder, "action": "gate-" + gate.name,
-        "startedBy": "127.0.0.1:%d" % first.local_port, "startedAt": held["createdAt"]}
+        "startedBy": "127.0.0.1:%d" % first.local_port, "createdAt": held["createdAt"],
+        "startedAt": held["startedAt"]}
+    assert held["createdAt"] <= held["startedAt"]
     assert shared_fake.actions_run_for(env) == [
         "gate-" + gate.name]
 
