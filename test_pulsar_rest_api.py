@@ -5761,6 +5761,8 @@ def test_page_in_a_real_browser_starts_a_task_with_the_form_and_shows_its_output
         task_id = created_task_of(server.client(), app)
         listed = wait_until(lambda: page_text("task-list", "#%d" % task_id), timeout=15,
                             what="the task in the page's list")
+        ran = wait_until(lambda: page_text("task-list", " · ran "), timeout=15,
+                         what="how long the task ran, in the page's list")
         shown = browser.evaluate(session, "location.hash")
         start_error = browser.evaluate(session,
                                        "document.getElementById('start-error').textContent")
@@ -5771,6 +5773,7 @@ def test_page_in_a_real_browser_starts_a_task_with_the_form_and_shows_its_output
     assert output == "out 1\n<b>not bold</b>\n"
     assert bold is False, "the output was inserted as HTML"
     assert "%s / %s · out-1.html" % (app, env) in listed
+    assert re.search(r" · ran [0-9.]+ s", ran) and "in line" not in ran, ran
     assert shown == "#task/%d" % task_id
     assert start_error == ""
     assert (task["app"], task["env"], task["action"]) == (app, env, "out-1.html")
