@@ -179,7 +179,8 @@ PERSIST_SOON = 0.02        # seconds the persist thread waits to take more chang
 HAND_OVER = signal.SIGUSR1     # stop at once, leaving running tasks to the next server
 MAX_QUEUED = 100           # tasks waiting in line at most; more get 429
 REAPER_IDLE = 1.0          # seconds the reaper waits when there is no child (orphans may come)
-KEEPER_START_TIMEOUT = 10.0     # seconds the keeper factory may take to start a keeper (~1 ms)
+KEEPER_START_TIMEOUT = 5.0  # seconds the keeper factory may take to start a keeper (~1 ms); the
+                           # runner waits for it (a stalled factory is ended, and one more tried)
 PID_MAX = 1 << 22          # the highest pid Linux gives (kernel.pid_max can be no higher)
 LATEST_TIME = 253402300800  # seconds since 1970 of the first moment past year 9999
 WATCH_ROUND = 4 * 1024 * 1024  # bytes of one task's output read before the others' turn
@@ -1523,6 +1524,13 @@ class Exit:
         return self._reaped.is_set()
 
 
+def write_json_whole(path, value):
+    """Write a JSON file whole or not at all (a reader never sees half of it)."""
+    with open(path + ".tmp", "w") as out:
+        json.dump(value, out)
+    os.replace(path + ".tmp", path)
+
+
 class TaskFolder:
     """A task's folder, DB.tasks/ID/, which its keeper and the servers share.  Made with the
     task, it says what the history may not have yet, and is the only record of a task the
@@ -1606,11 +1614,7 @@ class TaskFolder:
             os.replace(self.file("task"), self.file("dropped"))
 
     def write_json(self, name, value):
-        """Write a file whole or not at all (a reader never sees half of it)."""
-        path = self.file(name)
-        with open(path + ".tmp", "w") as out:
-            json.dump(value, out)
-        os.replace(path + ".tmp", path)
+        write_json_whole(self.file(name), value)
 
     def read_json(self, name):
         """The JSON object written under `name`, or None when there is none of the shape
@@ -1763,9 +1767,10 @@ class KeeperFactory:
     factory's children, not the server's: it reaps them.  A factory that has died is started
     again for the next task; one whose stdin closes (the server stopped or died) exits."""
 
-    def __init__(self, *, environ, reaper):
+    def __init__(self, *, environ, reaper, record):
         self._environ = environ
         self._reaper = reaper
+        self._record = record       # a file that names the factory, for the next server
         self._lock = threading.Lock()
         self._process = None
         self._exit = None
@@ -1779,14 +1784,24 @@ class KeeperFactory:
         """(pid, start token) of a new keeper for `order` (the folder, the kill grace, bytes
         of output to keep, pulsar's argv); OSError if none was started, KeeperUnknown if the
         factory went away before it said."""
-        message = keeper_order(order)
+        message, named = keeper_order(order), os.path.join(order[0], "keeper")
         with self._lock:
-            try:
-                self._send(message)
-            except OSError:     # it had died: nothing of this order reached it
-                self._let_go()
-                self._send(message)
-            answer = self._answer()
+            for tries_left in (1, 0):
+                try:
+                    self._send(message)
+                except OSError:     # it had died: nothing of this order reached it
+                    self._let_go()
+                    self._send(message)
+                try:
+                    answer = self._answer()
+                    break
+                except KeeperUnknown as error:
+                    # It is gone now: if it named no keeper, it let none go, and the order
+                    # can be given again.
+                    logger.warning("%s; %s", error, "the folder names the keeper it started"
+                                   if os.path.exists(named) else "it let no keeper go")
+                    if not tries_left or os.path.exists(named):
+                        raise
         if answer.startswith("! "):
             raise OSError(answer[2:])
         pid, token = answer.split(" ")
@@ -1821,14 +1836,21 @@ class KeeperFactory:
             piece = os.read(source, 4096) if waited else b""
             if not piece:
                 pid = self._process.pid
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-                self._let_go()
+                self._end(stalled=not waited)
                 raise KeeperUnknown("the keeper factory (pid %d) %s" % (
                     pid, "went away with the order" if waited else "did not answer in %g s"
                     % KEEPER_START_TIMEOUT))
             answer += piece
         return answer[:-1].decode("utf-8", "replace")
+
+    def _end(self, stalled):
+        """See the factory gone before anyone reads the folder it may have written to: a
+        stalled one is killed (a keeper it has not let go then exits)."""
+        if stalled and not self._exit.reaped:   # (until it is reaped its pid is its own)
+            with contextlib.suppress(OSError):
+                os.kill(self._process.pid, signal.SIGKILL)
+        self._exit.wait(KEEPER_START_TIMEOUT)
+        self._let_go()
 
     def _start(self):
         with kill_held_back():      # the factory keeps SIGTERM blocked, and its keepers too
@@ -1837,6 +1859,32 @@ class KeeperFactory:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 start_new_session=True, close_fds=True))
         write_all(self._process.stdin.fileno(), KEEPER_PROGRAM)    # it fits in the pipe
+        pid = self._process.pid
+        try:
+            write_json_whole(self._record, {"pid": pid, "start": process_start_token(pid)})
+        except OSError as error:
+            logger.error("cannot record the keeper factory in %s (the next server cannot end "
+                         "it, should it outlive this one): %s", self._record, error)
+
+
+def end_earlier_keeper_factory(record):
+    """End the keeper factory an earlier server on this history left running, before its tasks
+    are taken over: it may still hold an order that server gave it, for a task the take-over
+    would otherwise call never run.  (A factory ends when its server does, unless stopped.)"""
+    try:
+        with open(record) as source:
+            named = json.load(source)
+        pid, start = named["pid"], named["start"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return
+    if not isinstance(pid, int) or start is None or process_start_token(pid) != start:
+        return
+    logger.warning("ending the keeper factory (pid %d) an earlier server left running", pid)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + KEEPER_START_TIMEOUT
+    while process_start_token(pid) == start and time.monotonic() < deadline:
+        time.sleep(0.01)    # not our child: nothing tells when it has gone
 
 
 def keeper_order(order):
@@ -2405,7 +2453,7 @@ class TaskRunner:
         waited = started_at - task.created_at
         log = logger.warning if status == LOST else logger.info
         log("task %d %s (%s) after %.1f s%s: %s", task.id, status, how, duration,
-            " (and %.1f s in line)" % waited if waited >= 1 else "", outcome)
+            ", started %.1f s after it was asked for" % waited if waited >= 1 else "", outcome)
         with self._lock:    # the freed slot goes to the line, not to a newcomer in between
             self._store.end(task, status, exit_code, outcome, finished_at)
             self._start_from_line()
@@ -2417,8 +2465,8 @@ class TaskRunner:
                                 "read; its end is unknown" % keeper.folder.file("ended"))
         if ended is None and not os.path.exists(keeper.folder.file("keeper.log")):
             # The keeper makes its log first thing once it has its order: it never had one.
-            return KILLED, None, ("the server stopped before the keeper of this task got its "
-                                  "order; it did not run")
+            return KILLED, None, ("its keeper ended before it could start pulsar (the server or "
+                                  "its keeper factory stopped); it did not run")
         if ended is None:
             return LOST, None, ("its keeper (pid %d) ended without recording how the task ended "
                                 "(killed with SIGKILL, or the host restarted); its end is "
@@ -4908,7 +4956,9 @@ def serve(settings):
             command = find_pulsar(settings, environ, task_folders, reaper)
             metrics = Metrics()
             store = TaskStore(history, max_output=settings.max_output)
-            keepers = KeeperFactory(environ=environ, reaper=reaper)
+            factory_record = os.path.join(task_folders, "factory")
+            end_earlier_keeper_factory(factory_record)
+            keepers = KeeperFactory(environ=environ, reaper=reaper, record=factory_record)
             runner = TaskRunner(store=store, metrics=metrics, settings=settings, command=command,
                                 task_folders=task_folders, keepers=keepers)
             apps = AppCatalog(command=command, environ=environ, workdir=task_folders,
@@ -6191,6 +6241,11 @@ def wait_to_be_let_go(bell, go_r, go_w):
     """In a keeper just forked: leave the factory's pipes to the server, and wait until the
     factory lets it go; its doorbell.  It exits if it is not let go."""
     try:            # whatever happens, a keeper never goes back to the factory's loop
+        os.setsid()             # a session of its own, whose id is the keeper's pid
+        # A signal to the factory's group meant the factory: drop it (SIGTERM is blocked, so
+        # one that comes from now on waits for the keeper's handler).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.close(go_w)
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1):
@@ -6246,7 +6301,6 @@ def run_factory():
 # -- the keeper
 
 order, bell = run_factory()
-os.setsid()                     # a session of its own, whose id is the keeper's pid
 asked = []
 wake_r, wake_w = os.pipe()
 os.set_blocking(wake_w, False)
