@@ -3498,39 +3498,48 @@ def test_a_task_that_ended_while_no_server_ran_shows_its_real_end(start_server, 
                what="its folder to go once the history has it")
 
 
-@pytest.mark.parametrize("record", [
-    '{"exit": 0, "killed": fal',
-    '{"exit": "0", "killed": false, "ended": 1.5e9, "last": "done", "error": null}',
-    '{"exit": 99999999999999999999999, "killed": false, "ended": 1.5e9, "last": "", '
-    '"error": null}',
-    '{"exit": 0, "killed": false, "ended": -1e20, "last": "", "error": null}',
-    '{"exit": null, "killed": false, "ended": 1.5e9, "last": "", "error": null}',
-    '{"killed": false, "ended": 1.5e9, "last": ""}',
-], ids=["cut-short", "wrong-types", "exit-out-of-range", "time-out-of-range",
-        "no-exit-and-no-reason", "fields-missing"])
+# End records a damaged disk (or a hand) may leave, none of which a keeper writes.
+UNREADABLE_ENDS = {
+    "cut-short": '{"exit": 0, "killed": fal',
+    "wrong-types": '{"exit": "0", "killed": false, "ended": 1.5e9, "last": "done", "error": null}',
+    "exit-out-of-range": '{"exit": 99999999999999999999999, "killed": false, "ended": 1.5e9, '
+                         '"last": "", "error": null}',
+    "time-out-of-range": '{"exit": 0, "killed": false, "ended": -1e20, "last": "", '
+                         '"error": null}',
+    "no-exit-and-no-reason": '{"exit": null, "killed": false, "ended": 1.5e9, "last": "", '
+                             '"error": null}',
+    "fields-missing": '{"killed": false, "ended": 1.5e9, "last": ""}',
+}
+
+
 def test_an_end_record_that_cannot_be_read_ends_the_task_lost_saying_so(start_server, fake,
-                                                                         tmp_path, record):
+                                                                         tmp_path):
     db = tmp_path / "history.sqlite3"
     first = start_server("--db", db)
     gate = fake.gate()
-    task_id = first.client().create(unique("app"), "prod", "out-1.gate-%s" % gate.name)
-    first.client().wait_at_gate(task_id, gate)
-    folder = Path(str(db) + ".tasks") / str(task_id)
-    keeper = json.loads((folder / "keeper").read_text())["pid"]
+    ids = {kind: first.client().create(unique("app"), "prod", "out-1.gate-%s" % gate.name)
+           for kind in UNREADABLE_ENDS}
+    for task_id in ids.values():
+        first.client().wait_at_gate(task_id, gate)
+    folders = {kind: Path(str(db) + ".tasks") / str(task_id) for kind, task_id in ids.items()}
+    keepers = [json.loads((folder / "keeper").read_text())["pid"] for folder in folders.values()]
 
     first.crash()
-    gate.release()
-    wait_until(lambda: is_gone(keeper), what="the keeper to end while no server runs")
-    (folder / "ended").write_text(record)       # as a damaged disk might leave it
+    gate.close()                    # end-of-file lets every one of them go on
+    wait_until(lambda: all(map(is_gone, keepers)), what="the keepers to end while no server runs")
+    for kind, record in UNREADABLE_ENDS.items():
+        (folders[kind] / "ended").write_text(record)    # as a damaged disk might leave it
     second = start_server("--db", db)
-    task = second.client().wait_ended(task_id)
+    tasks = {kind: second.client().wait_ended(task_id) for kind, task_id in ids.items()}
+    listed = {task["id"]: task["status"] for task in second.client().listing()["tasks"]}
+    second.stop_cleanly()           # the history has them: a third server shows them the same
+    third = start_server("--db", db).client()
 
-    assert task["status"] == "lost", task
-    assert "how the task ended" in task["outcome"] and "cannot be read" in task["outcome"]
-    assert task["output"].startswith("out 1\n" + gate.line)
-    assert second.client().listing()["tasks"][0]["status"] == "lost"
-    second.stop_cleanly()           # the history has it: a third server shows it the same
-    assert start_server("--db", db).client().task(task_id)["status"] == "lost"
+    for kind, task in tasks.items():
+        assert task["status"] == "lost", (kind, task)
+        assert "how the task ended" in task["outcome"] and "cannot be read" in task["outcome"]
+        assert task["output"].startswith("out 1\n" + gate.line), (kind, task)
+        assert listed[task["id"]] == third.task(task["id"])["status"] == "lost", kind
 
 
 def test_a_history_of_the_first_schema_is_carried_forward_whole(start_server, tmp_path):
