@@ -1830,9 +1830,11 @@ class KeeperFactory:
         """The factory's one-line answer; KeeperUnknown if it went away without one, or gave
         none in time (it is killed then: a keeper it has not let go exits)."""
         answer, source = b"", self._process.stdout.fileno()
+        readable = select.poll()        # (not select: the pipe may be past descriptor 1023)
+        readable.register(source, select.POLLIN)
         deadline = time.monotonic() + KEEPER_START_TIMEOUT
         while not answer.endswith(b"\n"):
-            waited = select.select([source], [], [], max(0, deadline - time.monotonic()))[0]
+            waited = readable.poll(max(0, deadline - time.monotonic()) * 1000)
             piece = os.read(source, 4096) if waited else b""
             if not piece:
                 pid = self._process.pid
@@ -2576,10 +2578,12 @@ def run_bounded(argv, timeout, environ, cwd, reaper):
         stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.monotonic() + timeout
     chunks = []
+    readable = select.poll()            # (not select: the pipe may be past descriptor 1023)
+    readable.register(process.stdout, select.POLLIN)
     with process.stdout:
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([process.stdout], [], [], remaining)[0]:
+            if remaining <= 0 or not readable.poll(remaining * 1000):
                 break
             data = os.read(process.stdout.fileno(), READ_SIZE)
             if not data:
