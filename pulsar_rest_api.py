@@ -1452,8 +1452,8 @@ def end_processes(pids_of, kill_grace):
 
 
 class Reaper:
-    """Reaps every child of the server, in one thread: the keepers, the short commands the
-    server runs (`pulsar list`), and anything else re-parented to a server that runs as PID 1 or
+    """Reaps every child of the server, in one thread: the keeper factory, the short commands
+    the server runs (`pulsar list`), and anything else re-parented to a server that runs as PID 1 or
     as a subreaper (a container without --init), which nobody else would reap.
 
     A child is started through start() with the lock held, so the thread, which reaps first
@@ -1501,18 +1501,10 @@ class Exit:
     def __init__(self, process):
         self._process = process
         self._reaped = threading.Event()
-        self._callbacks = []
 
     def set(self, code):
         self._process.returncode = code     # so that Popen never waits for it itself
         self._reaped.set()
-        for callback in self._callbacks:
-            callback()
-
-    def when_set(self, callback):
-        self._callbacks.append(callback)
-        if self._reaped.is_set():
-            callback()
 
     def wait(self, timeout=None):
         """The exit status, or None if the child is still running after `timeout`."""
@@ -1659,17 +1651,17 @@ def keeper_record_holds(name, value):
 
 
 class Keeper:
-    """The server's side of a task's keeper (the KEEPER program): it starts it, follows its
-    doorbell and output file, and asks it to kill the task.  A keeper this server started is
-    its child until the Reaper reaps it; one adopted from an earlier server is known by its pid
-    and start time, checked before each signal."""
+    """The server's side of a task's keeper (the KEEPER program): it has the factory start it,
+    follows its doorbell and output file, and asks it to kill the task.  A keeper is never the
+    server's child (the factory's, or an earlier server's): it is known by its pid and start
+    time, checked before each signal."""
 
-    def __init__(self, task, folder, pid, start_token, exit=None):
+    def __init__(self, task, folder, pid, start_token):
         self.task = task
         self.folder = folder
         self.pid = pid
         self.start_token = start_token      # identifies the keeper across a server restart
-        self._exit = exit                   # for a child: when the Reaper reaped it
+        self.adopted = False                # started by an earlier server
         self.kill_requested_by = None
         self.end_rung = False
         self.bell = None
@@ -1734,16 +1726,8 @@ class Keeper:
         """Flush the decoder at the end of the output (an unfinished character)."""
         return self._decoder.decode(b"", final=True)
 
-    def when_reaped(self, callback):
-        """Call callback once the Reaper has reaped this keeper (never for an adopted one,
-        which is not the server's child: its doorbell reports its end)."""
-        if self._exit is not None:
-            self._exit.when_set(callback)
-
     def alive(self):
         """True while the keeper runs (and its pid still names it)."""
-        if self._exit is not None:
-            return not self._exit.reaped
         return self.start_token is not None and process_start_token(self.pid) == self.start_token
 
     def terminate(self, requested_by):
@@ -1941,22 +1925,13 @@ class TaskWatcher:
         self._selector.register(self._wake_read, selectors.EVENT_READ)
         self._lock = threading.Lock()
         self._new = []                  # keepers handed over, not yet registered
-        self._poked = []                # keepers the Reaper reaped: have they ended?
-        self._followed = set()
         self._pending = set()           # keepers with more output to read than one round took
         threading.Thread(target=self._run, name="watcher", daemon=True).start()
 
     def follow(self, keeper):
         """Follow a keeper from now on (its doorbell is open already)."""
-        keeper.when_reaped(lambda: self._wake(poked=keeper))
-        self._wake(new=keeper)
-
-    def _wake(self, new=None, poked=None):
         with self._lock:
-            if new is not None:
-                self._new.append(new)
-            if poked is not None:
-                self._poked.append(poked)
+            self._new.append(keeper)
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_write, b".")
 
@@ -1976,11 +1951,9 @@ class TaskWatcher:
             os.read(self._wake_read, 4096)
         with self._lock:
             new, self._new = self._new, []
-            poked, self._poked = self._poked, []
         for keeper in new:
             self._selector.register(keeper.bell, selectors.EVENT_READ, keeper)
-            self._followed.add(keeper)
-        return set(new) | (set(poked) & self._followed)
+        return set(new)         # each is served once at once: an adopted one may be gone
 
     def _serve(self, keeper):
         """Read what a keeper has for its task; end the task once the keeper has gone."""
@@ -2019,7 +1992,6 @@ class TaskWatcher:
 
     def _unfollow(self, keeper):
         self._selector.unregister(keeper.bell)
-        self._followed.discard(keeper)
         keeper.close()
 
     def _read_output(self, keeper, finish):
@@ -2252,6 +2224,7 @@ class TaskRunner:
                                     "is gone; its end is unknown" % folder.path)
         task.output = Output(self._store.max_output)    # read again whole from its folder
         keeper = Keeper(task, folder, pid, start)
+        keeper.adopted = True
         try:
             keeper.open()
         except OSError as error:
@@ -2480,8 +2453,9 @@ class TaskRunner:
         status, outcome = judge_end(self._command, keeper.task, code, killed,
                                     ended["last"].encode("latin-1", "replace"))
         if status == KILLED:
-            outcome = "killed by %s" % (keeper.kill_requested_by or "a request to an earlier "
-                                                                    "server")
+            outside = ("a request to an earlier server, or a signal to its keeper from outside"
+                       if keeper.adopted else "a signal to its keeper from outside the server")
+            outcome = "killed by %s" % (keeper.kill_requested_by or outside)
         return status, code if code is not None and code >= 0 else None, outcome
 
 

@@ -3942,6 +3942,21 @@ def processes_where_parent_is(parent):
             and (proc_stat(entry) or [None, None])[1] == str(parent)]
 
 
+def test_a_task_whose_keeper_is_killed_from_outside_says_so(start_server, fake, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    client = start_server("--db", db).client()
+    gate = fake.gate()
+    task_id = client.create(unique("app"), "prod", "gate-" + gate.name)
+    client.wait_at_gate(task_id, gate)
+    keeper = json.loads((Path(str(db) + ".tasks") / str(task_id) / "keeper").read_text())["pid"]
+
+    os.kill(keeper, signal.SIGTERM)         # an operator's kill, not a request
+    task = client.wait_ended(task_id)
+
+    assert task["status"] == "killed"
+    assert task["outcome"] == "killed by a signal to its keeper from outside the server"
+
+
 def test_a_keeper_factory_that_died_is_started_again_and_its_keepers_run_on(start_server,
                                                                            fake):
     server = start_server()
