@@ -24,7 +24,8 @@ Endpoints (JSON everywhere; every error is {"error": "..."}; ROUTES holds the sa
   GET  /task/:id            -> 200 the task (below); ?offset=N keeps only output from character N
   GET  /task/:id/state      long poll -> 200 {"changed": true, "task": {...}} or {"changed": false}
                             after the poll timeout.  ?version=V and ?offset=N: see "Following" below.
-  GET  /task/:id/kill       -> 200 the task once every process of its session is gone; 409 if it already ended
+  GET  /task/:id/kill       -> 200 the task once every process of its session is gone; 409 if
+                            it already ended
   POST /task/:id/kill       the same
   GET  /task/:id/output     -> 200 text/plain from ?offset=N (X-Text-Size, X-More-Data); wait=1
                             waits for more; ?tail=N gives the last N lines
@@ -50,8 +51,9 @@ Endpoints (JSON everywhere; every error is {"error": "..."}; ROUTES holds the sa
   A task: {"id", "app", "env", "action", "status", "exitCode", "pid", "createdAt", "startedAt",
            "finishedAt", "version", "outputOffset", "outputLength", "output", "outcome"}
   status: queued | running | finished | failed | killed | lost (its keeper was killed or the machine
-  restarted while it ran, or its record of the end cannot be read: its end is unknown).  finished means pulsar reported success: for pulsar 1.x, which exits 0
-  whatever happens, exit 0 and its own success line as its last line; for 0.x, exit 0.
+  restarted while it ran, or its record of the end cannot be read: its end is unknown).
+  finished means pulsar reported success: for pulsar 1.x, which exits 0 whatever happens,
+  exit 0 and its own success line as its last line; for 0.x, exit 0.
   Anything else is failed.  outcome is the sentence that says what decided the status.
   exitCode is pulsar's exit status: null while running and when a signal ended pulsar.
   Times are ISO 8601 UTC; startedAt is when pulsar started (null while queued, or if it never
@@ -75,8 +77,9 @@ end, for output) and releases its Followers (each /state poll waits on a lock of
 finds its answer made once for all at its offset).  One watcher thread follows every keeper
 (selectors on the doorbells), one reaper thread reaps every child, one persist thread writes to
 SQLite (the history is never written under the store's lock), one log thread writes the request
-lines, and KeeperFactory forks each task's keeper from a small process of its own.  Lock order: TaskRunner's lock, then
-TaskStore's; TaskStore._persisting, then its lock; TaskHistory's two locks (its writer's, its
+lines, and KeeperFactory forks each task's keeper from a small process of its own.  Lock
+order: TaskRunner's lock (under which a task's keeper is started: up to KEEPER_START_TIMEOUT),
+then TaskStore's; TaskStore._persisting, then its lock; TaskHistory's two locks (its writer's, its
 reader's) are taken alone, never with another held but _persisting; LogLines' lock is the last
 of all.  Under TaskStore's lock only memory is touched.
 
@@ -524,7 +527,8 @@ class Task:
             "id": self.id, "app": self.app, "env": self.env, "action": self.action,
             "status": self.status, "exitCode": self.exit_code, "pid": self.pid,
             "createdAt": utc_iso(self.created_at), "startedAt": utc_iso(self.started_at),
-            "finishedAt": utc_iso(self.finished_at), "version": self.version, "outputLength": self.output.length, "outcome": self.outcome,
+            "finishedAt": utc_iso(self.finished_at), "version": self.version,
+            "outputLength": self.output.length, "outcome": self.outcome,
         }
 
     def snapshot(self, offset=0):
@@ -1438,11 +1442,11 @@ def still_running(task):
     return bool(processes_where(2, task.pid))   # a live group keeps its id from being reused
 
 
-def end_processes(pids_of, kill_grace):
+def end_processes(pids_of, kill_grace, signals=(signal.SIGTERM, signal.SIGKILL)):
     """SIGTERM, then SIGKILL after the grace period, to the processes pids_of() names each
     time, until none is left; for processes that are not the server's children, so nothing
     tells when they end: this re-checks."""
-    for number in (signal.SIGTERM, signal.SIGKILL):
+    for number in signals:
         for pid in pids_of():
             with contextlib.suppress(OSError):
                 os.kill(pid, number)
@@ -1453,8 +1457,8 @@ def end_processes(pids_of, kill_grace):
 
 class Reaper:
     """Reaps every child of the server, in one thread: the keeper factory, the short commands
-    the server runs (`pulsar list`), and anything else re-parented to a server that runs as PID 1 or
-    as a subreaper (a container without --init), which nobody else would reap.
+    the server runs (`pulsar list`), and anything else re-parented to a server that runs as
+    PID 1 or as a subreaper (a container without --init), which nobody else would reap.
 
     A child is started through start() with the lock held, so the thread, which reaps first
     and looks the pid up after, always knows whose it was.  Nothing else in the server waits
@@ -1678,15 +1682,8 @@ class Keeper:
         keeper.open()       # before the factory opens the bell: see TaskWatcher for why
         order = [folder.path, str(kill_grace), str(keep)] + list(argv)
         try:
-            keeper.pid, keeper.start_token = factory.start_keeper(order)
-        except KeeperUnknown as error:
-            # The factory died with the order: the keeper file names the keeper if one may
-            # have been let go.
-            named = folder.read_json("keeper") or {}
-            if not isinstance(named.get("pid"), int):
-                keeper.close()
-                raise OSError(str(error)) from None
-            keeper.pid, keeper.start_token = named["pid"], named.get("start")
+            keeper.pid, keeper.start_token = factory.start_keeper(
+                order, named=lambda: folder.read_json("keeper"))
         except OSError:
             keeper.close()
             raise
@@ -1764,11 +1761,12 @@ class KeeperFactory:
             logger.error("cannot start the keeper factory (the first task will try again): %s",
                          error)
 
-    def start_keeper(self, order):
+    def start_keeper(self, order, named):
         """(pid, start token) of a new keeper for `order` (the folder, the kill grace, bytes
-        of output to keep, pulsar's argv); OSError if none was started, KeeperUnknown if the
-        factory went away before it said."""
-        message, named = keeper_order(order), os.path.join(order[0], "keeper")
+        of output to keep, pulsar's argv); OSError if none was started.  named() reads the
+        folder's `keeper` file, which says, should the factory go away with the order, which
+        keeper it let go."""
+        message = keeper_order(order)
         with self._lock:
             for tries_left in (1, 0):
                 try:
@@ -1782,10 +1780,13 @@ class KeeperFactory:
                 except KeeperUnknown as error:
                     # It is gone now: if it named no keeper, it let none go, and the order
                     # can be given again.
-                    logger.warning("%s; %s", error, "the folder names the keeper it started"
-                                   if os.path.exists(named) else "it let no keeper go")
-                    if not tries_left or os.path.exists(named):
-                        raise
+                    keeper = named() or {}
+                    if isinstance(keeper.get("pid"), int):
+                        logger.warning("%s; the folder names the keeper it let go", error)
+                        return keeper["pid"], keeper.get("start")
+                    logger.warning("%s; it let no keeper go", error)
+                    if not tries_left:
+                        raise OSError(str(error)) from None
         if answer.startswith("! "):
             raise OSError(answer[2:])
         pid, token = answer.split(" ")
@@ -1866,11 +1867,8 @@ def end_earlier_keeper_factory(record):
     if not isinstance(pid, int) or start is None or process_start_token(pid) != start:
         return
     logger.warning("ending the keeper factory (pid %d) an earlier server left running", pid)
-    with contextlib.suppress(OSError):
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + KEEPER_START_TIMEOUT
-    while process_start_token(pid) == start and time.monotonic() < deadline:
-        time.sleep(0.01)    # not our child: nothing tells when it has gone
+    end_processes(lambda: [pid] if process_start_token(pid) == start else [],
+                  KEEPER_START_TIMEOUT, signals=(signal.SIGKILL,))   # it keeps SIGTERM blocked
 
 
 def keeper_order(order):
