@@ -1122,6 +1122,22 @@ def logged_version(server):
     return match.group(1)
 
 
+def task_at_gate(start_server, fake, tmp_path, steps="gate-%s", *flags):
+    """A server on a history file in tmp_path with a task held at a gate (`steps` name it with
+    %s): (db, server, client, gate, the task's id, the task as it stood at the gate)."""
+    db = tmp_path / "history.sqlite3"
+    server = start_server("--db", db, *flags)
+    client = server.client()
+    gate = fake.gate()
+    task_id = client.create(unique("app"), "prod", steps % gate.name)
+    return db, server, client, gate, task_id, client.wait_at_gate(task_id, gate)
+
+
+def keeper_pid_of(db, task_id):
+    """The pid of the keeper a task's folder names."""
+    return json.loads((Path(str(db) + ".tasks") / str(task_id) / "keeper").read_text())["pid"]
+
+
 def insert_task(db, app, action, status, exit_code=None, finished=False, version=1, pid=None,
                 process_start=None, created=None):
     """Write a task of app and env prod into the history file of a stopped server, as a crashed
@@ -2322,13 +2338,9 @@ def test_invalid_utf8_bytes_become_replacement_characters(api):
 
 def test_output_with_a_nul_character_reads_back_from_every_offset_live_and_after_a_restart(
         start_server, fake, tmp_path):
-    db = tmp_path / "history.sqlite3"
-    first = start_server("--db", db)
-    client = first.client()
-    gate = fake.gate()
-    task_id = client.create(unique("app"), "prod", "nul.gate-%s.out-1" % gate.name)
+    db, first, client, gate, task_id, _ = task_at_gate(start_server, fake, tmp_path,
+                                                       "nul.gate-%s.out-1")
     live = "a\0bcdef\n" + gate.line
-    client.wait_at_gate(task_id, gate)
 
     def read_back(client, length):
         offsets = range(length + 1)
@@ -3408,12 +3420,8 @@ def printed(fake, name):
 
 def test_a_version_never_goes_back_though_the_last_ones_before_a_crash_were_not_recorded(
         start_server, fake, tmp_path):
-    db = tmp_path / "history.sqlite3"
-    first = start_server("--db", db)
-    client = first.client()
-    gate = fake.gate()
-    task_id = client.create(unique("app"), "prod", "out-3.gate-%s.out-1" % gate.name)
-    before = client.wait_at_gate(task_id, gate)
+    db, first, client, gate, task_id, before = task_at_gate(start_server, fake, tmp_path,
+                                                            "out-3.gate-%s.out-1")
     first.crash()
     # As if it had died before its last changes were recorded (they are written 20 ms late).
     with contextlib.closing(sqlite3.connect(str(db))) as history, history:
@@ -3473,15 +3481,10 @@ def test_a_task_goes_on_untouched_when_the_server_dies_and_the_next_server_follo
 
 
 def test_a_task_that_ended_while_no_server_ran_shows_its_real_end(start_server, fake, tmp_path):
-    db = tmp_path / "history.sqlite3"
-    first = start_server("--db", db)
-    client = first.client()
-    gate = fake.gate()
-    task_id = client.create(unique("app"), "prod", "tee-gone.out-1.gate-%s.err-2.exit-3"
-                            % gate.name)
-    client.wait_at_gate(task_id, gate)
+    db, first, client, gate, task_id, _ = task_at_gate(start_server, fake, tmp_path,
+                                                       "tee-gone.out-1.gate-%s.err-2.exit-3")
 
-    keeper = json.loads((Path(str(db) + ".tasks") / str(task_id) / "keeper").read_text())["pid"]
+    keeper = keeper_pid_of(db, task_id)
     first.crash()
     gate.release()
     # The keeper records the end once all of the task has ended: after pulsar has exited.
@@ -3522,7 +3525,7 @@ def test_an_end_record_that_cannot_be_read_ends_the_task_lost_saying_so(start_se
     for task_id in ids.values():
         first.client().wait_at_gate(task_id, gate)
     folders = {kind: Path(str(db) + ".tasks") / str(task_id) for kind, task_id in ids.items()}
-    keepers = [json.loads((folder / "keeper").read_text())["pid"] for folder in folders.values()]
+    keepers = [keeper_pid_of(db, task_id) for task_id in ids.values()]
 
     first.crash()
     gate.close()                    # end-of-file lets every one of them go on
@@ -3831,12 +3834,8 @@ def test_names_in_the_task_folder_that_are_not_task_ids_are_left_alone(start_ser
 
 
 def test_a_keepers_command_line_is_one_short_line_in_ps(start_server, fake, tmp_path):
-    db = tmp_path / "history.sqlite3"
-    client = start_server("--db", db).client()
-    gate = fake.gate()
-    task_id = client.create(unique("app"), "prod", "gate-" + gate.name)
-    client.wait_at_gate(task_id, gate)
-    keeper = json.loads((Path(str(db) + ".tasks") / str(task_id) / "keeper").read_text())["pid"]
+    db, _, client, gate, task_id, _ = task_at_gate(start_server, fake, tmp_path)
+    keeper = keeper_pid_of(db, task_id)
     command_line = Path("/proc/%d/cmdline" % keeper).read_bytes().split(b"\0")[:-1]
     gate.release()
     client.wait_ended(task_id)
@@ -3891,12 +3890,8 @@ def test_sigusr1_stops_at_once_and_leaves_running_and_queued_tasks_to_the_next_s
 
 def test_a_second_server_on_the_same_history_refuses_to_start_and_touches_nothing(
         start_server, fake, tmp_path):
-    db = tmp_path / "history.sqlite3"
-    first = start_server("--db", db)
-    client = first.client()
-    gate = fake.gate()
-    task_id = client.create(unique("app"), "prod", "out-1.gate-%s.out-1" % gate.name)
-    client.wait_at_gate(task_id, gate)
+    db, first, client, gate, task_id, _ = task_at_gate(start_server, fake, tmp_path,
+                                                       "out-1.gate-%s.out-1")
 
     link = tmp_path / "elsewhere.sqlite3"
     link.symlink_to(db)
@@ -3943,12 +3938,8 @@ def processes_where_parent_is(parent):
 
 
 def test_a_task_whose_keeper_is_killed_from_outside_says_so(start_server, fake, tmp_path):
-    db = tmp_path / "history.sqlite3"
-    client = start_server("--db", db).client()
-    gate = fake.gate()
-    task_id = client.create(unique("app"), "prod", "gate-" + gate.name)
-    client.wait_at_gate(task_id, gate)
-    keeper = json.loads((Path(str(db) + ".tasks") / str(task_id) / "keeper").read_text())["pid"]
+    db, _, client, gate, task_id, _ = task_at_gate(start_server, fake, tmp_path)
+    keeper = keeper_pid_of(db, task_id)
 
     os.kill(keeper, signal.SIGTERM)         # an operator's kill, not a request
     task = client.wait_ended(task_id)
